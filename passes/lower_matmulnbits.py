@@ -1,0 +1,99 @@
+"""lower-matmulnbits: ``MatMul(X, DequantizeLinear(q, s, z))`` → ``com.microsoft.MatMulNBits``.
+
+Same numbers, ONNX Runtime's fused kernel: ``Y = X·Ŵ`` with ``Ŵ = s·(q − z)`` blocked
+along K.  The weight is re-packed column-major (``qcompiler.quant.packing``):
+``B[N, ceil(K/B), B/2]`` nibbles, ``scales[N·nb]``, packed ``zero_points``; symmetric
+int4 becomes ``q + 8`` with the implicit zero point 8.  Per-channel weights use one
+block of the next power of two ≥ K (K padded).  MatMulNBits takes ``X[..., K]`` of any
+rank; a bias Add is left as it is.  ``accuracy_level`` (0–4) lets ONNX Runtime compute
+with int8 activations (4) for speed; the default 0 keeps float accuracy.
+Nodes that don't match exactly (3-bit, other axes, a DQ shared with other users)
+are left alone and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from qcompiler.irutil import MS_DOMAIN, add_initializer, ensure_opset, remove_unused_initializers
+from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.emit import read_dq_weight
+from qcompiler.quant.packing import matmulnbits_block_size, pack_matmulnbits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LowerMatMulNBitsConfig:
+    accuracy_level: int = 0
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+
+
+@register_pass
+class LowerMatMulNBits(QCPass):
+    """Rewrite block/channel-dequantized weights feeding MatMul into MatMulNBits."""
+
+    name = "lower-matmulnbits"
+    Config = LowerMatMulNBitsConfig
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        count = 0
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain != "":
+                continue
+            w = node.inputs[1]
+            dqw = read_dq_weight(w) if w is not None else None
+            if dqw is None:
+                continue
+            if dqw.bits not in (4, 8):
+                log.info("lower-matmulnbits: %s has %d-bit weights; left as DequantizeLinear", node.name, dqw.bits)
+                continue
+            if len(w.consumers()) != 1:
+                log.info("lower-matmulnbits: weight of %s is shared; left as DequantizeLinear", node.name)
+                continue
+            k, n = dqw.q.shape
+            block = matmulnbits_block_size(dqw.group_size, k)
+            packed, scales, zps = pack_matmulnbits(dqw.q, dqw.scale, dqw.zero_point, dqw.bits, block, dqw.group_size)
+            base = dqw.dq.name.removesuffix("_DequantizeLinear") if dqw.dq.name else "w"
+            inputs = [
+                node.inputs[0],
+                add_initializer(graph, f"{base}_nbits", packed),
+                add_initializer(graph, f"{base}_nbits_scales", scales),
+            ]
+            if zps is not None:
+                inputs.append(add_initializer(graph, f"{base}_nbits_zp", zps))
+            new = ir.node(
+                "MatMulNBits",
+                inputs,
+                attributes={
+                    "K": k,
+                    "N": n,
+                    "bits": dqw.bits,
+                    "block_size": block,
+                    "accuracy_level": self.config.accuracy_level,
+                },
+                domain=MS_DOMAIN,
+                name=(node.name or base) + "_nbits",
+            )
+            new.meta.update(node.meta)
+            new.metadata_props.update(node.metadata_props)
+            graph.insert_before(node, new)
+            node.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+            old_out = node.outputs[0]
+            name, old_out.name = old_out.name, None
+            new.outputs[0].name = name
+            new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
+            graph.remove([node, dqw.dq], safe=False)
+            count += 1
+        if count:
+            remove_unused_initializers(graph)
+            ensure_opset(model, MS_DOMAIN, 1)
+        log.info("lower-matmulnbits: %d MatMul(s) → MatMulNBits", count)
+        return ir.passes.PassResult(model, modified=count > 0)

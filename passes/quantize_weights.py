@@ -1,0 +1,122 @@
+"""quantize-weights: round each annotated linear's weight onto an integer grid.
+
+For ``Y = X·W`` with ``W[K, N]`` and spec (bits b, group g, sym/asym), each column is
+cut into groups of g rows and each group gets its own scale ``s`` (and zero point z):
+
+    asym:  s = (max − min)/(2^b − 1),  z = round(−min/s),  q = clamp(round(W/s) + z, 0, 2^b − 1)
+    sym:   s = max|W|/(2^(b−1) − 1),   q = clamp(round(W/s), −2^(b−1), 2^(b−1) − 1)
+    Ŵ = s·(q − z)  and  |W − Ŵ| ≤ s/2 inside the range.
+
+``method`` picks how scales are chosen (``rtn``; others register in
+``qcompiler.quant.methods``), ``clip=mse`` searches a per-group shrink of the range.
+The result is written in the portable form ``MatMul(X, DequantizeLinear(q, s, z))``
+(opset 21, see ``qcompiler.quant.emit``); a lowering pass turns it into the target's
+kernel (``lower-matmulnbits`` for ONNX Runtime).  A spec already annotated on a node
+(e.g. by ``assign-precision``) wins over the pass's defaults.  Weights are processed
+one at a time straight from the memory-mapped external data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from tqdm import tqdm
+
+from qcompiler.errors import QCError, UnsupportedModelError
+from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
+from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.emit import emit_dequantized_weight
+from qcompiler.quant.methods import get_weight_method
+from qcompiler.spec import DECODER_ROLES, Granularity, QuantSpec, Role, linear_info, weight_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeWeightsConfig:
+    bits: int = 4
+    group_size: int = 128  # 0 = per output channel
+    sym: bool = False
+    method: str = "rtn"
+    clip: str = "minmax"  # minmax | mse
+    lm_head: bool = False  # also quantize an untied lm_head
+    skip: str = ""  # ':'-separated linear keys to leave in float, e.g. layers.0.down_proj
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.group_size < 0 or (self.group_size and self.group_size & (self.group_size - 1)) or self.group_size == 1:
+            raise ValueError(f"group_size must be 0 (per-channel) or a power of two >= 2, got {self.group_size}")
+        if self.clip not in ("minmax", "mse"):
+            raise ValueError(f"clip must be minmax or mse, got {self.clip}")
+
+    def spec(self) -> QuantSpec:
+        gran = Granularity.GROUP if self.group_size else Granularity.CHANNEL
+        return QuantSpec(
+            bits=self.bits,
+            symmetric=self.sym,
+            granularity=gran,
+            group_size=self.group_size or 128,
+            method=self.method,
+            clip=self.clip,
+        )
+
+
+def quantizable_linears(model: ir.Model, lm_head: bool = False, skip: frozenset[str] = frozenset()) -> list[ir.Node]:
+    """Annotated linears with a float weight, in graph order."""
+    roles = set(DECODER_ROLES) | {Role.QKV, Role.GATE_UP} | ({Role.LM_HEAD} if lm_head else set())
+    out = []
+    for node in model.graph:
+        info = linear_info(node)
+        if info is None or info.role not in roles or info.key in skip:
+            continue
+        found = linear_weight(node)
+        if found is None:
+            continue
+        w, transposed = found
+        if transposed:
+            log.info("quantize-weights: %s has a tied (transposed) weight; left in float", info.key)
+            continue
+        out.append(node)
+    return out
+
+
+@register_pass
+class QuantizeWeights(QCPass):
+    """Weight-only quantization of the decoder's linears (see module docstring)."""
+
+    name = "quantize-weights"
+    Config = QuantizeWeightsConfig
+    needs_canonical = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: QuantizeWeightsConfig = self.config
+        method = get_weight_method(cfg.method)
+        nodes = quantizable_linears(model, cfg.lm_head, frozenset(filter(None, cfg.skip.split(":"))))
+        if not nodes:
+            any_matmul = any(n.op_type in ("MatMul", "Gemm") for n in model.graph)
+            if not any_matmul:
+                raise UnsupportedModelError("the model has no MatMul/Gemm: nothing to quantize")
+            raise UnsupportedModelError(
+                "no linear layer was recognized (canonicalize found no decoder layers); nothing to quantize"
+            )
+        default = cfg.spec()
+        summary: dict[str, str] = {}
+        for node in tqdm(nodes, desc="quantize-weights", unit="linear", leave=False):
+            info = linear_info(node)
+            spec = weight_spec(node) or default
+            w_val, _ = linear_weight(node)  # type: ignore[misc]
+            w = w_val.const_value.numpy()
+            try:
+                qw = method(w, spec, node=node, context=self.context)
+            except ValueError as e:
+                raise QCError(f"quantize-weights: {info.key}: {e}") from None
+            emit_dequantized_weight(model.graph, node, qw, base_name=f"{info.key}.weight")
+            summary[info.key] = spec.describe()
+            del w
+        ensure_opset(model, "", QUANT_OPSET)
+        self.context.report.setdefault("weights", {}).update(summary)
+        log.info("quantize-weights: %d linears quantized (%s)", len(summary), default.describe())
+        return ir.passes.PassResult(model, modified=True)

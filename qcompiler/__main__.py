@@ -1,0 +1,5 @@
+import sys
+
+from qcompiler.cli import main
+
+sys.exit(main())

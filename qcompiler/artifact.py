@@ -1,0 +1,175 @@
+"""Model folders and atomic output.
+
+A *model folder* is what ``qc export`` writes and every other command reads:
+``model.onnx`` + ``model.onnx_data`` (weights), the tokenizer files, ``config.json``,
+and after ``qc quantize`` a ``quantization.json``.  Output folders are always built
+in a temporary sibling folder and renamed into place at the end, so an interrupted
+or failing command never leaves a half-written model where the user asked for one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qcompiler.errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+#: Files copied along with the model (tokenizer, configs, chat template).
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A model folder on disk (not loaded)."""
+
+    path: Path
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def config(self) -> dict[str, Any]:
+        p = self.path / "config.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        p = self.path / "quantization.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def has_tokenizer(self) -> bool:
+        return (self.path / "tokenizer.json").is_file() or (self.path / "tokenizer.model").is_file()
+
+    def size_bytes(self) -> int:
+        """Bytes of the model graph and its external data (what a deployment ships)."""
+        total = 0
+        for f in self.path.iterdir():
+            if f.is_file() and (f.suffix in (".onnx", ".onnx_data", ".data") or f.name.endswith(".onnx.data")):
+                total += f.stat().st_size
+        return total
+
+
+def open_model_dir(path: str | os.PathLike) -> ModelDir:
+    """Check that ``path`` is a model folder (or an .onnx file inside one)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".onnx":
+        if p.name != MODEL_FILE:
+            raise InputError(f"{p}: expected the model folder (with {MODEL_FILE}); pass its folder")
+        p = p.parent
+    if not p.exists():
+        raise InputError(f"no such model folder: {p}")
+    if not p.is_dir():
+        raise InputError(f"{p} is not a model folder")
+    if not (p / MODEL_FILE).is_file():
+        raise InputError(f"{p} has no {MODEL_FILE}: not a model folder (run 'qc export' first)")
+    return ModelDir(p)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        f = src / name
+        if f.is_file():
+            shutil.copy2(f, dst / name)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj)}")
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Fail early (before any work) if ``out`` cannot be created."""
+    if out.exists() and not force:
+        raise OutputError(f"output folder {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+    parent = out.resolve().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create {parent}: {e.strerror or e}") from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write into {parent}: permission denied")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` only if the block succeeds.
+
+    The temporary folder is a sibling of ``out`` (same file system, so the final
+    ``rename`` is atomic).  On any exception, Ctrl-C included, it is removed and
+    ``out`` is left as it was.  With ``force`` an existing ``out`` is replaced.
+    """
+    out = Path(out)
+    check_output_dir(out, force)
+    parent = out.resolve().parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as e:
+        raise OutputError(f"cannot create a folder in {parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        _commit(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _commit(tmp: Path, out: Path, force: bool) -> None:
+    old: Path | None = None
+    if out.exists():
+        if not force:
+            raise OutputError(f"output folder {out} already exists; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError as e:
+        if old is not None:
+            os.replace(old, out)
+        raise OutputError(f"cannot move the result into {out}: {e.strerror or e}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    os.chmod(out, 0o755)

@@ -1,0 +1,82 @@
+"""``qc``: the command-line interface.
+
+Each sub-command lives in ``qcompiler/commands/<name>.py`` and exposes
+``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
+Errors meant for the user (:class:`qcompiler.errors.QCError`) print one line,
+``qc: error: ...``, and exit non-zero; Ctrl-C exits 130 after the command's own
+clean-up (outputs are atomic, so nothing half-written is left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import logging
+import pkgutil
+import sys
+
+from qcompiler import __version__
+from qcompiler.errors import QCError
+
+log = logging.getLogger("qcompiler")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qc",
+        description="qcompiler: an ONNX graph-transform quantization compiler for LLMs",
+    )
+    parser.add_argument("--version", action="version", version=f"qcompiler {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    import qcompiler.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"qcompiler.commands.{info.name}").register(sub)
+    return parser
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s" if verbose else "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("qcompiler").setLevel(level)
+    if not verbose:
+        for noisy in ("onnx_ir", "onnxscript", "transformers", "optimum", "torch", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except QCError as e:
+        print(f"qc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qc: interrupted; nothing was written to the output", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("qc: error: out of memory (try --max-memory, a smaller --calib-samples or --seq-len)", file=sys.stderr)
+        return 137
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"qc: error: disk full while writing {e.filename or 'the output'}", file=sys.stderr)
+            return 4
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            print(f"qc: error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
+            return 4
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of ``qc`` (one module each, discovered by ``qcompiler.cli``)."""

@@ -1,0 +1,35 @@
+"""qc export MODEL OUT_DIR [--no-kv-cache] [--force]"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a Hugging Face causal LM (hub id, folder or .gguf) to an ONNX model folder",
+        description="Export with optimum's exporter; weights go to external data (model.onnx_data).",
+    )
+    p.add_argument("model", help="hub id, local Hugging Face folder, or path to a .gguf file")
+    p.add_argument("out_dir", help="output model folder")
+    p.add_argument("--no-kv-cache", action="store_true", help="export without past_key_values inputs")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: optimum's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qcompiler.export import export
+
+    out = export(
+        args.model,
+        args.out_dir,
+        kv_cache=not args.no_kv_cache,
+        force=args.force,
+        trust_remote_code=args.trust_remote_code,
+        opset=args.opset,
+    )
+    print(out)
+    return 0

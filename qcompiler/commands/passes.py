@@ -1,0 +1,30 @@
+"""qc passes: list passes (with options), recipes and targets."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("passes", help="list the available passes, recipes and targets")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qcompiler.pipeline import available_passes
+    from qcompiler.recipes import available_recipes
+    from qcompiler.targets import TARGETS
+
+    print("passes:")
+    for name, cls in available_passes().items():
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"  {name}{{{opts}}}" if opts else f"  {name}")
+        if doc:
+            print(f"      {doc}")
+    print("recipes:")
+    for name, r in available_recipes().items():
+        print(f"  {name:<22} {r.description}{'  [needs --calib]' if r.needs_calibration else ''}")
+    print(f"targets: {', '.join(TARGETS)}")
+    return 0

@@ -1,0 +1,77 @@
+"""qc quantize IN_DIR OUT_DIR --recipe NAME | --passes PIPELINE [options]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_quant_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by commands that build a recipe (quantize, bench)."""
+    p.add_argument("--bits", type=int, default=None, help="weight bits (recipe default)")
+    p.add_argument("--group-size", type=int, default=None, help="32|64|128|..., 0 = per-channel (default 128)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric weights")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric weights (default)")
+    p.add_argument("--clip", choices=["minmax", "mse"], default=None, help="weight range: exact min/max or MSE search")
+    p.add_argument("--target", default=None, help="cpu (default) | cuda | npu")
+    p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0..4)")
+    p.add_argument("--lm-head", action="store_true", default=None, help="also quantize an untied lm_head")
+    p.add_argument("--quantize-embeddings", action="store_true", default=None, help="quantize embeddings/lm_head too")
+    p.add_argument("--calib", default=None, help="calibration text: .txt, .jsonl or folder of .txt")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
+    p.add_argument("--max-memory", default=None, help="calibration memory bound, e.g. 4GB")
+    p.add_argument("--alpha", type=float, default=None, help="smoothing strength (recipes that smooth)")
+    p.add_argument("--budget", type=float, default=None, help="average weight bits (mixed precision)")
+    p.add_argument("--max-size", dest="max_size_mb", type=float, default=None, help="size budget in MB (mixed)")
+    p.add_argument("--static-shapes", type=int, default=None, metavar="SEQ_LEN", help="npu: fix sequence length")
+    p.add_argument("--config", default=None, help="TOML file with a [quantize] table of these options")
+
+
+def options_from_args(args: argparse.Namespace):  # noqa: ANN201
+    from qcompiler.recipes import QuantizeOptions, load_options_toml
+
+    base: dict[str, object] = {}
+    if getattr(args, "config", None):
+        base = load_options_toml(args.config)
+        for key in ("recipe", "passes"):
+            if key in base and not getattr(args, key, None):
+                setattr(args, key, base[key])
+            base.pop(key, None)
+    opts = QuantizeOptions(**base)  # type: ignore[arg-type]
+    return opts.with_overrides(**vars(args))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model folder with a recipe or a pass pipeline",
+        description="Run a recipe (or --passes) and the target's lowering; writes a model folder atomically.",
+    )
+    p.add_argument("in_dir", help="input model folder (from qc export)")
+    p.add_argument("out_dir", help="output model folder")
+    p.add_argument("--recipe", default=None, help="named recipe (see 'qc passes')")
+    p.add_argument("--passes", default=None, help='textual pipeline, e.g. "quantize-weights{bits=4,group_size=64}"')
+    p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the model after every pass into DIR")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    add_quant_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qcompiler.quantize import quantize
+
+    summary = quantize(
+        args.in_dir,
+        args.out_dir,
+        recipe=args.recipe,
+        passes=args.passes,
+        options=options_from_args(args),
+        force=args.force,
+        dump_ir=args.dump_ir,
+    )
+    brief = {k: summary[k] for k in ("recipe", "pipeline", "target", "wall_seconds", "peak_rss_mb")}
+    print(json.dumps(brief, indent=2))
+    return 0

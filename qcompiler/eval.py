@@ -1,0 +1,125 @@
+"""Evaluation: perplexity, and against a float reference KL divergence and top-1 agreement.
+
+On the same fixed windows (``data.make_windows``), for each position t that has a
+next token:
+
+* ``NLL = −log p(x_{t+1} | x_≤t)``, perplexity ``= exp(mean NLL)`` over all windows;
+* ``KL(p_ref ‖ p) = Σ_v p_ref(v)·(log p_ref(v) − log p(v))``, averaged over positions
+  (all positions, including the last of each window);
+* top-1 agreement = fraction of positions where ``argmax p == argmax p_ref``.
+
+Both models run window by window, so memory is one window of logits per model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from qcompiler.artifact import open_model_dir
+from qcompiler.data import make_windows, read_text, tokenize
+from qcompiler.runtime import DecoderRunner, open_runner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQ_LEN = 512
+DEFAULT_MAX_TOKENS = 8192
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def window_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """NLL of each next token in one window: ``[T-1]``."""
+    lp = log_softmax(logits[:-1])
+    return -lp[np.arange(len(ids) - 1), ids[1:]]
+
+
+@dataclass
+class EvalResult:
+    model: str
+    perplexity: float
+    nll: float
+    tokens_scored: int
+    windows: int
+    seq_len: int
+    seconds: float
+    size_bytes: int
+    reference: str | None = None
+    reference_perplexity: float | None = None
+    kl: float | None = None
+    top1_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def evaluate(
+    model_dir: str | os.PathLike,
+    text_path: str | os.PathLike,
+    reference_dir: str | os.PathLike | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    threads: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    md = open_model_dir(model_dir)
+    ref_md = open_model_dir(reference_dir) if reference_dir is not None else None
+    tokens = tokenize(md.path, read_text(text_path))
+    win = make_windows(tokens, seq_len, max_tokens)
+    runner = open_runner(md.path, threads=threads)
+    ref_runner = open_runner(ref_md.path, threads=threads) if ref_md is not None else None
+    return evaluate_windows(runner, win.ids, ref_runner, str(md.path), str(ref_md.path) if ref_md else None,
+                            size_bytes=md.size_bytes(), progress=progress)
+
+
+def evaluate_windows(
+    runner: DecoderRunner,
+    windows: np.ndarray,
+    ref_runner: DecoderRunner | None = None,
+    name: str = "",
+    ref_name: str | None = None,
+    size_bytes: int = 0,
+    progress: bool = True,
+) -> EvalResult:
+    t0 = time.perf_counter()
+    nll_sum, count = 0.0, 0
+    ref_nll_sum = 0.0
+    kl_sum, agree, positions = 0.0, 0, 0
+    for ids in tqdm(windows, desc=f"eval {Path(name).name}", unit="window", leave=False, disable=not progress):
+        logits = runner.logits(ids)
+        nll = window_nll(logits, ids)
+        nll_sum += float(nll.sum())
+        count += len(nll)
+        if ref_runner is not None:
+            ref_logits = ref_runner.logits(ids)
+            ref_nll_sum += float(window_nll(ref_logits, ids).sum())
+            lp, lq = log_softmax(ref_logits), log_softmax(logits)
+            kl_sum += float((np.exp(lp) * (lp - lq)).sum())
+            agree += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
+            positions += logits.shape[0]
+    res = EvalResult(
+        model=name,
+        perplexity=float(np.exp(nll_sum / count)),
+        nll=nll_sum / count,
+        tokens_scored=count,
+        windows=int(windows.shape[0]),
+        seq_len=int(windows.shape[1]),
+        seconds=round(time.perf_counter() - t0, 2),
+        size_bytes=size_bytes,
+    )
+    if ref_runner is not None:
+        res.reference = ref_name
+        res.reference_perplexity = float(np.exp(ref_nll_sum / count))
+        res.kl = kl_sum / positions
+        res.top1_agreement = agree / positions
+    return res

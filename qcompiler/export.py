@@ -1,0 +1,148 @@
+"""Export a Hugging Face causal LM (hub id, local folder or .gguf file) to a model folder.
+
+The exporter is optimum's (``onnx_export_from_model``); qcompiler only resolves the
+input, loads it with transformers (GGUF files are dequantized to float32 by
+transformers), and re-saves the graph with all weights in one external-data file
+(``model.onnx_data``) so that models past 2 GB work and every later stage can map
+weights lazily.  Tokenizer, config and generation config are written beside it.
+The folder appears only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qcompiler.artifact import MODEL_FILE, atomic_output_dir, check_output_dir, write_json
+from qcompiler.errors import InputError, QCError
+from qcompiler.irutil import load_model, save_model
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: ``kind`` is ``folder``, ``gguf`` or ``hub``."""
+
+    kind: str
+    path: str  # folder / hub id
+    gguf_file: str | None = None
+
+
+def resolve_source(ref: str) -> ModelSource:
+    """Classify ``ref`` and check it is usable, with a one-line error otherwise."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        if p.is_file():
+            with open(p, "rb") as f:
+                magic = f.read(4)
+            if magic != GGUF_MAGIC:
+                if p.suffix == ".gguf":
+                    raise InputError(f"{p} is not a GGUF file (bad magic bytes {magic!r})")
+                raise InputError(f"{p} is neither a model folder nor a .gguf file")
+            return ModelSource("gguf", str(p.parent), p.name)
+        if (p / "config.json").is_file():
+            return ModelSource("folder", str(p))
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve_source(str(ggufs[0]))
+        if len(ggufs) > 1:
+            raise InputError(f"{p} holds several .gguf files; pass one of them: {', '.join(g.name for g in ggufs)}")
+        raise InputError(f"{p} is not a Hugging Face model folder (no config.json) and holds no .gguf file")
+    if ref.endswith(".gguf") or ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
+        raise InputError(f"no such file or folder: {ref}")
+    return ModelSource("hub", ref)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_hf_model(src: ModelSource, trust_remote_code: bool = False):  # noqa: ANN201 (torch types)
+    """Load (model, tokenizer) in float32 with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, object] = {"trust_remote_code": trust_remote_code}
+    if src.kind == "gguf":
+        kwargs["gguf_file"] = src.gguf_file
+    if src.kind == "hub":
+        try:
+            tok = AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                src.path, local_files_only=True, torch_dtype=torch.float32, **kwargs
+            )
+            return model, tok
+        except OSError:
+            if not _hub_reachable():
+                raise InputError(
+                    f"'{src.path}' is not in the local Hugging Face cache and the Hub cannot be reached; "
+                    "pass a local model folder or a .gguf file instead"
+                ) from None
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.path, torch_dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"transformers cannot load {src.path}{' / ' + src.gguf_file if src.gguf_file else ''}: {e}") from None
+    model.eval()
+    return model, tok
+
+
+def export(
+    model_ref: str,
+    out_dir: str | os.PathLike,
+    kv_cache: bool = True,
+    force: bool = False,
+    trust_remote_code: bool = False,
+    opset: int | None = None,
+) -> Path:
+    """Export ``model_ref`` to ``out_dir`` (see module docstring); returns the folder."""
+    out = Path(out_dir)
+    check_output_dir(out, force)
+    src = resolve_source(model_ref)
+    t0 = time.perf_counter()
+    log.info("loading %s (%s)", model_ref, src.kind)
+    model, tok = load_hf_model(src, trust_remote_code)
+    if not getattr(model.config, "is_decoder", True) and not hasattr(model, "generate"):
+        raise QCError(f"{model_ref} is not a causal language model")
+    task = "text-generation-with-past" if kv_cache else "text-generation"
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    with atomic_output_dir(out, force) as tmp:
+        raw = tmp / "_raw"
+        log.info("exporting with optimum (%s)", task)
+        try:
+            onnx_export_from_model(model, raw, task=task, opset=opset, do_validation=False)
+        except (ValueError, KeyError, NotImplementedError) as e:
+            raise QCError(f"optimum cannot export {model_ref}: {e}") from None
+        del model
+        graph = load_model(raw / MODEL_FILE)
+        save_model(graph, tmp / MODEL_FILE)
+        del graph
+        for f in raw.iterdir():
+            if f.suffix not in (".onnx", ".onnx_data", ".data") and f.is_file():
+                f.rename(tmp / f.name)
+        tok.save_pretrained(tmp)
+        for f in list(raw.iterdir()):
+            f.unlink()
+        raw.rmdir()
+        write_json(
+            tmp / "qcompiler_export.json",
+            {"source": model_ref, "source_kind": src.kind, "kv_cache": kv_cache, "task": task},
+        )
+    log.info("exported %s to %s in %.1fs", model_ref, out, time.perf_counter() - t0)
+    return out

@@ -1,0 +1,303 @@
+"""IR helpers: validated loading, streaming saving and small graph queries over ``onnx_ir``.
+
+Raw protobuf appears only here, at the edge: :func:`load_model` parses the file header
+without external data, validates it (opset, external-data locations and sizes) and
+hands back an ``onnx_ir.Model`` whose large tensors stay lazily memory-mapped.
+:func:`save_model` writes weights to one external-data file, releasing each mapped
+input tensor once it has been written so that peak memory stays near one tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from qcompiler.errors import InputError, OutputError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+#: Opsets of the default domain that qcompiler reads.  Below 14 the exporters we
+#: target never produce LLM graphs; above 23 is newer than our ONNX Runtime.
+MIN_OPSET, MAX_OPSET = 14, 23
+#: Opset the quantizing passes raise the model to (block-wise DequantizeLinear, int4).
+QUANT_OPSET = 21
+MS_DOMAIN = "com.microsoft"
+QC_DOMAIN = "qcompiler"
+EXTERNAL_DATA_NAME = "model.onnx_data"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
+    base = base_dir.resolve()
+    for tensor in _iter_graph_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise InputError(f"initializer '{tensor.name}' has external data without a location")
+        if os.path.isabs(location) or ".." in Path(location).parts:
+            raise InputError(
+                f"initializer '{tensor.name}': external-data location '{location}' escapes the "
+                f"model folder {base_dir}; refusing to read it"
+            )
+        path = (base / location).resolve()
+        if base not in path.parents and path != base:
+            raise InputError(
+                f"initializer '{tensor.name}': external-data location '{location}' resolves "
+                f"outside the model folder {base_dir}; refusing to read it"
+            )
+        if not path.is_file():
+            raise InputError(
+                f"missing external-data file '{location}' (needed by initializer '{tensor.name}') "
+                f"next to the model in {base_dir}"
+            )
+        offset = int(info.get("offset", 0))
+        length = info.get("length")
+        size = path.stat().st_size
+        if length is not None and offset + int(length) > size:
+            raise InputError(
+                f"external-data file '{location}' is truncated: initializer '{tensor.name}' needs "
+                f"bytes {offset}..{offset + int(length)} but the file has {size}"
+            )
+
+
+def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graph_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graph_tensors(g)
+
+
+def default_opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+def load_proto_header(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse ``path`` without external data, with a clear error for anything but an ONNX model."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no such file: {p}")
+    if p.is_dir():
+        raise InputError(f"{p} is a folder, expected an .onnx file")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise InputError(f"{p} is not a valid ONNX model (truncated or garbled protobuf): {e}") from None
+    except Exception as e:  # protobuf raises a variety of internal errors on garbage
+        raise InputError(f"{p} is not a valid ONNX model (truncated or garbled protobuf): {e}") from None
+    if not proto.graph.node and not proto.graph.initializer:
+        raise InputError(f"{p} is not a valid ONNX model: its graph is empty (truncated or garbled file?)")
+    return proto
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model into ``onnx_ir`` with lazy, memory-mapped external data.
+
+    Raises :class:`InputError` naming the problem for a missing or malformed file, a
+    missing or truncated external-data file, or an external-data path that escapes
+    the model's folder; :class:`UnsupportedModelError` for an opset we do not read.
+    """
+    p = Path(path)
+    proto = load_proto_header(p)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not (MIN_OPSET <= opset <= MAX_OPSET):
+        raise UnsupportedModelError(
+            f"{p}: opset {opset} of the default ONNX domain is not supported "
+            f"(qcompiler reads opsets {MIN_OPSET}-{MAX_OPSET}); re-export with a supported opset"
+        )
+    _check_external_data(proto, p.parent)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise InputError(f"{p}: cannot read the graph: {e}") from None
+    ir.external_data.set_base_dir(model.graph, p.parent)
+    return model
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: str = EXTERNAL_DATA_NAME) -> None:
+    """Save ``model`` to ``path`` with all weights in one external-data file beside it.
+
+    Each memory-mapped source tensor is released right after it is written, so saving
+    a model whose weights are lazily mapped costs about one tensor of memory.
+    """
+    p = Path(path)
+    pending: list[ir.ExternalTensor] = []
+
+    def _release_written(tensor: ir.TensorProtocol, _info: object) -> None:
+        while pending:
+            pending.pop().release()
+        if isinstance(tensor, ir.ExternalTensor):
+            pending.append(tensor)
+
+    try:
+        ir.save(model, p, external_data=external_data, callback=_release_written)
+    except OSError as e:
+        raise OutputError(f"cannot write {p}: {e.strerror or e}") from None
+    finally:
+        while pending:
+            pending.pop().release()
+
+
+# ----------------------------------------------------------------------------- graph queries
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value`` (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain == "":
+        attr = node.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+        for key in ("value_float", "value_int"):
+            if key in node.attributes:
+                return np.array(node.attributes[key].value)
+        for key in ("value_floats", "value_ints"):
+            if key in node.attributes:
+                return np.array(list(node.attributes[key].value))
+    return None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return False
+    if value.const_value is not None:
+        return True
+    node = value.producer()
+    return node is not None and node.op_type == "Constant" and node.domain == ""
+
+
+def scalar_const(value: ir.Value | None) -> float | None:
+    arr = const_array(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+def is_weight(value: ir.Value | None) -> bool:
+    """A constant 2-D floating-point tensor large enough to be a linear layer's weight."""
+    if value is None or value.const_value is None:
+        return False
+    t = value.const_value
+    return len(t.shape) == 2 and t.dtype.is_floating_point() and t.shape.numpy()[0] > 1
+
+
+def linear_weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
+    """The constant weight of a linear node and whether it enters through ``Transpose``.
+
+    ``MatMul(X, W)`` gives ``(W, False)``; ``MatMul(X, Transpose(E))`` — how exporters
+    write an lm_head tied to the embedding ``E[vocab, hidden]`` — gives ``(E, True)``.
+    """
+    if node.domain != "" or len(node.inputs) < 2:
+        return None
+    if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) != 0):
+        return None
+    if node.op_type not in ("MatMul", "Gemm"):
+        return None
+    w = node.inputs[1]
+    if is_weight(w):
+        transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+        return w, transposed
+    prod = w.producer() if w is not None else None
+    if prod is not None and prod.op_type == "Transpose" and is_weight(prod.inputs[0]):
+        perm = prod.attributes.get_ints("perm", None)
+        if perm is None or list(perm) == [1, 0]:
+            return prod.inputs[0], True
+    return None
+
+
+def is_linear(node: ir.Node) -> bool:
+    """A ``MatMul``/``Gemm`` whose second input is a constant weight (possibly transposed)."""
+    return linear_weight(node) is not None
+
+
+def single_consumer(value: ir.Value, op_type: str | None = None) -> ir.Node | None:
+    users = list(value.consumers())
+    if len(users) != 1:
+        return None
+    if op_type is not None and users[0].op_type != op_type:
+        return None
+    return users[0]
+
+
+def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
+    """Import ``domain`` at least at ``version`` (raising, never lowering, the default opset)."""
+    current = model.opset_imports.get(domain)
+    if current is None or current < version:
+        model.opset_imports[domain] = version
+        if domain == "":
+            model.graph.opset_imports[""] = version
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """A value/initializer name not yet used in ``graph`` (names handed out are remembered)."""
+    used: set[str] = graph.meta.setdefault("qc.used_names", set())
+    if not used:
+        used.update(v.name for v in graph.initializers.values() if v.name)
+        for node in graph:
+            used.update(o.name for o in node.outputs if o.name)
+        used.update(v.name for v in graph.inputs if v.name)
+    name, i = base, 0
+    while name in used or name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """Register a new initializer under a fresh name derived from ``name``."""
+    name = unique_name(graph, name)
+    tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(array, name=name)
+    tensor.name = name
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    value.const_value = tensor
+    graph.register_initializer(value)
+    return value
+
+
+def remove_unused_initializers(graph: ir.Graph) -> int:
+    unused = [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]
+    for n in unused:
+        del graph.initializers[n]
+    return len(unused)
+
+
+def op_types(model: ir.Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.all_nodes():
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def topo_index(graph: ir.Graph) -> dict[int, int]:
+    """Position of each node (by id) in the graph's (topological) order."""
+    return {id(n): i for i, n in enumerate(graph)}
+
+
+def nodes_of(model: ir.Model, ops: Iterable[str]) -> list[ir.Node]:
+    wanted = set(ops)
+    return [n for n in model.graph if n.op_type in wanted]

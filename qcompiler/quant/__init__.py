@@ -1,0 +1,1 @@
+"""Quantization numerics shared by passes: grids, rounding, packing formats."""

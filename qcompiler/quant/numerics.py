@@ -1,0 +1,159 @@
+"""Integer grids and round-to-nearest quantization of weights.
+
+A weight ``W[K, N]`` (``Y = X·W``, K the reduction axis) is quantized per column and
+per group of ``g`` consecutive rows (``g = K`` for per-channel):
+
+* asymmetric (uint, ``[0, 2^b−1]``): ``s = (max − min)/(2^b−1)``, ``z = round(−min/s)``,
+  ``q = clamp(round(W/s) + z)``, ``Ŵ = s·(q − z)``;
+* symmetric (int, ``[−2^(b−1), 2^(b−1)−1]``): ``s = max|W|/(2^(b−1)−1)``,
+  ``q = clamp(round(W/s))``, ``Ŵ = s·q``.
+
+Inside the range the error is at most ``s/2`` per element (round to nearest).  A
+``clip`` ratio ``c ≤ 1`` shrinks the range (``c·min``, ``c·max``) before rounding; MSE
+clipping searches ``c`` per group.  When K is not a multiple of g the last group is
+shorter (formats that need whole blocks pad with zeros: see ``packing``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompiler.spec import Granularity, QuantSpec
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """``Ŵ[k, n] = scale[k // g, n] · (q[k, n] − zero_point[k // g, n])``.
+
+    ``q`` is int8 for symmetric specs, uint8 otherwise; ``zero_point`` is None for
+    symmetric specs.  ``group_size`` is K for per-channel quantization.
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    spec: QuantSpec
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape  # type: ignore[return-value]
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.q, self.scale, self.zero_point, self.group_size)
+
+
+def group_size_for(spec: QuantSpec, k: int) -> int:
+    return spec.group_size if spec.granularity == Granularity.GROUP else k
+
+
+def expand_groups(a: np.ndarray, group: int, k: int) -> np.ndarray:
+    """Repeat per-group rows ``[G, N]`` to per-row ``[K, N]``."""
+    return np.repeat(a, group, axis=0)[:k]
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, group: int) -> np.ndarray:
+    k = q.shape[0]
+    s = expand_groups(scale.astype(np.float32), group, k)
+    qf = q.astype(np.float32)
+    if zero_point is not None:
+        qf = qf - expand_groups(zero_point.astype(np.float32), group, k)
+    return (qf * s).astype(np.float32)
+
+
+def _grouped(w: np.ndarray, group: int) -> tuple[np.ndarray, int]:
+    """``W[K, N]`` → ``[G, g, N]`` padded with NaN-free edge values; returns (view, pad)."""
+    k, n = w.shape
+    g_count = -(-k // group)
+    pad = g_count * group - k
+    if pad:
+        # pad by repeating the group's own last rows so min/max are unaffected
+        w = np.concatenate([w, np.repeat(w[-1:], pad, axis=0)], axis=0)
+    return w.reshape(g_count, group, n), pad
+
+
+def group_ranges(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group (min, max) of ``W[K, N]``: arrays ``[G, N]``."""
+    wg, _ = _grouped(w, group)
+    return wg.min(axis=1), wg.max(axis=1)
+
+
+def scales_from_range(
+    wmin: np.ndarray, wmax: np.ndarray, spec: QuantSpec
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale (and zero point) of each group from its (possibly clipped) range."""
+    if spec.symmetric:
+        amax = np.maximum(np.abs(wmin), np.abs(wmax))
+        scale = amax / float(spec.qmax)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return scale, None
+    span = wmax - wmin
+    scale = (span / float(spec.qmax - spec.qmin)).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    zp = np.clip(np.round(-wmin / scale), spec.qmin, spec.qmax).astype(np.uint8)
+    return scale, zp
+
+
+def quantize_with(
+    w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec, group: int
+) -> np.ndarray:
+    """Round ``W`` onto the grid given by per-group ``scale``/``zero_point``."""
+    k = w.shape[0]
+    s = expand_groups(scale, group, k)
+    lo, hi = (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1) if spec.symmetric else (spec.qmin, spec.qmax)
+    if zero_point is None:
+        return np.clip(np.rint(w / s), lo, hi).astype(np.int8)
+    z = expand_groups(zero_point.astype(np.float32), group, k)
+    return np.clip(np.rint(w / s) + z, lo, hi).astype(np.uint8)
+
+
+def quantize_rtn(w: np.ndarray, spec: QuantSpec, clip_ratio: np.ndarray | float = 1.0) -> QuantizedWeight:
+    """Round-to-nearest with exact per-group min/max (optionally shrunk by ``clip_ratio``)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    group = group_size_for(spec, w.shape[0])
+    wmin, wmax = group_ranges(w, group)
+    wmin, wmax = wmin * clip_ratio, wmax * clip_ratio
+    scale, zp = scales_from_range(wmin, wmax, spec)
+    q = quantize_with(w, scale, zp, spec, group)
+    return QuantizedWeight(q, scale, zp, spec, group)
+
+
+def mse_clip_ratios(
+    w: np.ndarray, spec: QuantSpec, grid: int = 20, min_ratio: float = 0.5, norm: float = 2.4
+) -> np.ndarray:
+    """Per-group shrink ratio of the range minimizing ``Σ|W − Ŵ|^norm`` (grid search)."""
+    w = np.asarray(w, dtype=np.float32)
+    group = group_size_for(spec, w.shape[0])
+    wg, pad = _grouped(w, group)
+    wmin, wmax = wg.min(axis=1), wg.max(axis=1)
+    best_err = np.full(wmin.shape, np.inf, dtype=np.float64)
+    best = np.ones(wmin.shape, dtype=np.float32)
+    for i in range(grid + 1):
+        r = 1.0 - (1.0 - min_ratio) * i / grid
+        scale, zp = scales_from_range(wmin * r, wmax * r, spec)
+        s = scale[:, None, :]
+        if zp is None:
+            lo, hi = -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+            deq = np.clip(np.rint(wg / s), lo, hi) * s
+        else:
+            z = zp.astype(np.float32)[:, None, :]
+            deq = (np.clip(np.rint(wg / s) + z, spec.qmin, spec.qmax) - z) * s
+        diff = np.abs(deq - wg)
+        if pad:
+            diff[-1, group - pad :, :] = 0.0
+        err = (diff**norm).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, np.float32(r), best)
+    return best
+
+
+def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
+    """RTN with the clipping named by ``spec.clip`` (``minmax`` or ``mse``)."""
+    if spec.clip == "mse":
+        return quantize_rtn(w, spec, mse_clip_ratios(w, spec))
+    return quantize_rtn(w, spec)

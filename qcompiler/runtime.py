@@ -1,0 +1,203 @@
+"""ONNX Runtime sessions over model folders: feeds for KV-cache graphs, logits, generation.
+
+A decoder graph exported by optimum (or rewritten by qcompiler) takes ``input_ids``,
+usually ``attention_mask`` and ``position_ids``, and with a KV cache
+``past_key_values.{i}.key/value`` of shape ``[batch, kv_heads, past, head_dim]``,
+returning ``logits`` and ``present.{i}.key/value``.  :class:`DecoderRunner` builds the
+feeds for either form, so evaluation and generation work the same on both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from qcompiler.errors import InputError, QCError
+
+log = logging.getLogger(__name__)
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    # Keep block-quantized DequantizeLinear+MatMul in float when ORT fuses it into MatMulNBits,
+    # so the portable (QDQ) form evaluates to the same numbers as the MatMulNBits form.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return so
+
+
+def custom_op_library() -> str | None:
+    """Path of qcompiler's custom-op library if the model needs it and it is built."""
+    try:
+        from qcompiler.ops import library_path  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        return str(library_path())
+    except Exception:  # not built
+        return None
+
+
+def make_session(
+    model_path: str | os.PathLike,
+    threads: int | None = None,
+    optimize: bool = True,
+    providers: list[str] | None = None,
+) -> ort.InferenceSession:
+    """An ORT session; registers qcompiler's op library when the model uses domain ``qcompiler``."""
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise InputError(f"no model at {path}")
+    so = session_options(threads, optimize)
+    if _uses_qc_domain(path):
+        from qcompiler.ops import register_library  # raises a QCError naming the build command
+
+        register_library(so)
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types
+        raise QCError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+
+
+def _uses_qc_domain(path: Path) -> bool:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return any(o.domain == "qcompiler" for o in proto.opset_import)
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+
+
+class DecoderRunner:
+    """Runs a decoder graph on token windows, with or without a KV cache."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.output_names = [o.name for o in session.get_outputs()]
+        if "input_ids" not in self.inputs:
+            raise QCError("the model has no 'input_ids' input: not a decoder exported by optimum/qcompiler")
+        if "logits" not in self.output_names:
+            raise QCError("the model has no 'logits' output")
+        self.past_names = sorted(
+            (n for n in self.inputs if _PAST.match(n)), key=lambda n: (int(_PAST.match(n).group(1)), n)  # type: ignore[union-attr]
+        )
+        self.kv: KVSpec | None = None
+        if self.past_names:
+            shape = self.inputs[self.past_names[0]].shape
+            heads, head_dim = shape[1], shape[3]
+            if not isinstance(heads, int) or not isinstance(head_dim, int):
+                raise QCError(f"cannot read KV-cache shape from input {self.past_names[0]}: {shape}")
+            dt = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
+            self.kv = KVSpec(len(self.past_names) // 2, heads, head_dim, np.dtype(dt))
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.kv is not None
+
+    def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
+        if self.kv is None:
+            return {}
+        z = np.zeros((batch, self.kv.kv_heads, 0, self.kv.head_dim), dtype=self.kv.dtype)
+        return {n: z for n in self.past_names}
+
+    def feeds(self, ids: np.ndarray, past: dict[str, np.ndarray] | None = None, past_len: int = 0) -> dict[str, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        b, t = ids.shape
+        feeds: dict[str, np.ndarray] = {"input_ids": ids}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = np.ones((b, past_len + t), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + t, dtype=np.int64), (b, t)).copy()
+        if self.kv is not None:
+            feeds.update(past if past is not None else self.empty_past(b))
+        for name, info in self.inputs.items():
+            if name not in feeds:
+                if name == "use_cache_branch":
+                    feeds[name] = np.array([past_len > 0])
+                else:
+                    raise QCError(f"don't know how to feed model input '{name}'")
+        return feeds
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Logits ``[T, vocab]`` (float32) of one window, from an empty cache."""
+        out = self.session.run(["logits"], self.feeds(ids))[0]
+        return np.asarray(out[0], dtype=np.float32)
+
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        eos_token_id: int | list[int] | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> Iterator[int]:
+        """Yield new tokens (greedy when ``temperature == 0``), using the KV cache if present."""
+        rng = np.random.default_rng(seed)
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        tokens = list(prompt)
+        if self.kv is None:
+            for _ in range(max_new_tokens):
+                nxt = _pick(self.logits(np.array(tokens))[-1], temperature, top_k, rng)
+                tokens.append(nxt)
+                yield nxt
+                if nxt in eos:
+                    return
+            return
+        past = self.empty_past()
+        step_ids = np.array(tokens, dtype=np.int64)
+        past_len = 0
+        for _ in range(max_new_tokens):
+            outs = self.session.run(["logits", *self.present_names], self.feeds(step_ids, past, past_len))
+            past_len += step_ids.shape[-1]
+            past = dict(zip(self.past_names, outs[1:]))
+            nxt = _pick(np.asarray(outs[0][0, -1], dtype=np.float32), temperature, top_k, rng)
+            yield nxt
+            if nxt in eos:
+                return
+            step_ids = np.array([nxt], dtype=np.int64)
+
+
+def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k > 0:
+        cut = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= cut, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def open_runner(model_dir: str | os.PathLike, threads: int | None = None, optimize: bool = True) -> DecoderRunner:
+    return DecoderRunner(make_session(model_dir, threads=threads, optimize=optimize))

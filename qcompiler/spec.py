@@ -1,0 +1,133 @@
+"""Frozen specs that analysis passes write and rewriting passes read.
+
+``canonicalize`` writes a :class:`LinearInfo` on every linear layer's MatMul
+(``node.meta[LINEAR_KEY]``); weight or activation analyses write :class:`QuantSpec`
+annotations (``node.meta[WEIGHT_SPEC_KEY]`` / ``node.meta[ACT_SPEC_KEY]``); passes that
+insert quantization only read them.  Mixed precision is a pass that rewrites the
+annotations under a budget.  The annotations are mirrored into ``metadata_props`` so
+that ``--dump-ir`` output shows them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+LINEAR_KEY = "qc.linear"
+WEIGHT_SPEC_KEY = "qc.weight_spec"
+ACT_SPEC_KEY = "qc.act_spec"
+
+
+class Role(str, enum.Enum):
+    """What a linear layer does inside a decoder layer."""
+
+    Q = "q_proj"
+    K = "k_proj"
+    V = "v_proj"
+    O = "o_proj"  # noqa: E741
+    GATE = "gate_proj"
+    UP = "up_proj"
+    DOWN = "down_proj"
+    QKV = "qkv_proj"  # fused q/k/v (one MatMul + Split)
+    GATE_UP = "gate_up_proj"  # fused gate/up
+    LM_HEAD = "lm_head"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+DECODER_ROLES = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """Where a linear layer sits: decoder layer index (``-1`` for lm_head) and role."""
+
+    layer: int
+    role: Role
+
+    @property
+    def key(self) -> str:
+        return "lm_head" if self.role == Role.LM_HEAD else f"layers.{self.layer}.{self.role.value}"
+
+
+class Granularity(str, enum.Enum):
+    TENSOR = "tensor"
+    CHANNEL = "channel"  # one scale per output channel (weights) / per input channel
+    GROUP = "group"  # blocks of ``group_size`` along the reduction axis
+    TOKEN = "token"  # one scale per row of the activation (dynamic)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    ``bits``/``symmetric`` give the integer grid: symmetric ``[-2^(b-1)+1, 2^(b-1)-1]``
+    around zero (int), asymmetric ``[0, 2^b - 1]`` with a zero point (uint).
+    ``group_size`` is used with ``Granularity.GROUP``; ``method`` names the algorithm
+    that picks the scales (``rtn``, ``awq``, ``gptq``, ``hqq``, ``minmax``,
+    ``percentile``, ``mse``, ``entropy``, ``dynamic``).
+    """
+
+    bits: int = 4
+    symmetric: bool = False
+    granularity: Granularity = Granularity.GROUP
+    group_size: int = 128
+    method: str = "rtn"
+    clip: str = "minmax"  # for weights: minmax | mse
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.granularity == Granularity.GROUP and (self.group_size < 2 or self.group_size & (self.group_size - 1)):
+            raise ValueError(f"group size must be a power of two >= 2, got {self.group_size}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) + 1 if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def describe(self) -> str:
+        g = f"g{self.group_size}" if self.granularity == Granularity.GROUP else str(self.granularity)
+        return f"{self.method} int{self.bits} {'sym' if self.symmetric else 'asym'} {g}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "granularity": self.granularity.value,
+            "group_size": self.group_size if self.granularity == Granularity.GROUP else None,
+            "method": self.method,
+            "clip": self.clip,
+        }
+
+
+def linear_info(node: ir.Node) -> LinearInfo | None:
+    return node.meta.get(LINEAR_KEY)
+
+
+def set_linear_info(node: ir.Node, info: LinearInfo) -> None:
+    node.meta[LINEAR_KEY] = info
+    node.metadata_props["qc.layer"] = str(info.layer)
+    node.metadata_props["qc.role"] = info.role.value
+
+
+def weight_spec(node: ir.Node) -> QuantSpec | None:
+    return node.meta.get(WEIGHT_SPEC_KEY)
+
+
+def set_weight_spec(node: ir.Node, spec: QuantSpec | None) -> None:
+    if spec is None:
+        node.meta.pop(WEIGHT_SPEC_KEY, None)
+        node.metadata_props.pop("qc.weight_spec", None)
+        return
+    node.meta[WEIGHT_SPEC_KEY] = spec
+    node.metadata_props["qc.weight_spec"] = spec.describe()
