@@ -90,7 +90,7 @@ class LowerMatMulNBits(QCPass):
             name, old_out.name = old_out.name, None
             new.outputs[0].name = name
             new.outputs[0].shape, new.outputs[0].type = old_out.shape, old_out.type
-            graph.remove([node, dqw.dq], safe=False)
+            graph.remove([node, dqw.dq], safe=True)
             count += 1
         if count:
             remove_unused_initializers(graph)

@@ -33,9 +33,11 @@ DEFAULT_MAX_TOKENS = 8192
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    """Row-wise log-softmax in float32 (max-shifted; ~4e-6 from float64 on a 49k vocabulary)."""
+    z = logits.astype(np.float32, copy=True)
+    z -= z.max(axis=-1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return z
 
 
 def window_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -98,13 +100,13 @@ def evaluate_windows(
     for ids in tqdm(windows, desc=f"eval {Path(name).name}", unit="window", leave=False, disable=not progress):
         logits = runner.logits(ids)
         nll = window_nll(logits, ids)
-        nll_sum += float(nll.sum())
+        nll_sum += float(nll.sum(dtype=np.float64))
         count += len(nll)
         if ref_runner is not None:
             ref_logits = ref_runner.logits(ids)
-            ref_nll_sum += float(window_nll(ref_logits, ids).sum())
+            ref_nll_sum += float(window_nll(ref_logits, ids).sum(dtype=np.float64))
             lp, lq = log_softmax(ref_logits), log_softmax(logits)
-            kl_sum += float((np.exp(lp) * (lp - lq)).sum())
+            kl_sum += float((np.exp(lp) * (lp - lq)).sum(dtype=np.float64))
             agree += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
             positions += logits.shape[0]
     res = EvalResult(
