@@ -75,7 +75,7 @@ def quantizable_linears(model: ir.Model, lm_head: bool = False, skip: frozenset[
         found = linear_weight(node)
         if found is None:
             continue
-        w, transposed = found
+        _, transposed = found
         if transposed:
             log.info("quantize-weights: %s has a tied (transposed) weight; left in float", info.key)
             continue

@@ -61,7 +61,7 @@ def _read_file(p: Path) -> str:
     return text
 
 
-def load_tokenizer(model_dir: str | os.PathLike):  # noqa: ANN201 (tokenizers.Tokenizer)
+def load_tokenizer(model_dir: str | os.PathLike):
     from tokenizers import Tokenizer
 
     p = Path(model_dir) / "tokenizer.json"

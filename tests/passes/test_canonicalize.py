@@ -6,10 +6,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 import pytest
-
-from qcompiler.irutil import load_model
 from qcompiler.models.synthetic import SyntheticConfig, build_llama
 from qcompiler.passes.canonicalize import Canonicalize, canonical_summary
+
+from qcompiler.irutil import load_model
 from qcompiler.spec import DECODER_ROLES, Role, linear_info
 
 
@@ -35,7 +35,7 @@ def test_synthetic_roles_match_ground_truth(kv: bool, layers: int, kv_heads: int
 
 def test_renamed_nodes_do_not_matter() -> None:
     """Names carry no information: scramble every node and value name, roles stay the same."""
-    proto, truth = build_llama(SyntheticConfig(layers=2))
+    proto, _ = build_llama(SyntheticConfig(layers=2))
     model = ir.serde.deserialize_model(proto)
     order = [n for n in model.graph]
     for i, node in enumerate(order):

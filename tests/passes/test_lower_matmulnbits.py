@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from qcompiler.irutil import load_model, op_types
 from qcompiler.passes.canonicalize import Canonicalize
 from qcompiler.passes.lower_matmulnbits import LowerMatMulNBits
 from qcompiler.passes.quantize_weights import QuantizeWeights
+
+from qcompiler.irutil import load_model, op_types
 from qcompiler.pipeline import make_config, run_passes
 from tests.helpers import WINDOW, rel_err, run_logits
 

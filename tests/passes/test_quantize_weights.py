@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
+from qcompiler.passes.canonicalize import Canonicalize
+from qcompiler.passes.quantize_weights import QuantizeWeights
 
 from qcompiler.errors import QCError, UnsupportedModelError
 from qcompiler.irutil import load_model
 from qcompiler.pipeline import PassContext, make_config, run_passes
-from qcompiler.passes.canonicalize import Canonicalize
-from qcompiler.passes.quantize_weights import QuantizeWeights
 from qcompiler.quant.emit import read_dq_weight
 from qcompiler.quant.numerics import quantize_rtn
 from qcompiler.spec import Role, linear_info

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Side-by-side: qcompiler recipes vs ONNX Runtime's own quantizers, one command, one table.
+
+    python tools/compare.py MODEL_DIR --text EVAL.txt [--group-size 128] [--rows qc-rtn,ort-rtn,...]
+    python tools/compare.py calibration ...      # calibration memory/time vs ORT (tools/compare_calibration.py)
+
+Every quantizer runs in its own child process, so its wall time and peak RSS are its
+own (``VmHWM`` of that process, see ``qcompiler.memory``); all rows are then evaluated on the same windows of
+the same text against the float model (perplexity, KL, top-1 agreement, size on disk).
+Rows:
+
+* ``qc-rtn``   — ``qc quantize --recipe w4a16-rtn`` (MatMulNBits, asym, exact min/max)
+* ``qc-rtn-sym`` — the same, symmetric
+* ``ort-rtn``  — ``onnxruntime.quantization.MatMulNBitsQuantizer`` default RTN (asym unless --sym)
+* ``ort-hqq``  — ``MatMulNBitsQuantizer`` with ``HQQWeightOnlyQuantConfig``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SECTIONS = {"calibration": "tools.compare_calibration"}
+
+
+def _quantize_child(row: str, model_dir: str, out_dir: str, group: int, sym: bool) -> None:
+    """Runs in the child process: quantize, then print {"seconds", "peak_rss_mb"} as the last line."""
+    t0 = time.perf_counter()
+    if row.startswith("qc-"):
+        from qcompiler.quantize import quantize
+        from qcompiler.recipes import QuantizeOptions
+
+        recipe = {"qc-rtn": "w4a16-rtn", "qc-rtn-sym": "w4a16-rtn"}.get(row, row[3:])
+        opts = QuantizeOptions(group_size=group, sym=sym or row.endswith("-sym"))
+        quantize(model_dir, out_dir, recipe=recipe, options=opts, force=True)
+    else:
+        import onnx
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+        model = onnx.load(str(Path(model_dir) / "model.onnx"))  # loads external data
+        if row == "ort-rtn":
+            cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=sym)
+        elif row == "ort-hqq":
+            cfg = mnq.HQQWeightOnlyQuantConfig(block_size=group, bits=4)
+        else:
+            raise SystemExit(f"unknown row {row}")
+        q = mnq.MatMulNBitsQuantizer(model, algo_config=cfg)
+        q.process()
+        os.makedirs(out_dir, exist_ok=True)
+        q.model.save_model_to_file(str(Path(out_dir) / "model.onnx"), use_external_data_format=True)
+        from qcompiler.artifact import copy_side_files
+
+        copy_side_files(Path(model_dir), Path(out_dir))
+    from qcompiler.memory import peak_rss_mb
+
+    print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}))
+
+
+def run_rows(args: argparse.Namespace) -> list[dict[str, object]]:
+    from qcompiler.artifact import open_model_dir
+    from qcompiler.data import make_windows, read_text, tokenize
+    from qcompiler.eval import evaluate_windows
+    from qcompiler.runtime import open_runner
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qc-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = open_model_dir(args.model_dir)
+    windows = make_windows(tokenize(fp32.path, read_text(args.text)), args.seq_len, args.max_tokens).ids
+    ref = open_runner(fp32.path)
+    base = evaluate_windows(ref, windows, name="fp32", size_bytes=fp32.size_bytes())
+    rows: list[dict[str, object]] = [
+        {"row": "fp32", "perplexity": base.perplexity, "size_mb": fp32.size_bytes() / 1e6}
+    ]
+    for row in args.rows.split(","):
+        out = work / row
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, __file__, "_child", row, str(fp32.path), str(out), str(args.group_size)]
+        if args.sym:
+            cmd.append("--sym")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            rows.append({"row": row, "error": f"failed: {tail}"})
+            continue
+        cost = json.loads(proc.stdout.strip().splitlines()[-1])
+        md = open_model_dir(out)
+        res = evaluate_windows(open_runner(md.path), windows, ref, name=row, size_bytes=md.size_bytes())
+        rows.append({
+            "row": row,
+            "perplexity": res.perplexity,
+            "delta_pct": 100 * (res.perplexity / base.perplexity - 1),
+            "kl": res.kl,
+            "top1": res.top1_agreement,
+            "size_mb": md.size_bytes() / 1e6,
+            "quantize_s": cost["seconds"],
+            "peak_rss_mb": cost["peak_rss_mb"],
+        })
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    head = "| row | PPL | Δ% vs fp32 | KL | top-1 | size MB | quantize s | peak RSS MB |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['error']} |  |  |  |  |  |  |")
+            continue
+
+        def f(key: str, fmt: str, r: dict[str, object] = r) -> str:
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, (int, float)) else ""
+
+        lines.append(
+            f"| {r['row']} | {f('perplexity', '.3f')} | {f('delta_pct', '+.2f')} | {f('kl', '.4f')} | "
+            f"{f('top1', '.3f')} | {f('size_mb', '.1f')} | {f('quantize_s', '.1f')} | {f('peak_rss_mb', '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_child":
+        _quantize_child(argv[1], argv[2], argv[3], int(argv[4]), "--sym" in argv)
+        return 0
+    if argv and argv[0] in SECTIONS:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        return int(importlib.import_module(SECTIONS[argv[0]]).main(argv[1:]) or 0)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir")
+    p.add_argument("--text", required=True, help="evaluation text")
+    p.add_argument("--rows", default="qc-rtn,ort-rtn,ort-hqq")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--sym", action="store_true")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--workdir", default=None, help="keep the quantized models here")
+    p.add_argument("--json", default=None, help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    rows = run_rows(args)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
