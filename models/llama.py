@@ -6,6 +6,8 @@ Everything here is found from the graph's *structure*, never from node names:
   (``Pow → ReduceMean → Add ε → Sqrt → Div(1, ·) → Mul(x, ·) → [Cast] → Mul γ``, with
   the ``Reciprocal`` / ``Div(x, ·)`` variants) or as a fused
   ``(Skip)SimplifiedLayerNormalization``.
+* **Rotary position embedding** ``x·C + rotate_half(x)·S`` (:func:`match_rotary`).
+* **Shape facts** (:func:`dims`, :func:`int_value`) from ONNX shape inference.
 * **Data-flow tracing**: from a linear's output, follow data edges (never the
   ``Shape``/``Size`` metadata edges) to the first *dynamic* MatMul or fused attention
   op, and note which input it arrives at.  In ``softmax(q·kᵀ)·v`` the query arrives at
@@ -18,9 +20,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
-from qcompiler.irutil import is_linear, scalar_const
+from qcompiler.irutil import const_array, is_linear, scalar_const
 
 #: Ops that carry shapes, not data: tracing never walks through them.
 SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape", "Range", "EyeLike"})
@@ -30,6 +33,7 @@ FUSED_ATTENTION = {
     "MultiHeadAttention": {0: "q", 1: "k", 2: "v"},
     "Attention": {0: "q", 1: "k", 2: "v"},  # opset-23 Attention
 }
+Dim = int | str | None
 ACTIVATIONS = frozenset(
     {"Sigmoid", "Tanh", "Relu", "Erf", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Silu", "Softplus", "HardSigmoid"}
 )
@@ -259,3 +263,206 @@ def is_score_matmul(node: ir.Node) -> bool:
 def is_pv_matmul(node: ir.Node) -> bool:
     """A dynamic MatMul whose first input comes from a Softmax (attention probabilities × V)."""
     return comes_from(node.inputs[0], frozenset({"Softmax"}), max_depth=6) is not None
+
+
+# ----------------------------------------------------------------------------- shape facts
+
+
+def dims(value: ir.Value | None) -> list[Dim] | None:
+    """The value's dims (int, symbolic name, or None when unknown), or None for an unknown rank."""
+    if value is None or value.shape is None:
+        return None
+    out: list[Dim] = []
+    for d in value.shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            name = getattr(d, "value", None)
+            out.append(name if isinstance(name, str) and not name.startswith("unk__") else None)
+    return out
+
+
+def same_dim(a: Dim, b: Dim) -> bool:
+    """Two dims known to be equal (equal ints, or the same symbolic name)."""
+    return a is not None and b is not None and a == b
+
+
+
+def int_value(value: ir.Value | None) -> list[int] | None:
+    """Evaluate a small int64 shape expression (constants, Shape of known dims, arithmetic)."""
+    if value is None:
+        return None
+    arr = const_array(value)
+    if arr is not None:
+        return [int(x) for x in np.asarray(arr).reshape(-1)] if arr.dtype.kind in "iu" else None
+    node = value.producer()
+    if node is None or node.domain != "":
+        return None
+    op = node.op_type
+    if op == "Shape":
+        d = dims(node.inputs[0])
+        if d is None:
+            return None
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", len(d))
+        part = d[start:end]
+        return [int(x) for x in part] if all(isinstance(x, int) for x in part) else None
+    if op == "Cast" and node.attributes.get_int("to", 0) not in (2, 3, 4, 5, 6, 7, 12, 13):
+        return None  # only casts between integer types keep integer arithmetic
+    if op in ("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten"):
+        return int_value(node.inputs[0])
+    if op == "Gather":
+        idx = int_value(node.inputs[1])
+        shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if idx is not None and shape_node is not None and shape_node.op_type == "Shape" and shape_node.domain == "":
+            d = dims(shape_node.inputs[0])  # only the gathered dims need to be known
+            start = shape_node.attributes.get_int("start", 0)
+            if d is None or start != 0 or "end" in shape_node.attributes:
+                return None
+            try:
+                picked = [d[i] for i in idx]
+            except IndexError:
+                return None
+            return [int(x) for x in picked] if all(isinstance(x, int) for x in picked) else None
+        data = int_value(node.inputs[0])
+        if data is None or idx is None:
+            return None
+        try:
+            return [data[i] for i in idx]
+        except IndexError:
+            return None
+    if op == "Concat":
+        parts = [int_value(i) for i in node.inputs]
+        return None if any(p is None for p in parts) else [x for p in parts for x in p]  # type: ignore[union-attr]
+    if op in ("Add", "Sub", "Mul", "Div"):
+        a, b = int_value(node.inputs[0]), int_value(node.inputs[1])
+        if a is None or b is None or (len(a) != len(b) and 1 not in (len(a), len(b))):
+            return None
+        n = max(len(a), len(b))
+        a, b = a * n if len(a) == 1 else a, b * n if len(b) == 1 else b
+        if op == "Div" and any(y == 0 for y in b):
+            return None
+        fn = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,
+              "Div": lambda x, y: int(np.trunc(x / y)) if (x < 0) != (y < 0) else x // y}[op]
+        return [fn(x, y) for x, y in zip(a, b)]
+    return None
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+#: Elementwise unary steps allowed between ``Concat(f, f)`` and a rotary table.
+_TABLE_UNARY = frozenset({"Cos", "Sin", "Cast", "Identity", "Neg"})
+_TABLE_SCALAR = frozenset({"Mul", "Div", "Add", "Sub"})
+_BIG = 2**62
+
+
+@dataclass(frozen=True)
+class RotaryMatch:
+    """``output = x·C + rotate_half(x)·S`` on ``x[B, N, S, H]``, ``rotate_half(x) = [−x₂, x₁]``.
+
+    ``cos``/``sin`` are the ``[B, S, H]`` tables (``C = Unsqueeze(cos, 1)``), each an
+    elementwise function of ``Concat(f, f)`` so that their two halves are equal;
+    ``half = H/2``.  ``nodes`` are the per-tensor nodes (slices, Neg, Concat, Muls, Add).
+    """
+
+    output: ir.Value
+    x: ir.Value
+    cos: ir.Value
+    sin: ir.Value
+    half: int
+    nodes: tuple[ir.Node, ...]
+
+
+def _slice_parts(node: ir.Node, x: ir.Value) -> tuple[list[int], list[int]] | None:
+    """(starts, ends) of a last-axis, unit-step ``Slice`` of ``x``."""
+    if node.inputs[0] is not x or len(node.inputs) < 3:
+        return None
+    starts, ends = int_value(node.inputs[1]), int_value(node.inputs[2])
+    axes = int_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    steps = int_value(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+    rank = len(dims(x) or [])
+    if starts is None or ends is None or axes is None or steps != [1] or len(starts) != 1 or len(ends) != 1:
+        return None
+    if axes[0] not in (-1, rank - 1) or rank == 0:
+        return None
+    return starts, ends
+
+
+def _rotate_half(rot: ir.Value, x: ir.Value) -> tuple[int, list[ir.Node]] | None:
+    """``rot == Concat(−x[..., h:], x[..., :h])`` on the last axis: return (h, nodes)."""
+    cat = _producer(rot, "Concat")
+    rank = len(dims(x) or [])
+    if cat is None or len(cat.inputs) != 2 or cat.attributes.get_int("axis", 0) not in (-1, rank - 1):
+        return None
+    neg = _producer(cat.inputs[0], "Neg")
+    hi = _producer(neg.inputs[0], "Slice") if neg is not None else None
+    lo = _producer(cat.inputs[1], "Slice")
+    if hi is None or lo is None:
+        return None
+    p_hi, p_lo = _slice_parts(hi, x), _slice_parts(lo, x)
+    h_dim = (dims(x) or [None])[-1]
+    if p_hi is None or p_lo is None or not isinstance(h_dim, int) or h_dim % 2:
+        return None
+    (hs, he), (ls, le) = p_hi, p_lo
+    half = h_dim // 2
+    if ls != [0] or le != [half] or hs != [half] or not (he[0] >= h_dim or he[0] >= _BIG):
+        return None
+    return half, [cat, neg, hi, lo]
+
+
+def _duplicated_table(value: ir.Value | None) -> bool:
+    """``value`` is an elementwise function of ``Concat(f, f)`` on the last axis."""
+    for _ in range(8):
+        node = value.producer() if value is not None else None
+        if node is None or node.domain != "":
+            return False
+        if node.op_type == "Concat":
+            a, b = node.inputs
+            rank = len(dims(value) or [])
+            return a is not None and a is b and node.attributes.get_int("axis", 0) in (-1, rank - 1) and rank > 0
+        if node.op_type in _TABLE_UNARY:
+            value = node.inputs[0]
+        elif node.op_type in _TABLE_SCALAR and scalar_const(node.inputs[1]) is not None:
+            value = node.inputs[0]
+        elif node.op_type in ("Mul", "Add") and scalar_const(node.inputs[0]) is not None:
+            value = node.inputs[1]
+        else:
+            return False
+    return False
+
+
+def _head_table(value: ir.Value | None) -> ir.Value | None:
+    """``value == Unsqueeze(T, [1])`` with ``T[B, S, H]`` a duplicated-halves table: return T."""
+    node = _producer(value, "Unsqueeze")
+    if node is None or node.domain == "com.microsoft":
+        return None
+    axes = int_value(node.inputs[1]) if len(node.inputs) > 1 else list(node.attributes.get_ints("axes", []))
+    table = node.inputs[0]
+    if axes != [1] or len(dims(table) or []) != 3 or not _duplicated_table(table):
+        return None
+    return table
+
+
+def match_rotary(value: ir.Value | None) -> RotaryMatch | None:
+    """Match rotary position embedding producing ``value`` on a ``[B, N, S, H]`` tensor, else None."""
+    add = _producer(value, "Add")
+    if add is None or add.domain == "com.microsoft" or len(dims(value) or []) != 4:
+        return None
+    for i in (0, 1):
+        m_cos, m_sin = _producer(add.inputs[i], "Mul"), _producer(add.inputs[1 - i], "Mul")
+        if m_cos is None or m_sin is None:
+            continue
+        for j in (0, 1):
+            x, c4 = m_cos.inputs[j], m_cos.inputs[1 - j]
+            for k in (0, 1):
+                rot = _rotate_half(m_sin.inputs[k], x) if x is not None else None
+                if rot is None:
+                    continue
+                cos, sin = _head_table(c4), _head_table(m_sin.inputs[1 - k])
+                if cos is None or sin is None:
+                    continue
+                if (dims(cos) or [None])[-1] != 2 * rot[0] or (dims(sin) or [None])[-1] != 2 * rot[0]:
+                    continue
+                return RotaryMatch(value, x, cos, sin, rot[0], (add, m_cos, m_sin, *rot[1]))  # type: ignore[arg-type]
+    return None

@@ -121,10 +121,14 @@ def _rotate(g: _G, x: str, cos: str, sin: str, half: int, base: str) -> str:
     return g.op("Add", [g.op("Mul", [x, cos], f"{base}/Mul"), g.op("Mul", [rot, sin], f"{base}/Mul_1")], f"{base}/Add")
 
 
-def build_llama(cfg: SyntheticConfig = SyntheticConfig()) -> tuple[onnx.ModelProto, GroundTruth]:
-    """Build the decoder graph (weights inline) and its ground truth."""
+def build_llama(cfg: SyntheticConfig = SyntheticConfig(), builder: _G | None = None) -> tuple[onnx.ModelProto, GroundTruth]:
+    """Build the decoder graph (weights inline) and its ground truth.
+
+    ``builder`` receives every tensor as it is made (``models.streaming`` passes one that
+    writes weights straight to an external-data file, so no model is ever held whole).
+    """
     rng = np.random.default_rng(cfg.seed)
-    g = _G()
+    g = builder if builder is not None else _G()
     h, hd, nh, nkv, inter = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads, cfg.intermediate
     n_rep = nh // nkv
     names: dict[str, str] = {}
@@ -277,29 +281,34 @@ def write_model_dir(model: onnx.ModelProto, out_dir: str | Path, cfg: SyntheticC
     out.mkdir(parents=True, exist_ok=True)
     save_model(ir.serde.deserialize_model(model), out / "model.onnx")
     if cfg is not None:
-        (out / "tokenizer.json").write_text(byte_tokenizer_json(cfg.vocab))
-        config = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": cfg.hidden,
-            "intermediate_size": cfg.intermediate,
-            "num_hidden_layers": cfg.layers,
-            "num_attention_heads": cfg.heads,
-            "num_key_value_heads": cfg.kv_heads,
-            "head_dim": cfg.head_dim,
-            "vocab_size": cfg.vocab,
-            "rms_norm_eps": cfg.eps,
-            "rope_theta": cfg.rope_theta,
-            "tie_word_embeddings": cfg.tie_embeddings,
-            "max_position_embeddings": 2048,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "torch_dtype": "float32",
-            "use_cache": cfg.kv_cache,
-            "qcompiler_synthetic": asdict(cfg),
-        }
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+        write_side_files(out, cfg)
     return out
+
+
+def write_side_files(out: Path, cfg: SyntheticConfig) -> None:
+    """tokenizer.json (byte-level) and config.json of a synthetic model folder."""
+    (out / "tokenizer.json").write_text(byte_tokenizer_json(cfg.vocab))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.intermediate,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab,
+        "rms_norm_eps": cfg.eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "torch_dtype": "float32",
+        "use_cache": cfg.kv_cache,
+        "qcompiler_synthetic": asdict(cfg),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def build_model_dir(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConfig()) -> tuple[Path, GroundTruth]:

@@ -12,7 +12,10 @@ Linears that read the same activation form a group; the roles follow from data f
 * a group of two whose outputs meet in a product ``act(x·W_gate) ⊙ (x·W_up)`` is
   gate/up (gate is the one behind the activation), and the linear reading that
   product is down;
-* a linear whose output is a graph output is lm_head.
+* a linear whose output is a graph output is lm_head;
+* packed forms (``fuse-pack-linears``): one linear + ``Split`` whose parts reach attention's
+  q, k and v is qkv_proj; one linear + ``Split`` into two parts meeting in
+  ``act(part₀) ⊙ part₁`` is gate_up_proj.
 
 Layer index = number of q/k/v groups before the linear in topological order, minus 1.
 Each linear gets ``LinearInfo(layer, role)`` in ``node.meta``; the norm feeding a group
@@ -76,6 +79,39 @@ def _attention_role(linear: ir.Node) -> str | None:
                 return "k"
             if slot == 1 and is_pv_matmul(node):
                 return "v"
+    return None
+
+
+def _attention_roles(linear: ir.Node) -> set[str]:
+    """Every attention input slot a (packed) linear's output reaches."""
+    found: set[str] = set()
+    for node, slot in forward_hits(linear.outputs[0]):
+        if node.op_type in FUSED_ATTENTION:
+            found.add(FUSED_ATTENTION[node.op_type].get(slot, ""))
+        elif node.op_type == "MatMul" and is_score_matmul(node):
+            found.add("q" if slot == 0 else "k")
+        elif node.op_type == "MatMul" and slot == 1 and is_pv_matmul(node):
+            found.add("v")
+    return found
+
+
+def _packed_mlp_product(linear: ir.Node) -> ir.Node | None:
+    """For a packed gate/up linear (``Split`` into 2), the product ``act(gate) ⊙ up``."""
+    splits = [u for u in _split_users(linear) if len(u.outputs) == 2]
+    if len(splits) != 1:
+        return None
+    gate, up = splits[0].outputs
+    frontier, seen_act = [gate], False
+    for _ in range(3):
+        nxt = []
+        for v in frontier:
+            for user in v.consumers():
+                if user.op_type == "Mul" and seen_act and any(i is up for i in user.inputs):
+                    return user
+                if user.op_type in ACTIVATIONS or user.op_type == "Mul":
+                    seen_act = seen_act or user.op_type in ACTIVATIONS
+                    nxt.extend(user.outputs)
+        frontier = nxt
     return None
 
 
@@ -164,9 +200,16 @@ class Canonicalize(QCPass):
                     for n in members:
                         roles[id(n)] = {"q": Role.Q, "k": Role.K, "v": Role.V}[found[id(n)]]
                     attn_starts.append(min(order[id(n)] for n in members))
-                elif len(members) == 1 and found[id(members[0])] == "q" and _feeds_split(members[0]):
+                elif len(members) == 1 and _feeds_split(members[0]) and (
+                    found[id(members[0])] == "q" or {"q", "k", "v"} <= _attention_roles(members[0])
+                ):
                     roles[id(members[0])] = Role.QKV
                     attn_starts.append(order[id(members[0])])
+                continue
+            packed_product = _packed_mlp_product(members[0]) if len(members) == 1 else None
+            if packed_product is not None:  # gate/up packed into one linear + Split (fuse-pack-linears)
+                roles[id(members[0])] = Role.GATE_UP
+                products.append(packed_product.outputs[0])
                 continue
             mlp = _mlp_roles(members)
             if mlp:
@@ -231,8 +274,19 @@ def _skip_passthrough(value: ir.Value) -> ir.Value:
     return value
 
 
+def _split_users(node: ir.Node) -> list[ir.Node]:
+    """``Split`` nodes reading the linear's output, directly or after a constant bias ``Add``."""
+    out = node.outputs[0]
+    users = list(out.consumers())
+    if len(users) == 1 and users[0].op_type == "Add" and any(
+        i is not None and i is not out and i.const_value is not None for i in users[0].inputs
+    ):
+        users = list(users[0].outputs[0].consumers())
+    return [u for u in users if u.op_type == "Split"]
+
+
 def _feeds_split(node: ir.Node) -> bool:
-    return any(u.op_type == "Split" for u in node.outputs[0].consumers())
+    return bool(_split_users(node))
 
 
 def canonical_summary(model: ir.Model) -> CanonicalSummary:

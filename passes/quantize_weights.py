@@ -14,6 +14,11 @@ The result is written in the portable form ``MatMul(X, DequantizeLinear(q, s, z)
 kernel (``lower-matmulnbits`` for ONNX Runtime).  A spec already annotated on a node
 (e.g. by ``assign-precision``) wins over the pass's defaults.  Weights are processed
 one at a time straight from the memory-mapped external data.
+
+A weight holding NaN/Inf is refused with an error naming it (``nonfinite=skip`` leaves
+such linears in float with a warning instead): no NaN scale is ever written.  A
+weight shared by several linears is quantized once per user (each gets the standard
+form the lowerings read) and reported.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from qcompiler.errors import QCError, UnsupportedModelError
+from qcompiler.errors import InputError, QCError, UnsupportedModelError
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.emit import emit_dequantized_weight
@@ -43,8 +49,11 @@ class QuantizeWeightsConfig:
     clip: str = "minmax"  # minmax | mse
     lm_head: bool = False  # also quantize an untied lm_head
     skip: str = ""  # ':'-separated linear keys to leave in float, e.g. layers.0.down_proj
+    nonfinite: str = "error"  # a weight with NaN/Inf: error | skip (leave that linear in float)
 
     def __post_init__(self) -> None:
+        if self.nonfinite not in ("error", "skip"):
+            raise ValueError(f"nonfinite must be error or skip, got {self.nonfinite}")
         if self.bits not in (2, 3, 4, 8):
             raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.group_size < 0 or (self.group_size and self.group_size & (self.group_size - 1)) or self.group_size == 1:
@@ -104,11 +113,23 @@ class QuantizeWeights(QCPass):
             )
         default = cfg.spec()
         summary: dict[str, str] = {}
+        _report_shared(nodes, self.context.report)
         for node in tqdm(nodes, desc="quantize-weights", unit="linear", leave=False):
             info = linear_info(node)
             spec = weight_spec(node) or default
             w_val, _ = linear_weight(node)  # type: ignore[misc]
             w = w_val.const_value.numpy()
+            bad = _nonfinite(w)
+            if bad:
+                msg = f"weight '{w_val.name}' of {info.key} holds {bad}"
+                if cfg.nonfinite == "error":
+                    raise InputError(
+                        f"quantize-weights: {msg}; refusing to quantize it "
+                        "(pass option quantize-weights{nonfinite=skip} leaves such linears in float)"
+                    )
+                log.warning("quantize-weights: %s; left in float (nonfinite=skip)", msg)
+                self.context.report.setdefault("nonfinite_weights", {})[info.key] = msg
+                continue
             try:
                 qw = method(w, spec, node=node, context=self.context)
             except ValueError as e:
@@ -116,7 +137,31 @@ class QuantizeWeights(QCPass):
             emit_dequantized_weight(model.graph, node, qw, base_name=f"{info.key}.weight")
             summary[info.key] = spec.describe()
             del w
+        if not summary:
+            raise InputError("quantize-weights: every weight holds NaN/Inf values; nothing was quantized")
         ensure_opset(model, "", QUANT_OPSET)
         self.context.report.setdefault("weights", {}).update(summary)
         log.info("quantize-weights: %d linears quantized (%s)", len(summary), default.describe())
         return ir.passes.PassResult(model, modified=True)
+
+
+def _nonfinite(w: np.ndarray) -> str:
+    """'' if every value is finite, else e.g. ``"2 NaN/Inf value(s), the first at [3, 4]"``."""
+    finite = np.isfinite(w)
+    if finite.all():
+        return ""
+    where = np.argwhere(~finite)
+    return f"{len(where)} NaN/Inf value(s), the first at {list(map(int, where[0]))}"
+
+
+def _report_shared(nodes: list[ir.Node], report: dict) -> None:
+    """Log (and report) weights that several linears read: each user gets its own copy."""
+    users: dict[int, tuple[ir.Value, list[str]]] = {}
+    for node in nodes:
+        w_val, _ = linear_weight(node)  # type: ignore[misc]
+        users.setdefault(id(w_val), (w_val, []))[1].append(linear_info(node).key)  # type: ignore[union-attr]
+    shared = {v.name or "?": keys for v, keys in users.values() if len(keys) > 1}
+    for name, keys in shared.items():
+        log.warning("quantize-weights: weight '%s' is shared by %s; quantized once per user", name, ", ".join(keys))
+    if shared:
+        report.setdefault("shared_weights", {}).update(shared)

@@ -10,6 +10,7 @@ or failing command never leaves a half-written model where the user asked for on
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qcompiler.errors import InputError, OutputError
+from qcompiler.errors import InputError, OutputError, QCError
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ def check_output_dir(out: Path, force: bool) -> None:
         except OSError as e:
             raise OutputError(f"cannot create {parent}: {e.strerror or e}") from None
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write into {parent}: permission denied")
+        read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+        raise OutputError(f"cannot write into {parent}: {'read-only file system' if read_only else 'permission denied'}")
 
 
 @contextlib.contextmanager
@@ -152,9 +154,19 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     try:
         yield tmp
         _commit(tmp, out, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # name the folder the user asked for, not the temporary one that no longer exists
+        if isinstance(e, QCError) and str(tmp) in str(e):
+            e.args = (str(e).replace(str(tmp), str(out)),)
+        elif isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            name = str(e.filename or tmp).replace(str(tmp), str(out))
+            raise OutputError(f"cannot write {name}: {e.strerror or e}") from None
         raise
+
+
+#: OSError numbers that mean "this output cannot be written" (full, quota, size limit, read-only, denied).
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def _commit(tmp: Path, out: Path, force: bool) -> None:

@@ -3,8 +3,8 @@
 Each sub-command lives in ``qcompiler/commands/<name>.py`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
 Errors meant for the user (:class:`qcompiler.errors.QCError`) print one line,
-``qc: error: ...``, and exit non-zero; Ctrl-C exits 130 after the command's own
-clean-up (outputs are atomic, so nothing half-written is left).
+``qc: error: ...``, and exit non-zero; Ctrl-C exits 130 (SIGTERM 143) after the
+command's own clean-up (outputs are atomic, so nothing half-written is left).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import errno
 import importlib
 import logging
 import pkgutil
+import signal
 import sys
+import threading
 
 from qcompiler import __version__
 from qcompiler.errors import QCError
@@ -53,29 +55,42 @@ def setup_logging(verbose: int, quiet: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that outputs are cleaned up as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except QCError as e:
         print(f"qc: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("qc: interrupted; nothing was written to the output", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except MemoryError:
         print("qc: error: out of memory (try --max-memory, a smaller --calib-samples or --seq-len)", file=sys.stderr)
         return 137
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             print(f"qc: error: disk full while writing {e.filename or 'the output'}", file=sys.stderr)
             return 4
-        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.EFBIG):
             print(f"qc: error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
             return 4
         raise
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,11 @@ def load_tokenizer(model_dir: str | os.PathLike):
     p = Path(model_dir) / "tokenizer.json"
     if not p.is_file():
         raise InputError(f"{model_dir} has no tokenizer.json (export it with 'qc export')")
-    return Tokenizer.from_file(str(p))
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # the tokenizers library raises a bare Exception on malformed JSON
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{p} is not a valid tokenizer.json: {first}") from None
 
 
 def tokenize(model_dir: str | os.PathLike, text: str) -> np.ndarray:

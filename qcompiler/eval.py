@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from qcompiler.artifact import open_model_dir
 from qcompiler.data import make_windows, read_text, tokenize
+from qcompiler.irutil import check_model_file
 from qcompiler.runtime import DecoderRunner, open_runner
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def evaluate(
 ) -> EvalResult:
     md = open_model_dir(model_dir)
     ref_md = open_model_dir(reference_dir) if reference_dir is not None else None
+    for folder in filter(None, (md, ref_md)):  # the same checks as qc quantize, before ONNX Runtime reads it
+        check_model_file(folder.model_path)
     tokens = tokenize(md.path, read_text(text_path))
     win = make_windows(tokens, seq_len, max_tokens)
     runner = open_runner(md.path, threads=threads)

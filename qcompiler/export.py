@@ -72,20 +72,39 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+#: Checkpoint formats that are Python pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle_checkpoints(folder: Path) -> None:
+    """Refuse a model folder whose weights exist only as pickles (never unpickle model files)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise InputError(
+            f"{folder} holds weights only as pickle files ({', '.join(pickles[:3])}); qcompiler never "
+            "unpickles model files: convert them to .safetensors first"
+        )
+
+
 def load_hf_model(src: ModelSource, trust_remote_code: bool = False):
-    """Load (model, tokenizer) in float32 with transformers."""
+    """Load (model, tokenizer) in float32 with transformers (safetensors or GGUF weights only)."""
+    if src.kind == "folder":
+        refuse_pickle_checkpoints(Path(src.path))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, object] = {"trust_remote_code": trust_remote_code}
+    model_kwargs: dict[str, object] = {"torch_dtype": torch.float32}
     if src.kind == "gguf":
         kwargs["gguf_file"] = src.gguf_file
+    else:  # GGUF is not a pickle; for everything else only safetensors weights are read
+        model_kwargs["use_safetensors"] = True
     if src.kind == "hub":
         try:
             tok = AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                src.path, local_files_only=True, torch_dtype=torch.float32, **kwargs
-            )
+            model = AutoModelForCausalLM.from_pretrained(src.path, local_files_only=True, **model_kwargs, **kwargs)
             return model, tok
         except OSError:
             if not _hub_reachable():
@@ -95,9 +114,10 @@ def load_hf_model(src: ModelSource, trust_remote_code: bool = False):
                 ) from None
     try:
         tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src.path, torch_dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.path, **model_kwargs, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"transformers cannot load {src.path}{' / ' + src.gguf_file if src.gguf_file else ''}: {e}") from None
+        what = f"{src.path}{' / ' + src.gguf_file if src.gguf_file else ''}"
+        raise InputError(f"transformers cannot load {what}: {' '.join(str(e).split())}") from None  # one line
     model.eval()
     return model, tok
 

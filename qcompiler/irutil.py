@@ -9,6 +9,8 @@ input tensor once it has been written so that peak memory stays near one tensor.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -61,14 +63,47 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
                 f"missing external-data file '{location}' (needed by initializer '{tensor.name}') "
                 f"next to the model in {base_dir}"
             )
-        offset = int(info.get("offset", 0))
-        length = info.get("length")
+        offset = _external_int(tensor.name, info, "offset", 0)
+        length = _external_int(tensor.name, info, "length", None)
+        needed = _tensor_nbytes(tensor)
+        if needed is not None and length is not None and length < needed:
+            raise InputError(
+                f"initializer '{tensor.name}': external-data length {length} is smaller than its "
+                f"shape {list(tensor.dims)} needs ({needed} bytes); the model file is corrupt"
+            )
+        end = offset + (length if length is not None else (needed or 0))
         size = path.stat().st_size
-        if length is not None and offset + int(length) > size:
+        if end > size:
             raise InputError(
                 f"external-data file '{location}' is truncated: initializer '{tensor.name}' needs "
-                f"bytes {offset}..{offset + int(length)} but the file has {size}"
+                f"bytes {offset}..{end} but the file has {size}"
             )
+
+
+def _external_int(name: str, info: dict[str, str], key: str, default: int | None) -> int | None:
+    """A non-negative integer field (``offset``/``length``) of an external-data entry."""
+    raw = info.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InputError(f"initializer '{name}': external-data {key} '{raw}' is not a non-negative integer")
+    return value
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's raw data takes (sub-byte types packed), or None if unknown."""
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError):
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    return -(-count * bits // 8)
 
 
 def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -106,6 +141,26 @@ def load_proto_header(path: str | os.PathLike) -> onnx.ModelProto:
     return proto
 
 
+def check_model_file(path: str | os.PathLike) -> onnx.ModelProto:
+    """Validate an .onnx file without reading its weights; returns the header proto.
+
+    The checks :func:`load_model` makes (protobuf, opset range, external-data
+    locations and sizes), for callers that hand the file to ONNX Runtime directly.
+    """
+    p = Path(path)
+    proto = load_proto_header(p)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise UnsupportedModelError(f"{p}: the model imports no opset of the default ONNX domain")
+    if not (MIN_OPSET <= opset <= MAX_OPSET):
+        raise UnsupportedModelError(
+            f"{p}: opset {opset} of the default ONNX domain is not supported "
+            f"(qcompiler reads opsets {MIN_OPSET}-{MAX_OPSET}); re-export with a supported opset"
+        )
+    _check_external_data(proto, p.parent)
+    return proto
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model into ``onnx_ir`` with lazy, memory-mapped external data.
 
@@ -114,14 +169,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     the model's folder; :class:`UnsupportedModelError` for an opset we do not read.
     """
     p = Path(path)
-    proto = load_proto_header(p)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None or not (MIN_OPSET <= opset <= MAX_OPSET):
-        raise UnsupportedModelError(
-            f"{p}: opset {opset} of the default ONNX domain is not supported "
-            f"(qcompiler reads opsets {MIN_OPSET}-{MAX_OPSET}); re-export with a supported opset"
-        )
-    _check_external_data(proto, p.parent)
+    proto = check_model_file(p)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
@@ -155,6 +203,82 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: str = EX
     finally:
         while pending:
             pending.pop().release()
+
+
+# ----------------------------------------------------------------------------- spilling
+
+
+SPILL_KEY = "qc.spill"
+#: Tensors smaller than this stay in memory (scales, biases, shapes).
+SPILL_MIN_BYTES = 1 << 20
+_SPILL_ALIGN = 4096
+
+
+class SpillStore:
+    """An append-only scratch file for the large tensors passes create while compiling.
+
+    Without it every quantized weight of a model sits in memory from the pass that makes
+    it until the model is saved (int4 values take a byte each before packing).  With it
+    (``attach_spill``), :func:`add_initializer` writes each large tensor here at once and
+    registers an ``ir.ExternalTensor`` over it: a later pass maps a tensor only while it
+    reads it and ``save_model`` copies it into ``model.onnx_data``, so peak memory is a
+    few tensors, not the model.  Arrays read back are read-only, like the input's weights.
+    """
+
+    FILE = "spill.bin"
+
+    def __init__(self, folder: Path, min_bytes: int | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
+        self.bytes_spilled = 0
+        self._file = open(folder / self.FILE, "wb")  # noqa: SIM115 (kept open for the store's life)
+
+    def spill(self, tensor: ir.TensorProtocol, name: str) -> ir.TensorProtocol:
+        # (empty tensors stay: onnx_ir cannot read back a zero-length external tensor's bytes)
+        if self._file.closed or tensor.nbytes < max(self.min_bytes, 1) or isinstance(tensor, ir.ExternalTensor):
+            return tensor
+        data = tensor.tobytes()
+        offset = -(-self._file.tell() // _SPILL_ALIGN) * _SPILL_ALIGN
+        try:
+            self._file.seek(offset)
+            self._file.write(data)
+            self._file.flush()
+        except OSError as e:
+            raise OutputError(f"cannot write scratch data to {self.folder}: {e.strerror or e}") from None
+        self.bytes_spilled += len(data)
+        return _SpilledTensor(self.FILE, offset, len(data), tensor.dtype, shape=ir.Shape(tensor.shape),
+                              name=name, base_dir=self.folder)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _SpilledTensor(ir.ExternalTensor):
+    """A spilled tensor that keeps no unpacked copy of sub-byte (int4/uint4) data once read.
+
+    ``ExternalTensor`` caches the array it unpacks; for a spilled int4 weight that is a byte
+    per value held for the rest of the run by any pass that merely looked at it.
+    """
+
+    def numpy(self) -> np.ndarray:
+        array = super().numpy()
+        if self.dtype.bitwidth < 8:  # an unpacked copy, independent of the mapping
+            with contextlib.suppress(BufferError):
+                self.release()
+        return array
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype)
+
+
+def attach_spill(graph: ir.Graph, store: SpillStore | None) -> None:
+    """Make :func:`add_initializer` on ``graph`` spill large tensors to ``store`` (None: stop)."""
+    if store is None:
+        graph.meta.pop(SPILL_KEY, None)
+    else:
+        graph.meta[SPILL_KEY] = store
 
 
 # ----------------------------------------------------------------------------- graph queries
@@ -268,9 +392,16 @@ def unique_name(graph: ir.Graph, base: str) -> str:
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
-    """Register a new initializer under a fresh name derived from ``name``."""
+    """Register a new initializer under a fresh name derived from ``name``.
+
+    With a :class:`SpillStore` attached to ``graph`` (``attach_spill``), a large tensor is
+    written to the store at once and registered as a lazily mapped ``ExternalTensor``.
+    """
     name = unique_name(graph, name)
     tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(array, name=name)
+    store: SpillStore | None = graph.meta.get(SPILL_KEY)
+    if store is not None:
+        tensor = store.spill(tensor, name)
     tensor.name = name
     value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
     value.const_value = tensor
@@ -301,3 +432,33 @@ def topo_index(graph: ir.Graph) -> dict[int, int]:
 def nodes_of(model: ir.Model, ops: Iterable[str]) -> list[ir.Node]:
     wanted = set(ops)
     return [n for n in model.graph if n.op_type in wanted]
+
+
+@functools.cache
+def _known_schemas() -> frozenset[tuple[str, str]]:
+    """(domain, op_type) of every op ONNX Runtime's schema registry defines (ONNX + contrib)."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+        schemas = get_all_operator_schema()
+    except (ImportError, AttributeError, RuntimeError):  # fall back to ONNX's own registry
+        schemas = onnx.defs.get_all_schemas_with_history()
+    return frozenset(((s.domain or ""), s.name) for s in schemas)
+
+
+def unknown_ops(model: ir.Model) -> dict[str, int]:
+    """Nodes whose op neither ONNX, ONNX Runtime nor qcompiler defines: ``{"domain.Op": count}``.
+
+    Such nodes (custom ops, model-local functions) are loaded, left alone by every
+    pass and reported; the model still runs wherever the op is available (a function
+    the model carries, or a custom-op library registered with the session).
+    """
+    known = _known_schemas()
+    counts: dict[str, int] = {}
+    for node in model.graph.all_nodes():
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if domain == QC_DOMAIN or (domain, node.op_type) in known:
+            continue
+        key = f"{domain}.{node.op_type}" if domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

@@ -18,6 +18,7 @@ import importlib
 import logging
 import pkgutil
 import time
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
 
 def _convert(raw: str, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if raw.lower() in ("none", "null", ""):
             return None

@@ -3,13 +3,17 @@
 The output folder holds the model (``model.onnx`` + ``model.onnx_data``), the
 tokenizer and configs copied from the input, and ``quantization.json`` saying what
 was done (recipe, the exact pipeline, per-pass timing, per-layer specs, what stayed
-in float, wall time and peak memory).  It is written atomically.
+in float, wall time and peak memory).  It is written atomically: everything, the
+passes' scratch included, happens in a temporary sibling folder that is renamed into
+place at the end.  Large tensors the passes create are spilled to that scratch
+(``irutil.SpillStore``) so memory holds a few tensors at a time, not the model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +29,7 @@ from qcompiler.artifact import (
     write_json,
 )
 from qcompiler.errors import QCError
-from qcompiler.irutil import load_model, save_model
+from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
 from qcompiler.pipeline import PassContext, parse_pipeline, pipeline_text, run_passes
 from qcompiler.recipes import QuantizeOptions, get_recipe
@@ -33,6 +37,7 @@ from qcompiler.targets import check_target, lowering_pipeline
 
 log = logging.getLogger(__name__)
 
+SPILL_DIR = ".scratch"
 SCOPE_NOTE = (
     "decoder linear layers (q/k/v/o, gate/up/down) are quantized; token embeddings, lm_head, "
     "attention score MatMuls and the KV cache stay in float unless an option says otherwise"
@@ -68,8 +73,12 @@ def quantize(
     options: QuantizeOptions | None = None,
     force: bool = False,
     dump_ir: str | os.PathLike | None = None,
+    genai: bool = False,
 ) -> dict[str, Any]:
-    """Quantize the model folder ``in_dir`` into ``out_dir``; returns ``quantization.json``'s content."""
+    """Quantize the model folder ``in_dir`` into ``out_dir``; returns ``quantization.json``'s content.
+
+    With ``genai`` the folder also gets ``genai_config.json`` for onnxruntime-genai (``qcompiler.deploy``).
+    """
     options = options or QuantizeOptions()
     t0 = time.perf_counter()
     src = open_model_dir(in_dir)
@@ -82,12 +91,29 @@ def quantize(
     pass_list = parse_pipeline(text, context)
     log.info("pipeline: %s", pipeline_text(pass_list))
 
-    model = load_model(src.model_path)
-    model, records = run_passes(model, pass_list, dump_ir=dump_ir)
-
     with atomic_output_dir(out, force) as tmp:
+        model = load_model(src.model_path)
+        unknown = unknown_ops(model)
+        if unknown:
+            log.warning(
+                "left alone: %d node(s) of op(s) qcompiler does not know: %s",
+                sum(unknown.values()),
+                ", ".join(f"{op} ×{n}" for op, n in unknown.items()),
+            )
+        # tensors the passes make go to scratch on the output's file system, not to memory
+        spill = SpillStore(tmp / SPILL_DIR)
+        attach_spill(model.graph, spill)
+        model, records = run_passes(model, pass_list, dump_ir=dump_ir)
+        attach_spill(model.graph, None)
         save_model(model, tmp / MODEL_FILE)
+        del model
+        spill.close()
+        shutil.rmtree(tmp / SPILL_DIR)
         copy_side_files(src.path, tmp)
+        if genai:
+            from qcompiler.deploy import write_genai
+
+            write_genai(tmp)
         summary: dict[str, Any] = {
             "qcompiler_version": __version__,
             "source": str(src.path),
@@ -98,6 +124,7 @@ def quantize(
             "scope": SCOPE_NOTE,
             "passes": [asdict(r) for r in records],
             "report": context.report,
+            "unknown_ops": unknown,
             "wall_seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }

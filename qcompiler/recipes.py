@@ -39,6 +39,7 @@ class QuantizeOptions:
     budget: float | None = None
     max_size_mb: float | None = None
     static_shapes: int | None = None
+    fuse: bool = True  # cpu/cuda: fuse norms, rotary, attention, packed linears (issue 11)
 
     def with_overrides(self, **kw: Any) -> QuantizeOptions:
         known = {f.name for f in fields(self)}
@@ -88,13 +89,21 @@ def get_recipe(name: str) -> Recipe:
     return recipes[name]
 
 
+def _embeddings_step(o: QuantizeOptions, bits: int, method: str = "rtn") -> str:
+    """``,quantize-embeddings{...}`` when ``--quantize-embeddings`` is given, else ``""``."""
+    if not o.quantize_embeddings:
+        return ""
+    return (f",quantize-embeddings{{bits={bits},group_size={o.group_size},sym={o.sym},"
+            f"method={method},clip={o.clip}}}")
+
+
 def _weight_only(method: str, bits: int | None = None) -> Callable[[QuantizeOptions], str]:
     def build(o: QuantizeOptions) -> str:
         b = bits if bits is not None else o.bits
         return (
             f"canonicalize,quantize-weights{{bits={b},group_size={o.group_size},sym={o.sym},"
             f"method={method},clip={o.clip},lm_head={o.lm_head}}}"
-        )
+        ) + _embeddings_step(o, b, method)
 
     return build
 
@@ -108,4 +117,111 @@ register_recipe(
 )
 register_recipe(
     Recipe("w8a16-rtn", "int8 weights (round to nearest), float activations", _weight_only("rtn", 8))
+)
+
+
+# ----------------------------------------------------------------------------- W8A8 (issue 10)
+# Decoder linears only: lm_head (unless --lm-head), attention-score MatMuls and the KV cache stay
+# float; the passes say so in quantization.json's report.
+
+
+def _w8a8_smooth(act: str, o: QuantizeOptions) -> str:
+    if o.alpha is not None:  # a fixed migration strength instead of the per-group search
+        return f"smooth-scale{{act={act},search=false,alpha={o.alpha}}}"
+    return f"smooth-scale{{act={act}}}"
+
+
+def _w8a8_qdq(o: QuantizeOptions, act: str, extra: str = "") -> str:
+    return f"insert-qdq{{act={act},weight_clip={o.clip},lm_head={o.lm_head}{extra}}}"
+
+
+register_recipe(Recipe(
+    "w8a8-static",
+    "W8A8 baseline: int8 per-channel weights, static per-tensor int8 activations from calibration min/max",
+    lambda o: f"canonicalize,{_w8a8_qdq(o, 'static', ',method=minmax')}",
+    needs_calibration=True,
+))
+register_recipe(Recipe(
+    "w8a8-dynamic",
+    "W8A8: int8 per-channel weights, dynamic per-token int8 activations (no calibration)",
+    lambda o: f"canonicalize,{_w8a8_qdq(o, 'per-token')}",
+))
+register_recipe(Recipe(
+    "w8a8-smooth",
+    "W8A8 SmoothQuant: per-layer α search, scales folded into norms / v / up, per-token int8 activations",
+    lambda o: f"canonicalize,{_w8a8_smooth('per-token', o)},{_w8a8_qdq(o, 'per-token')}",
+    needs_calibration=True,
+))
+register_recipe(Recipe(
+    "w8a8-static-smooth",
+    "W8A8 for NPUs: SmoothQuant (static-aware α search) + outlier channel splitting + static per-tensor "
+    "uint8 activations (calibrated min/max) with the zero point folded into the integer GEMM's bias",
+    lambda o: (f"canonicalize,{_w8a8_smooth('static', o)},split-outliers{{budget=0.05}},"
+               f"{_w8a8_qdq(o, 'static', ',method=minmax,dtype=uint8,sym=false')}"
+               + ("" if o.target == "npu" else ",fold-zero-point")),
+    needs_calibration=True,
+))
+register_recipe(Recipe(
+    "w8a8-int8mix",
+    "LLM.int8: outlier input channels (|x| ≥ 6) through a float side MatMul, the rest per-token int8",
+    lambda o: "canonicalize,mixed-decompose",
+    needs_calibration=True,
+))
+
+
+# issue 5 (analysis): mixed precision under a budget.  assign-precision measures each linear's
+# predicted error per option with the calibration data (or reads a qc analyze report) and
+# annotates the exact budgeted choice; quantize-weights applies the annotations.
+def _mixed(o: QuantizeOptions) -> str:
+    if o.budget is None and o.max_size_mb is None:
+        raise QCError("recipe 'mixed' needs a budget: --budget AVG_BITS (e.g. 4.5) or --max-size MB")
+    limits = ",".join(f"{k}={v}" for k, v in (("budget", o.budget), ("max_size_mb", o.max_size_mb)) if v is not None)
+    common = f"sym={o.sym},clip={o.clip},lm_head={o.lm_head}"
+    return (
+        f"canonicalize,assign-precision{{{limits},{common},seq_len={o.seq_len}}},"
+        f"quantize-weights{{bits=4,group_size={o.group_size},method=rtn,{common}}}"
+    )
+
+
+register_recipe(
+    Recipe(
+        "mixed",
+        "per-linear weight precision (int4 g128/g64/g32, int8) chosen exactly under --budget AVG_BITS or "
+        "--max-size MB from measured sensitivities (round to nearest)",
+        _mixed,
+        needs_calibration=True,
+    )
+)
+
+
+# issue 9 (weight-only int4/int8 beyond RTN): data-aware AWQ and GPTQ, data-free HQQ.
+def _calibrated(pass_text: Callable[[QuantizeOptions], str]) -> Callable[[QuantizeOptions], str]:
+    def build(o: QuantizeOptions) -> str:
+        return f"canonicalize,{pass_text(o)}" + _embeddings_step(o, 4)
+
+    return build
+
+
+register_recipe(
+    Recipe(
+        "w4a16-awq",
+        "int4 weights, activation-aware scales (searched on --calib data, folded into norms/v/up) + clipping",
+        _calibrated(lambda o: f"awq{{bits=4,group_size={o.group_size},sym={o.sym}}}"),
+        needs_calibration=True,
+    )
+)
+register_recipe(
+    Recipe(
+        "w4a16-gptq",
+        "int4 weights, GPTQ (sequential layer by layer on --calib data, act-order, static groups)",
+        _calibrated(lambda o: f"gptq{{bits=4,group_size={o.group_size},sym={o.sym},clip={o.clip}}}"),
+        needs_calibration=True,
+    )
+)
+register_recipe(
+    Recipe(
+        "w4a16-hqq",
+        "int4 weights, half-quadratic refinement of scales/zero points (no calibration data)",
+        _weight_only("hqq", 4),
+    )
 )

@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
-def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimize: bool = True, spin: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if not spin:  # idle intra-op threads sleep instead of busy-waiting (fairer on a shared machine)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -57,6 +59,7 @@ def make_session(
     threads: int | None = None,
     optimize: bool = True,
     providers: list[str] | None = None,
+    spin: bool = True,
 ) -> ort.InferenceSession:
     """An ORT session; registers qcompiler's op library when the model uses domain ``qcompiler``."""
     path = Path(model_path)
@@ -64,7 +67,7 @@ def make_session(
         path = path / "model.onnx"
     if not path.is_file():
         raise InputError(f"no model at {path}")
-    so = session_options(threads, optimize)
+    so = session_options(threads, optimize, spin)
     if _uses_qc_domain(path):
         from qcompiler.ops import register_library  # raises a QCError naming the build command
 
@@ -96,13 +99,13 @@ class KVSpec:
 class DecoderRunner:
     """Runs a decoder graph on token windows, with or without a KV cache."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, require_logits: bool = True) -> None:
         self.session = session
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
         if "input_ids" not in self.inputs:
             raise QCError("the model has no 'input_ids' input: not a decoder exported by optimum/qcompiler")
-        if "logits" not in self.output_names:
+        if require_logits and "logits" not in self.output_names:
             raise QCError("the model has no 'logits' output")
         self.past_names = sorted(
             (n for n in self.inputs if _PAST.match(n)), key=lambda n: (int(_PAST.match(n).group(1)), n)  # type: ignore[union-attr]
@@ -139,7 +142,7 @@ class DecoderRunner:
             feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + t, dtype=np.int64), (b, t)).copy()
         if self.kv is not None:
             feeds.update(past if past is not None else self.empty_past(b))
-        for name, info in self.inputs.items():
+        for name in self.inputs:
             if name not in feeds:
                 if name == "use_cache_branch":
                     feeds[name] = np.array([past_len > 0])
@@ -199,5 +202,7 @@ def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Gen
     return int(rng.choice(len(p), p=p))
 
 
-def open_runner(model_dir: str | os.PathLike, threads: int | None = None, optimize: bool = True) -> DecoderRunner:
-    return DecoderRunner(make_session(model_dir, threads=threads, optimize=optimize))
+def open_runner(
+    model_dir: str | os.PathLike, threads: int | None = None, optimize: bool = True, spin: bool = True
+) -> DecoderRunner:
+    return DecoderRunner(make_session(model_dir, threads=threads, optimize=optimize, spin=spin))

@@ -125,3 +125,17 @@ def set_weight_spec(node: ir.Node, spec: QuantSpec | None) -> None:
         return
     node.meta[WEIGHT_SPEC_KEY] = spec
     node.metadata_props["qc.weight_spec"] = spec.describe()
+
+
+def act_spec(node: ir.Node) -> QuantSpec | None:
+    """The activation (input 0) spec of a linear, written by analysis passes for ``insert-qdq``."""
+    return node.meta.get(ACT_SPEC_KEY)
+
+
+def set_act_spec(node: ir.Node, spec: QuantSpec | None) -> None:
+    if spec is None:
+        node.meta.pop(ACT_SPEC_KEY, None)
+        node.metadata_props.pop("qc.act_spec", None)
+        return
+    node.meta[ACT_SPEC_KEY] = spec
+    node.metadata_props["qc.act_spec"] = spec.describe()

@@ -38,3 +38,25 @@ def lowering_pipeline(target: str, options: QuantizeOptions) -> str:
 
 register_lowering("cpu", 50, lambda o: f"lower-matmulnbits{{accuracy_level={o.accuracy_level}}}")
 register_lowering("cuda", 50, lambda o: f"lower-matmulnbits{{accuracy_level={o.accuracy_level}}}")
+
+# issue 6 (targets and custom EP ops): W8A8 lowering runs before lower-matmulnbits, which
+# would otherwise take the int8 weight DequantizeLinear of a W8A8 MatMul for weight-only.
+register_lowering("cpu", 40, lambda o: "lower-w8a8-cpu")
+register_lowering("cuda", 40, lambda o: "lower-qc-ops")
+register_lowering(
+    "npu", 50, lambda o: f"lower-npu{{static_shapes={o.static_shapes}}}" if o.static_shapes else "lower-npu"
+)
+
+# issue 11 (fusion): the decoder fusions run on the portable forms, before the target's
+# lowering (W8A8 at 40, MatMulNBits at 50), which then turns each packed q/k/v and gate/up
+# linear into one kernel; folding bias Adds needs the lowered kernels, so it runs after.
+# Each fusion also works (and is exact) on already-lowered graphs.
+FUSION_PASSES = "fuse-rmsnorm,fuse-skip-rmsnorm,fuse-rotary,fuse-attention,fuse-pack-linears,fuse-silu"
+for _target in ("cpu", "cuda"):
+    register_lowering(_target, 30, lambda o: FUSION_PASSES if o.fuse else "")
+    register_lowering(_target, 60, lambda o: "fuse-bias" if o.fuse else "")
+
+# issue 9 (weight-only, --quantize-embeddings): row-blocked embedding DequantizeLinear →
+# GatherBlockQuantized + MatMulNBits sharing one packed tensor.
+register_lowering("cpu", 45, lambda o: f"lower-embeddings{{accuracy_level={o.accuracy_level}}}")
+register_lowering("cuda", 45, lambda o: f"lower-embeddings{{accuracy_level={o.accuracy_level}}}")

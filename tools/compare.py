@@ -3,6 +3,7 @@
 
     python tools/compare.py MODEL_DIR --text EVAL.txt [--group-size 128] [--rows qc-rtn,ort-rtn,...]
     python tools/compare.py calibration ...      # calibration memory/time vs ORT (tools/compare_calibration.py)
+    python tools/compare.py w8a8 ...             # W8A8 recipes vs ORT quantize_static/dynamic (tools/compare_w8a8.py)
 
 Every quantizer runs in its own child process, so its wall time and peak RSS are its
 own (``VmHWM`` of that process, see ``qcompiler.memory``); all rows are then evaluated on the same windows of
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = {"calibration": "tools.compare_calibration"}
+SECTIONS = {"calibration": "tools.compare_calibration", "w8a8": "tools.compare_w8a8"}
 
 
 def _quantize_child(row: str, model_dir: str, out_dir: str, group: int, sym: bool) -> None:

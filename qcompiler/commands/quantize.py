@@ -27,6 +27,8 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=None, help="average weight bits (mixed precision)")
     p.add_argument("--max-size", dest="max_size_mb", type=float, default=None, help="size budget in MB (mixed)")
     p.add_argument("--static-shapes", type=int, default=None, metavar="SEQ_LEN", help="npu: fix sequence length")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
+                   help="cpu/cuda: skip the fusion passes (RMSNorm, rotary, attention, packed linears)")
     p.add_argument("--config", default=None, help="TOML file with a [quantize] table of these options")
 
 
@@ -56,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--passes", default=None, help='textual pipeline, e.g. "quantize-weights{bits=4,group_size=64}"')
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the model after every pass into DIR")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--genai", action="store_true", help="also write genai_config.json (onnxruntime-genai folder)")
     add_quant_options(p)
     p.set_defaults(func=run)
 
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         options=options_from_args(args),
         force=args.force,
         dump_ir=args.dump_ir,
+        genai=args.genai,
     )
     brief = {k: summary[k] for k in ("recipe", "pipeline", "target", "wall_seconds", "peak_rss_mb")}
     print(json.dumps(brief, indent=2))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.errors import QCError
 from qcompiler.irutil import add_initializer, linear_weight
 from qcompiler.quant.numerics import QuantizedWeight
 from qcompiler.spec import QuantSpec, set_weight_spec
@@ -45,6 +46,8 @@ def emit_dequantized_weight(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight,
         raise ValueError(f"{node.name}: transposed (tied) weights are emitted by the embedding path")
     k, n = qw.q.shape
     spec = qw.spec
+    if not np.isfinite(qw.scale).all():  # never write a NaN/Inf scale, whichever method made it
+        raise QCError(f"{base_name}: quantization produced non-finite scales (NaN/Inf in the weight or its range)")
     dtype = _int_dtype(spec.bits, spec.symmetric)
     q_np = qw.q.astype(np.int8 if spec.symmetric else np.uint8)
     q_val = add_initializer(graph, f"{base_name}_q{spec.bits}", ir.Tensor(q_np, dtype=dtype))

@@ -38,3 +38,11 @@ def get_weight_method(name: str) -> WeightMethod:
 @register_weight_method("rtn")
 def rtn(w: np.ndarray, spec: QuantSpec, **_: Any) -> QuantizedWeight:
     return quantize_weight(w, spec)
+
+
+@register_weight_method("hqq")
+def hqq(w: np.ndarray, spec: QuantSpec, **_: Any) -> QuantizedWeight:
+    """Half-quadratic refinement of per-group scales and integer zero points (no data)."""
+    from qcompiler.quant.hqq import quantize_hqq
+
+    return quantize_hqq(w, spec)

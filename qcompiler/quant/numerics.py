@@ -3,7 +3,8 @@
 A weight ``W[K, N]`` (``Y = X·W``, K the reduction axis) is quantized per column and
 per group of ``g`` consecutive rows (``g = K`` for per-channel):
 
-* asymmetric (uint, ``[0, 2^b−1]``): ``s = (max − min)/(2^b−1)``, ``z = round(−min/s)``,
+* asymmetric (uint, ``[0, 2^b−1]``): the range is widened to hold 0
+  (``min ← min(min, 0)``, ``max ← max(max, 0)``), ``s = (max − min)/(2^b−1)``, ``z = round(−min/s)``,
   ``q = clamp(round(W/s) + z)``, ``Ŵ = s·(q − z)``;
 * symmetric (int, ``[−2^(b−1), 2^(b−1)−1]``): ``s = max|W|/(2^(b−1)−1)``,
   ``q = clamp(round(W/s))``, ``Ŵ = s·q``.
@@ -89,6 +90,9 @@ def scales_from_range(
         scale = amax / float(spec.qmax)
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         return scale, None
+    # The grid must hold 0 (z is an integer in [qmin, qmax]): a group whose values all
+    # have one sign gets its range widened to 0, else its far end would be clamped.
+    wmin, wmax = np.minimum(wmin, 0.0), np.maximum(wmax, 0.0)
     span = wmax - wmin
     scale = (span / float(spec.qmax - spec.qmin)).astype(np.float32)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.errors import QCError
 from qcompiler.irutil import add_initializer, const_array, scalar_const
 
 QUANT_KEY = "qc.quant"
@@ -57,6 +58,12 @@ class W8A8Match:
     nodes: tuple[ir.Node, ...] = ()
 
 
+def _check_finite(scale: np.ndarray, what: str) -> None:
+    """Never write a NaN/Inf scale (it would silently turn the layer's output into NaN)."""
+    if not np.isfinite(scale).all():
+        raise QCError(f"{what}: non-finite quantization scale (NaN/Inf in the weight or its statistics)")
+
+
 def _node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], name: str, **attrs: object) -> ir.Node:
     n = ir.node(op, inputs, attributes=attrs, name=name)
     n.outputs[0].name = f"{name}_out"
@@ -65,6 +72,7 @@ def _node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], name: str, **
 
 def emit_int8_weight(graph: ir.Graph, matmul: ir.Node, w_q: np.ndarray, w_scale: np.ndarray, base: str) -> ir.Node:
     """Replace MatMul input 1 by ``DequantizeLinear(W_q, s_w, axis=1)``; returns the DQ node."""
+    _check_finite(w_scale, f"{base} weight")
     old = matmul.inputs[1]
     q = add_initializer(graph, f"{base}_q8", ir.Tensor(w_q.astype(np.int8)))
     s = add_initializer(graph, f"{base}_scale", w_scale.astype(np.float32).reshape(-1))
@@ -80,6 +88,7 @@ def emit_static_activation(
     graph: ir.Graph, matmul: ir.Node, scale: float, zero_point: int, dtype: str, base: str
 ) -> list[ir.Node]:
     """Insert ``QuantizeLinear → DequantizeLinear`` on MatMul input 0 (per-tensor)."""
+    _check_finite(np.asarray(scale), f"{base} activation")
     x = matmul.inputs[0]
     np_dtype = np.int8 if dtype == "int8" else np.uint8
     s = add_initializer(graph, f"{base}_x_scale", np.array(scale, dtype=np.float32))
@@ -211,3 +220,86 @@ def reference_per_token_matmul(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarr
     s = np.maximum(np.abs(x).max(axis=-1, keepdims=True), PER_TOKEN_EPS) / 127.0
     xq = np.clip(np.rint(x / s), -127, 127)
     return ((xq @ w_q.astype(np.float32)) * s * w_scale).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- static activation parameters
+
+#: integer grid of a static activation: (dtype, symmetric) → (qmin, qmax, zero point if fixed)
+_GRIDS: dict[tuple[str, bool], tuple[int, int, int | None]] = {
+    ("int8", True): (-127, 127, 0),
+    ("int8", False): (-128, 127, None),
+    ("uint8", True): (1, 255, 128),
+    ("uint8", False): (0, 255, None),
+}
+RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+def static_qparams(lo: float, hi: float, dtype: str = "int8", symmetric: bool = True) -> tuple[float, int]:
+    """Scale and zero point of a static per-tensor activation with range ``[lo, hi]``.
+
+    symmetric: ``s = max(|lo|, |hi|)/127``, ``z = 0`` (int8) or ``128`` (uint8);
+    asymmetric: the range is widened to contain 0, ``s = (hi − lo)/(qmax − qmin)``,
+    ``z = clamp(round(qmin − lo/s))`` so that 0 is exactly representable.
+    """
+    if (dtype, symmetric) not in _GRIDS:
+        raise ValueError(f"activation dtype must be int8 or uint8, got {dtype}")
+    qmin, qmax, fixed_z = _GRIDS[(dtype, symmetric)]
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        scale = max(-lo, hi) / 127.0
+        return (scale if scale > 0 else 1.0), int(fixed_z)  # type: ignore[arg-type]
+    scale = (hi - lo) / float(qmax - qmin)
+    if scale <= 0:
+        return 1.0, int(np.clip(0, qmin, qmax))
+    zero = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    return scale, zero
+
+
+def activation_range(
+    method: str,
+    minmax: tuple[float, float],
+    histogram: object | None = None,
+    percentile: float = 99.99,
+    symmetric: bool = True,
+) -> tuple[float, float]:
+    """``[lo, hi]`` of a static activation from calibration statistics.
+
+    ``minmax`` is the observed ``(min, max)``; ``histogram`` a
+    :class:`qcompiler.calibrate.Histogram` (needed for the clipping methods):
+    ``percentile`` keeps the ``p``-th percentile (of ``|x|`` when symmetric, of each tail
+    otherwise); ``entropy``/``mse`` are TensorRT's KL threshold and the MSE-optimal
+    threshold for 8 bits, intersected with the observed range.
+    """
+    lo, hi = float(minmax[0]), float(minmax[1])
+    if method == "minmax":
+        return lo, hi
+    if histogram is None:
+        raise ValueError(f"range method '{method}' needs a histogram")
+    if method == "percentile":
+        if symmetric:
+            t = histogram.percentile(percentile)  # type: ignore[attr-defined]
+            return max(lo, -t), min(hi, t)
+        plo, phi = histogram.percentile_range(percentile)  # type: ignore[attr-defined]
+        return max(lo, plo), min(hi, phi)
+    if method == "entropy":
+        _, t = histogram.entropy_range(8)  # type: ignore[attr-defined]
+    elif method == "mse":
+        _, t = histogram.mse_range(8)  # type: ignore[attr-defined]
+    else:
+        raise ValueError(f"unknown range method '{method}'; choose one of {', '.join(RANGE_METHODS)}")
+    return max(lo, -t), min(hi, t)
+
+
+def attach_activation(matmul: ir.Node, quantized: ir.Value, kind: str) -> None:
+    """Make ``matmul`` read an already emitted quantized activation (linears sharing an input)."""
+    matmul.replace_input_with(0, quantized)
+    matmul.metadata_props[QUANT_KEY] = f"w8a8-{kind}"
+
+
+def reference_static_matmul(
+    x: np.ndarray, scale: float, zero_point: int, dtype: str, w_q: np.ndarray, w_scale: np.ndarray
+) -> np.ndarray:
+    """numpy reference of the static form: ``s_x·(clamp(round(x/s_x) + z) − z) @ (W_q·s_w)``."""
+    lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
+    xq = np.clip(np.rint(x.astype(np.float32) / np.float32(scale)) + zero_point, lo, hi) - zero_point
+    return ((xq * np.float32(scale)) @ (w_q.astype(np.float32) * w_scale)).astype(np.float32)

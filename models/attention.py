@@ -1,0 +1,272 @@
+"""Structural match of one decoder attention block, as exported for Llama-family models.
+
+From the q/k/v linears' outputs ``q[B, S, N·H]``, ``k, v[B, S, KV·H]`` to the input of
+o_proj ``o[B, S, N·H]``::
+
+    q₄ = rot(Transpose₀₂₁₃(Reshape(q, [B, S, N, H])))          (rot: fused RotaryEmbedding, optional)
+    k₄ = Concat(past_k, rot(Transpose₀₂₁₃(Reshape(k, [B, S, KV, H]))), axis=2)   (no Concat without cache)
+    v₄ = Concat(past_v, Transpose₀₂₁₃(Reshape(v, [B, S, KV, H])), axis=2)
+    P  = softmax(α_q q₄ · (α_k repeat(k₄))ᵀ · α_s + bias)      [NaN → 0 optional]
+    o  = Reshape(Transpose₀₂₁₃(P · repeat(v₄)), [B, S, N·H])
+
+``repeat`` is repeat-kv (``Unsqueeze(·, 2) → Expand → Reshape``: kv head ``j`` serves
+query heads ``j·R … j·R+R−1``, ``R = N/KV``), the identity when ``N = KV``.  The
+scalars ``α`` multiply into one softmax scale.  Every shape fact (heads, head size,
+that reshapes keep batch and sequence) is checked from ONNX shape inference; the
+caller runs it first.  ``tags`` give, for the block's interior values, their shape
+in the symbols B, S, T (= past + S), N, KV, H, R, so that a ``Shape`` of an interior
+value can be rebuilt from the block's inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from qcompiler.models.llama import dims, int_value, same_dim
+
+from qcompiler.irutil import const_array, scalar_const
+
+MS = "com.microsoft"
+
+
+@dataclass
+class AttentionMatch:
+    softmax: ir.Node
+    output: ir.Value  # o_proj input [B, S, N·H]
+    q: ir.Value
+    k: ir.Value
+    v: ir.Value
+    heads: int
+    kv_heads: int
+    head_size: int
+    scale: float
+    bias: ir.Value | None  # additive mask, broadcast to [B, N, S, T]
+    past_k: ir.Value | None = None
+    past_v: ir.Value | None = None
+    present_k: ir.Value | None = None
+    present_v: ir.Value | None = None
+    rotary_q: ir.Node | None = None  # fused 4-D RotaryEmbedding on q₄ / k₄
+    rotary_k: ir.Node | None = None
+    nodes: list[ir.Node] = field(default_factory=list)
+    tags: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _need(cond: object, why: str) -> None:
+    if not cond:
+        raise _NoMatch(why)
+
+
+def _prod(v: ir.Value | None, *ops: str, domain: str = "") -> ir.Node:
+    node = v.producer() if v is not None else None
+    _need(node is not None and node.op_type in ops and node.domain == domain, f"expected {'/'.join(ops)}")
+    return node  # type: ignore[return-value]
+
+
+def _only_user(v: ir.Value, op: str) -> ir.Node:
+    users = [u.node for u in v.uses()]
+    _need(len(users) == 1 and users[0].op_type == op and users[0].domain == "", f"expected one {op} user")
+    return users[0]
+
+
+def _perm(node: ir.Node) -> list[int]:
+    return list(node.attributes.get_ints("perm", []))
+
+
+def _peel_scale(v: ir.Value, m: AttentionMatch) -> tuple[ir.Value, float]:
+    """Strip ``Mul/Div`` by scalar constants: return (inner value, product of factors)."""
+    factor = 1.0
+    for _ in range(4):
+        node = v.producer()
+        if node is None or node.domain != "" or node.op_type not in ("Mul", "Div"):
+            break
+        c1 = scalar_const(node.inputs[1])
+        c0 = scalar_const(node.inputs[0]) if node.op_type == "Mul" else None
+        if c1 is not None and c1 != 0:
+            factor *= c1 if node.op_type == "Mul" else 1.0 / c1
+            v = node.inputs[0]
+        elif c0 is not None:
+            factor *= c0
+            v = node.inputs[1]
+        else:
+            break
+        m.nodes.append(node)
+    return v, factor
+
+
+def _last_dim(v: ir.Value) -> int | None:
+    d = dims(v)
+    if d and isinstance(d[-1], int):
+        return d[-1]
+    node = v.producer()
+    if node is not None and node.op_type == "MatMulNBits" and node.domain == MS:
+        return node.attributes.get_int("N", 0) or None
+    return None
+
+
+def _split_heads(v: ir.Value, m: AttentionMatch, tag: str) -> tuple[ir.Value, int, int]:
+    """``v == Transpose₀₂₁₃(Reshape(x, [B, S, n, H]))``: return (x, n, H)."""
+    tr = _prod(v, "Transpose")
+    _need(_perm(tr) == [0, 2, 1, 3], "heads transpose perm")
+    rs = _prod(tr.inputs[0], "Reshape")
+    x = rs.inputs[0]
+    od, xd = dims(rs.outputs[0]), dims(x)
+    _need(od is not None and xd is not None and len(od) == 4 and len(xd) == 3, "heads reshape rank")
+    _need(same_dim(od[0], xd[0]) and same_dim(od[1], xd[1]), "heads reshape keeps batch and sequence")  # type: ignore[index]
+    width = _last_dim(x)
+    head = od[3]  # type: ignore[index]
+    _need(isinstance(head, int) and width is not None and width % head == 0, "head size")
+    n = width // head  # type: ignore[operator]
+    _need(od[2] in (None, n), "head count")  # type: ignore[index]
+    m.nodes += [tr, rs]
+    m.tags[id(rs.outputs[0])] = ("B", "S", tag, "H")
+    m.tags[id(tr.outputs[0])] = ("B", tag, "S", "H")
+    return x, n, head  # type: ignore[return-value]
+
+
+def _rotary(v: ir.Value, m: AttentionMatch, tag: str) -> tuple[ir.Value, ir.Node | None]:
+    node = v.producer()
+    if node is None or node.op_type != "RotaryEmbedding" or node.domain != MS:
+        return v, None
+    m.nodes.append(node)
+    m.tags[id(v)] = ("B", tag, "S", "H")
+    return node.inputs[0], node  # type: ignore[return-value]
+
+
+def _cache_concat(v: ir.Value, m: AttentionMatch) -> tuple[ir.Value, ir.Value | None, ir.Value]:
+    """``v == Concat(past, new, axis=2)`` with ``past`` a graph input: (new, past, v); else (v, None, v)."""
+    node = v.producer()
+    if node is None or node.op_type != "Concat" or node.domain != "":
+        return v, None, v
+    _need(len(node.inputs) == 2 and node.attributes.get_int("axis", 0) in (2, -2), "cache concat axis")
+    past = node.inputs[0]
+    _need(past is not None and past.is_graph_input(), "past is a graph input")
+    m.nodes.append(node)
+    m.tags[id(v)] = ("B", "KV", "T", "H")
+    return node.inputs[1], past, v  # type: ignore[return-value]
+
+
+def _repeat_kv(v: ir.Value, m: AttentionMatch, n: int) -> ir.Value:
+    """Undo ``repeat_kv`` (to ``n`` heads) if present: return the ``[B, KV, T, H]`` source."""
+    node = v.producer()
+    if node is None or node.op_type != "Reshape":
+        return v
+    ex = _prod(node.inputs[0], "Expand")
+    un = _prod(ex.inputs[0], "Unsqueeze")
+    axes = int_value(un.inputs[1]) if len(un.inputs) > 1 else list(un.attributes.get_ints("axes", []))
+    _need(axes == [2], "repeat-kv unsqueezes axis 2")
+    src = un.inputs[0]
+    od, sd, ed = dims(node.outputs[0]), dims(src), dims(ex.outputs[0])
+    _need(od is not None and sd is not None and len(od) == 4 and len(sd) == 4, "repeat-kv ranks")
+    target = int_value(node.inputs[1])
+    _need(od[1] == n or (target is not None and len(target) == 4 and target[1] == n), "repeat-kv head count")  # type: ignore[index]
+    kv = sd[1] if isinstance(sd[1], int) else None  # type: ignore[index]
+    reps_ok = ed is not None and len(ed) == 5 and kv is not None and ed[2] == n // kv
+    _need(reps_ok or same_dim(od[2], sd[2]), "repeat-kv repeats heads only")  # type: ignore[index]
+    _need(same_dim(od[0], sd[0]) or (target is not None and target[0] == 0), "repeat-kv keeps batch")  # type: ignore[index]
+    m.nodes += [node, ex, un]
+    m.tags[id(node.outputs[0])] = ("B", "N", "T", "H")
+    m.tags[id(un.outputs[0])] = ("B", "KV", "1", "T", "H")
+    m.tags[id(ex.outputs[0])] = ("B", "KV", "R", "T", "H")
+    return src  # type: ignore[return-value]
+
+
+def _output_reshape(pv: ir.Node, m: AttentionMatch) -> ir.Value:
+    tr = _only_user(pv.outputs[0], "Transpose")
+    _need(_perm(tr) == [0, 2, 1, 3], "output transpose perm")
+    rs = _only_user(tr.outputs[0], "Reshape")
+    od, qd = dims(rs.outputs[0]), dims(m.q)
+    _need(od is not None and qd is not None and len(od) == 3, "output reshape rank")
+    _need(same_dim(od[0], qd[0]) and same_dim(od[1], qd[1]), "output reshape keeps batch and sequence")  # type: ignore[index]
+    width = m.heads * m.head_size
+    if od[2] != width:  # type: ignore[index]
+        target = rs.inputs[1]
+        prod = target.producer() if target is not None else None
+        last = const_array(target)
+        if last is None and prod is not None and prod.op_type == "Concat":
+            tail = int_value(prod.inputs[-1])
+            last = np.array(tail) if tail is not None else None
+        _need(last is not None and int(np.asarray(last).reshape(-1)[-1]) in (-1, width), "output reshape width")
+    m.nodes += [tr, rs]
+    m.tags[id(pv.outputs[0])] = ("B", "N", "S", "H")
+    m.tags[id(tr.outputs[0])] = ("B", "S", "N", "H")
+    return rs.outputs[0]
+
+
+def _match(softmax: ir.Node) -> AttentionMatch:
+    _need(softmax.op_type == "Softmax" and softmax.domain == "", "softmax")
+    _need(softmax.attributes.get_int("axis", -1) in (-1, 3), "softmax over keys")
+    m = AttentionMatch(softmax, softmax.outputs[0], *(None,) * 3, 0, 0, 0, 1.0, None)  # type: ignore[arg-type]
+    m.nodes.append(softmax)
+    probs = softmax.outputs[0]
+    m.tags[id(probs)] = ("B", "N", "S", "T")
+    users = [u.node for u in probs.uses()]
+    isnan = next((u for u in users if u.op_type == "IsNaN"), None)
+    if isnan is not None:  # softmax of a fully masked row is NaN → 0
+        where = _only_user(isnan.outputs[0], "Where")
+        _need(where.inputs[2] is probs and scalar_const(where.inputs[1]) == 0.0, "NaN guard")
+        _need(len(users) == 2 and where in users, "NaN guard users")
+        m.nodes += [isnan, where]
+        probs = where.outputs[0]
+    pv = _only_user(probs, "MatMul")
+    _need(pv.inputs[0] is probs, "probabilities · V")
+    # scores = (scale·q·kᵀ) + bias
+    scores = softmax.inputs[0]
+    bias = None
+    add = scores.producer() if scores is not None else None
+    if add is not None and add.op_type == "Add" and add.domain == "":
+        for i in (0, 1):
+            inner, _ = _peel_scale(add.inputs[i], AttentionMatch(softmax, probs, *(None,) * 3, 0, 0, 0, 1.0, None))  # type: ignore[arg-type]
+            p = inner.producer()
+            if p is not None and p.op_type == "MatMul" and p.domain == "":
+                bias, scores = add.inputs[1 - i], add.inputs[i]
+                m.nodes.append(add)
+                break
+        _need(bias is not None, "scores + mask")
+    scores, s_factor = _peel_scale(scores, m)  # type: ignore[arg-type]
+    qk = _prod(scores, "MatMul")
+    m.nodes.append(qk)
+    m.tags[id(qk.outputs[0])] = ("B", "N", "S", "T")
+    q4, q_factor = _peel_scale(qk.inputs[0], m)  # type: ignore[arg-type]
+    kt, k_factor = _peel_scale(qk.inputs[1], m)  # type: ignore[arg-type]
+    tr_k = _prod(kt, "Transpose")
+    _need(_perm(tr_k) == [0, 1, 3, 2], "kᵀ perm")
+    m.nodes.append(tr_k)
+    m.tags[id(kt)] = ("B", "N", "H", "T")
+    k_rep, k_factor2 = _peel_scale(tr_k.inputs[0], m)  # type: ignore[arg-type]
+    m.scale = s_factor * q_factor * k_factor * k_factor2
+    q4r, m.rotary_q = _rotary(q4, m, "N")
+    m.q, m.heads, m.head_size = _split_heads(q4r, m, "N")
+    k_all = _repeat_kv(k_rep, m, m.heads)
+    k_new, m.past_k, present_k = _cache_concat(k_all, m)
+    k4r, m.rotary_k = _rotary(k_new, m, "KV")
+    m.k, m.kv_heads, hk = _split_heads(k4r, m, "KV")
+    v_all = _repeat_kv(pv.inputs[1], m, m.heads)  # type: ignore[arg-type]
+    v_new, m.past_v, present_v = _cache_concat(v_all, m)
+    m.v, kv_v, hv = _split_heads(v_new, m, "KV")
+    _need(hk == hv == m.head_size and kv_v == m.kv_heads and m.heads % m.kv_heads == 0, "head layout")
+    _need((m.past_k is None) == (m.past_v is None), "both or neither of k/v cached")
+    _need((m.rotary_k is None) == (m.rotary_q is None), "rotary on both q and k")
+    if m.past_k is not None:
+        m.present_k, m.present_v = present_k, present_v
+        for past in (m.past_k, m.past_v):
+            pd = dims(past)
+            _need(pd is not None and len(pd) == 4 and pd[1] in (None, m.kv_heads) and pd[3] in (None, m.head_size),
+                  "past layout")
+    m.nodes.append(pv)
+    m.output = _output_reshape(pv, m)
+    m.bias = bias
+    return m
+
+
+def match_attention(softmax: ir.Node) -> tuple[AttentionMatch | None, str]:
+    """Match the attention block around ``softmax``: (match, "") or (None, why not)."""
+    try:
+        return _match(softmax), ""
+    except _NoMatch as e:
+        return None, str(e)

@@ -1,0 +1,269 @@
+"""Graph surgery shared by the ``fuse-*`` passes (not a pass: the leading ``_`` keeps it out of discovery).
+
+A fusion replaces a *region* — the nodes between some leaf values and one output —
+by a fused node computing the same function.  It is only safe when every value made
+inside the region is used inside it (or is the output being replaced), so
+:func:`region` collects the nodes and :func:`is_closed` checks that.  Shape and type
+facts come from ONNX shape inference with data propagation (:func:`infer_shapes`);
+where a fact a fusion needs is unknown the fusion is skipped, never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from qcompiler.models.llama import Dim, dims, int_value, same_dim
+
+from qcompiler.irutil import add_initializer, remove_unused_initializers, unique_name
+
+__all__ = ["dims", "int_value", "same_dim"]  # re-exported for the fuse-* passes
+
+log = logging.getLogger(__name__)
+
+SHAPES_KEY = "qc.fusion_shapes"
+
+
+def _fingerprint(graph: ir.Graph) -> int:
+    return hash(tuple(id(n) for n in graph))
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Fill in value types and shapes (best effort), unless done since the graph last changed.
+
+    ONNX Runtime's symbolic shape inference knows the contrib ops (``MatMulNBits``, fused
+    norms, attention) and propagates symbolic dims through shape arithmetic; without it
+    (or if it fails) ONNX shape inference runs after a local propagation along the main
+    data path, since ONNX's own stops at every contrib op.
+    """
+    if model.graph.meta.get(SHAPES_KEY) == _fingerprint(model.graph):
+        return
+    if not _ort_symbolic_inference(model):
+        _propagate_main_path(model.graph)
+        common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    shapes_current(model)
+
+
+def shapes_current(model: ir.Model) -> None:
+    """Declare the inferred shapes valid for the graph as it is now (the fusions keep them so)."""
+    model.graph.meta[SHAPES_KEY] = _fingerprint(model.graph)
+
+
+def _ort_symbolic_inference(model: ir.Model) -> bool:
+    try:
+        import onnx
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return False
+    try:
+        proto = ir.serde.serialize_model(model)
+    except Exception:  # a value without name, an attribute onnx cannot hold, ...
+        return False
+    small = []
+    for init in proto.graph.initializer:  # weights travel as typed inputs: no data is read
+        if init.data_location == onnx.TensorProto.EXTERNAL or int(np.prod(init.dims)) > 1024:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            small.append(init)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(small)
+    silenced = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = silenced.level
+    silenced.setLevel(logging.ERROR)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+    except Exception as e:  # the tool raises bare Exceptions on ops it does not know
+        log.debug("symbolic shape inference failed (%s); using ONNX shape inference", e)
+        return False
+    finally:
+        silenced.setLevel(level)
+    found: dict[str, onnx.ValueInfoProto] = {v.name: v for v in inferred.graph.value_info}
+    for node in model.graph:
+        for out in node.outputs:
+            vi = found.get(out.name or "")
+            if vi is None or not vi.type.HasField("tensor_type"):
+                continue
+            tt = vi.type.tensor_type
+            if tt.elem_type:
+                out.type = ir.TensorType(ir.DataType(tt.elem_type))
+            if tt.HasField("shape"):
+                out.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                      for d in tt.shape.dim])
+    return True
+
+
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Sigmoid", "Tanh", "Relu",
+                          "Erf", "Cast", "Identity", "Max", "Min", "Where", "QuickGelu", "Gelu", "FastGelu",
+                          "ScaledSiLU", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+                          "RotaryEmbedding"})
+_LINEARS = frozenset({"MatMul", "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+
+
+def _broadcast(shapes: list[list[Dim]]) -> list[Dim] | None:
+    rank = max(len(s) for s in shapes)
+    out: list[Dim] = []
+    for i in range(rank):
+        ds = {s[i - rank + len(s)] for s in shapes if i - rank + len(s) >= 0} - {1}
+        if len(ds) > 1 or None in ds:
+            return None
+        out.append(ds.pop() if ds else 1)
+    return out
+
+
+def _propagate_main_path(graph: ir.Graph) -> None:
+    """Shapes/types along the residual stream and linears, for ops ONNX inference cannot see through."""
+    for node in graph:
+        if all(o.shape is not None and o.type is not None for o in node.outputs[:1]):
+            continue
+        op, ins = node.op_type, [i for i in node.inputs if i is not None]
+        known = [dims(i) for i in ins]
+        shape: list[Dim] | None = None
+        dtype = None
+        if op == "Gather" and len(ins) == 2 and known[0] is not None and known[1] is not None and len(known[0]) == 2:
+            if node.attributes.get_int("axis", 0) == 0:
+                shape, dtype = [*known[1], known[0][1]], ins[0].dtype
+        elif op in _ELEMENTWISE:
+            data = ins[1:] if op == "Where" else ins
+            if op in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"):
+                data = ins[:1]
+            ds = [dims(i) for i in data]
+            if ds and all(d is not None for d in ds):
+                shape = _broadcast(ds)  # type: ignore[arg-type]
+            dtype = next((i.dtype for i in data if i.dtype is not None), None)
+            if op == "Cast":
+                dtype = ir.DataType(node.attributes.get_int("to", 1))
+        elif op in _LINEARS and known and known[0] is not None and len(known[0]) >= 2:
+            n = node.attributes.get_int("N", 0) if op == "MatMulNBits" else None
+            if n is None and len(known) > 1 and known[1] is not None and len(known[1]) == 2:
+                n = known[1][1]  # type: ignore[assignment]
+            if isinstance(n, int) and n > 0:
+                shape = [*known[0][:-1], n]
+                dtype = ins[0].dtype if op in ("MatMul", "MatMulNBits", "DynamicQuantizeMatMul") else None
+                if op != "MatMul" and dtype is None:
+                    dtype = ir.DataType.FLOAT
+        if shape is not None and node.outputs[0].shape is None:
+            node.outputs[0].shape = ir.Shape(shape)
+        if dtype is not None and node.outputs[0].type is None:
+            node.outputs[0].type = ir.TensorType(dtype)
+        if op == "SkipSimplifiedLayerNormalization" and len(node.outputs) > 3 and node.outputs[3].shape is None:
+            node.outputs[3].shape, node.outputs[3].type = node.outputs[0].shape, node.outputs[0].type
+
+
+def is_identity_cast(node: ir.Node) -> bool:
+    """A ``Cast``/``Identity`` that changes nothing (the input already has the target type)."""
+    if node.op_type == "Identity" and node.domain == "":
+        return True
+    if node.op_type != "Cast" or node.domain != "":
+        return False
+    src = node.inputs[0].dtype if node.inputs[0] is not None else None
+    return src is not None and node.attributes.get_int("to", -1) == src.value
+
+
+def skip_identity(value: ir.Value | None) -> ir.Value | None:
+    """Walk up through identity casts."""
+    while value is not None and value.producer() is not None and is_identity_cast(value.producer()):
+        value = value.producer().inputs[0]
+    return value
+
+
+def region(output: ir.Value, leaves: Iterable[ir.Value]) -> list[ir.Node] | None:
+    """Nodes computing ``output`` from ``leaves`` and constants; None if it reads anything else."""
+    leaf_ids = {id(v) for v in leaves}
+    nodes: dict[int, ir.Node] = {}
+    stack = [output]
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in leaf_ids or v.const_value is not None:
+            continue
+        node = v.producer()
+        if node is None:
+            return None  # a graph input that is not a leaf
+        if id(node) in nodes:
+            continue
+        if node.op_type == "Constant" and node.domain == "":
+            continue
+        nodes[id(node)] = node
+        stack.extend(node.inputs)
+    return list(nodes.values())
+
+
+def is_closed(nodes: Sequence[ir.Node], outputs: Iterable[ir.Value], graph: ir.Graph) -> bool:
+    """Every value made by ``nodes`` is used only by ``nodes`` (except ``outputs``)."""
+    inside = {id(n) for n in nodes}
+    allowed = {id(v) for v in outputs}
+    graph_outputs = {id(v) for v in graph.outputs}
+    for n in nodes:
+        for o in n.outputs:
+            if id(o) in allowed:
+                continue
+            if id(o) in graph_outputs:
+                return False
+            if any(id(u.node) not in inside for u in o.uses()):
+                return False
+    return True
+
+
+def new_node(
+    graph: ir.Graph,
+    op: str,
+    inputs: Sequence[ir.Value | None],
+    name: str,
+    attributes: dict[str, object] | None = None,
+    domain: str = "",
+    num_outputs: int = 1,
+    output_names: Sequence[str | None] | None = None,
+) -> ir.Node:
+    """A new node with uniquely named outputs (``None`` in ``output_names`` = an omitted output)."""
+    names = list(output_names) if output_names is not None else [f"{name}_out{i}" if num_outputs > 1 else f"{name}_out"
+                                                                  for i in range(num_outputs)]
+    outs = [ir.Value(name=unique_name(graph, n) if n else "") for n in names]
+    return ir.node(op, list(inputs), attributes=attributes or {}, domain=domain, name=unique_name(graph, name),
+                   outputs=outs)
+
+
+def const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    return add_initializer(graph, name, np.asarray(array))
+
+
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Point every use of ``old`` (graph outputs too, keeping their names) at ``new``."""
+    is_output = old in graph.outputs
+    if new.type is None and old.type is not None:
+        new.type = old.type
+    if new.shape is None and old.shape is not None:
+        new.shape = old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if is_output:
+        name, shape, typ = old.name, old.shape, old.type
+        old.name = None
+        new.name = name
+        new.shape, new.type = shape, typ
+        used = graph.meta.get("qc.used_names")
+        if isinstance(used, set) and name:
+            used.add(name)
+
+
+def cleanup(model: ir.Model) -> int:
+    """Drop nodes and initializers nothing uses, and restore topological order; returns nodes removed."""
+    graph = model.graph
+    common_passes.TopologicalSortPass()(model)  # consumers after producers: one reverse sweep suffices
+    outputs = {id(v) for v in graph.outputs}
+    removed = 0
+    for node in reversed(list(graph)):
+        if any(o.uses() or id(o) in outputs for o in node.outputs):
+            continue
+        graph.remove(node, safe=True)
+        removed += 1
+    remove_unused_initializers(graph)
+    shapes_current(model)  # the fusions give every value they replace the replaced one's shape
+    return removed
+
+
+def record(context: object, key: str, value: object) -> None:
+    """Note a fusion count in the pass context's report (``report["fusion"][key]``)."""
+    report = getattr(context, "report", None)
+    if isinstance(report, dict):
+        report.setdefault("fusion", {})[key] = value

@@ -1,0 +1,194 @@
+"""insert-qdq: write the canonical W8A8 forms (``qcompiler.quant.w8a8``) on the decoder's linears.
+
+For ``Y = X·W``, W is quantized symmetric int8 per output channel
+(``s_w[n] = max_k |W[k, n]|/127``, ``Ŵ = s_w ⊙ clamp(round(W/s_w), −127, 127)``) and X either
+
+* **static per tensor**: ``X̂ = s_x·(clamp(round(X/s_x) + z_x) − z_x)`` with one ``(s_x, z_x)``
+  from calibration: the range ``[lo, hi]`` is the observed min/max, or clipped by the
+  ``percentile`` of ``|x|`` (each tail when asymmetric), TensorRT's ``entropy`` (KL)
+  threshold or the ``mse``-optimal threshold of the histogram; int8 symmetric
+  (``z = 0``), int8 asymmetric, uint8 asymmetric or uint8 symmetric (``z = 128``)
+  (:func:`qcompiler.quant.w8a8.static_qparams`); or
+* **dynamic per token**: ``s_t = max_k |X[t, k]|/127`` computed in the graph for each row,
+  ``X̂[t] = s_t·clamp(round(X[t]/s_t), −127, 127)``.
+
+Linears reading one activation (q/k/v, gate/up) share its quantization nodes.  An
+activation spec annotated on a linear (``spec.act_spec``: granularity tensor | token,
+``method``, ``symmetric``) wins over the pass options; a weight spec may only ask for
+``clip=mse`` (8 bits, per channel).  lm_head, attention-score MatMuls and the KV cache
+stay float (``lm_head=true`` quantizes an untied lm_head too).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import onnx_ir as ir
+from qcompiler.passes.quantize_weights import quantizable_linears
+from tqdm import tqdm
+
+from qcompiler.calibrate import StatRequest
+from qcompiler.errors import CalibrationError, QCError
+from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
+from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.numerics import quantize_weight
+from qcompiler.quant.w8a8 import (
+    RANGE_METHODS,
+    activation_range,
+    attach_activation,
+    emit_int8_weight,
+    emit_per_token_activation,
+    emit_static_activation,
+    static_qparams,
+)
+from qcompiler.spec import (
+    Granularity,
+    QuantSpec,
+    act_spec,
+    linear_info,
+    set_act_spec,
+    set_weight_spec,
+    weight_spec,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InsertQdqConfig:
+    act: str = "per-token"  # per-token (dynamic, in-graph) | static (per-tensor, calibrated)
+    method: str = "minmax"  # static range: minmax | percentile | entropy | mse
+    percentile: float = 99.99
+    dtype: str = "int8"  # static activation integer type: int8 | uint8
+    sym: bool = True  # static activations symmetric (z = 0 for int8, 128 for uint8)
+    weight_clip: str = "minmax"  # minmax | mse (per-channel int8 weights)
+    lm_head: bool = False
+    skip: str = ""  # ':'-separated linear keys left in float
+
+    def __post_init__(self) -> None:
+        if self.act not in ("per-token", "static"):
+            raise ValueError(f"act must be per-token or static, got {self.act}")
+        if self.method not in RANGE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(RANGE_METHODS)}, got {self.method}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.dtype not in ("int8", "uint8"):
+            raise ValueError(f"dtype must be int8 or uint8, got {self.dtype}")
+        if self.weight_clip not in ("minmax", "mse"):
+            raise ValueError(f"weight_clip must be minmax or mse, got {self.weight_clip}")
+
+    def act_spec(self) -> QuantSpec:
+        gran = Granularity.TOKEN if self.act == "per-token" else Granularity.TENSOR
+        method = "dynamic" if self.act == "per-token" else self.method
+        return QuantSpec(bits=8, symmetric=self.sym or self.act == "per-token", granularity=gran, method=method)
+
+
+def _weight_spec(node: ir.Node, default_clip: str, key: str) -> QuantSpec:
+    spec = weight_spec(node)
+    clip = default_clip
+    if spec is not None:
+        if spec.bits != 8:
+            raise QCError(f"insert-qdq: {key} is annotated for int{spec.bits} weights; W8A8 needs 8 bits")
+        clip = spec.clip
+    return QuantSpec(bits=8, symmetric=True, granularity=Granularity.CHANNEL, method="rtn", clip=clip)
+
+
+@register_pass
+class InsertQdq(QCPass):
+    """Insert W8A8 quantization (static per-tensor or per-token activations, int8 per-channel weights)."""
+
+    name = "insert-qdq"
+    Config = InsertQdqConfig
+    needs_canonical = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: InsertQdqConfig = self.config
+        graph = model.graph
+        nodes = quantizable_linears(model, cfg.lm_head, frozenset(filter(None, cfg.skip.split(":"))))
+        nodes = [n for n in nodes if n.op_type == "MatMul"]
+        if not nodes:
+            log.warning("insert-qdq: no float linear to quantize")
+            return ir.passes.PassResult(model, modified=False)
+        default = cfg.act_spec()
+        groups: dict[int, list[ir.Node]] = defaultdict(list)  # shared input → linears with one act spec
+        specs: dict[int, QuantSpec] = {}
+        for n in nodes:
+            spec = act_spec(n) or default
+            key = id(n.inputs[0])
+            if key in specs and specs[key] != spec:
+                key = id(n)  # a different spec on a shared input: quantize separately
+            specs[key] = spec
+            groups[key].append(n)
+        qparams = self._static_params({k: g for k, g in groups.items() if specs[k].granularity == Granularity.TENSOR},
+                                      specs, model)
+        counts: Counter[str] = Counter()
+        act_report: dict[str, Any] = {}
+        for key, members in tqdm(groups.items(), desc="insert-qdq", unit="input", leave=False):
+            spec = specs[key]
+            first = linear_info(members[0]).key  # type: ignore[union-attr]
+            base = first.replace(".", "_")
+            if spec.granularity == Granularity.TOKEN:
+                emitted = emit_per_token_activation(graph, members[0], base)
+                kind = "per-token"
+            elif spec.granularity == Granularity.TENSOR:
+                scale, zp, dtype = qparams[key]
+                emitted = emit_static_activation(graph, members[0], scale, zp, dtype, base)
+                kind = "static"
+                act_report[first] = {"scale": scale, "zero_point": zp, "dtype": dtype, "method": spec.method}
+            else:
+                raise QCError(f"insert-qdq: {first}: activation granularity '{spec.granularity}' is not "
+                              "supported for W8A8 (tensor or token)")
+            for n in members[1:]:
+                attach_activation(n, members[0].inputs[0], kind)  # type: ignore[arg-type]
+            for n in members:
+                info = linear_info(n)
+                self._weight(graph, n, info.key)  # type: ignore[union-attr]
+                set_act_spec(n, spec)
+                counts[f"{kind} {spec.method}"] += 1
+            del emitted
+        ensure_opset(model, "", QUANT_OPSET)
+        self.context.report[self.name] = {
+            "linears": dict(counts),
+            "activations": act_report,
+            "float": "lm_head, attention score MatMuls and the KV cache" if not cfg.lm_head
+            else "attention score MatMuls and the KV cache",
+        }
+        log.info("insert-qdq: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
+        return ir.passes.PassResult(model, modified=True)
+
+    def _weight(self, graph: ir.Graph, node: ir.Node, key: str) -> None:
+        spec = _weight_spec(node, self.config.weight_clip, key)
+        w_val, _ = linear_weight(node)  # type: ignore[misc]
+        qw = quantize_weight(w_val.const_value.numpy(), spec)  # type: ignore[union-attr]
+        emit_int8_weight(graph, node, qw.q, qw.scale.reshape(-1), f"{key}.weight")
+        set_weight_spec(node, spec)
+
+    def _static_params(self, groups: dict[int, list[ir.Node]], specs: dict[int, QuantSpec],
+                       model: ir.Model) -> dict[int, tuple[float, int, str]]:
+        """``(scale, zero point, dtype)`` of each static activation, from calibration statistics."""
+        if not groups:
+            return {}
+        cfg: InsertQdqConfig = self.config
+        calibrate = self.context.require_calibration(self.name)
+        requests = []
+        for key, members in groups.items():
+            obs = ("minmax",) if specs[key].method == "minmax" else ("minmax", "histogram")
+            requests.append(StatRequest(members[0].inputs[0].name, obs))  # type: ignore[union-attr]
+        stats = calibrate(model, requests)
+        out: dict[int, tuple[float, int, str]] = {}
+        for key, members in groups.items():
+            spec = specs[key]
+            name = members[0].inputs[0].name  # type: ignore[union-attr]
+            where = linear_info(members[0]).key  # type: ignore[union-attr]
+            try:
+                mm = stats.get(name, "minmax")
+                hist = stats.get(name, "histogram") if spec.method != "minmax" else None
+            except (CalibrationError, KeyError) as e:
+                raise CalibrationError(f"insert-qdq: {where}: statistics missing for value '{name}': {e}") from None
+            lo, hi = activation_range(spec.method, (mm.min, mm.max), hist, cfg.percentile, spec.symmetric)
+            scale, zp = static_qparams(lo, hi, cfg.dtype, spec.symmetric)
+            out[key] = (scale, zp, cfg.dtype)
+        return out

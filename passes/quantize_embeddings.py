@@ -1,0 +1,149 @@
+"""quantize-embeddings: the token embedding and the lm_head to int4/int8 blocks, one tensor when tied.
+
+The embedding ``E[V, H]`` is read two ways: ``Gather(E, ids)`` (row lookup) and, when the
+lm_head is tied, ``logits = x·Eᵀ`` (``MatMul(x, Transpose(E))``).  As the lm_head's weight
+``W = Eᵀ[K=H, N=V]``, group-wise quantization along K cuts each *row* of E into blocks
+of g along H, ``Ê[v, h] = s[v, h//g]·(q[v, h] − z[v, h//g])`` — which is also exactly
+what a row lookup needs.  So one quantized tensor serves both uses::
+
+    q[V, H] (int4/uint4/int8/uint8), s[V, ⌈H/g⌉], z ─ DequantizeLinear(axis=1, block_size=g) ─ Ê
+    Gather(Ê, ids)        MatMul(x, Transpose(Ê))
+
+(per-channel: ``axis=0``, one scale per vocabulary row).  This is the portable form;
+``lower-embeddings`` turns it into ``GatherBlockQuantized`` + ``MatMulNBits`` sharing the
+packed bytes.  The scales are picked by a data-free method of the weight-method registry
+(``rtn``, ``hqq``; ``clip=mse``) applied to ``W = Eᵀ``.  An untied lm_head is quantized
+on its own (``lm_head=true``, the default) in the usual ``DequantizeLinear`` + MatMul form.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from qcompiler.passes.canonicalize import canonical_summary
+from qcompiler.passes.quantize_weights import QuantizeWeightsConfig
+
+from qcompiler.errors import QCError
+from qcompiler.irutil import QUANT_OPSET, add_initializer, ensure_opset, is_weight, linear_weight, topo_index
+from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.emit import QWEIGHT_KEY, WeightDQ, emit_dequantized_weight
+from qcompiler.quant.methods import get_weight_method
+from qcompiler.quant.numerics import QuantizedWeight
+from qcompiler.spec import QuantSpec, set_weight_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeEmbeddingsConfig:
+    bits: int = 4
+    group_size: int = 128  # 0 = per vocabulary row
+    sym: bool = False
+    method: str = "rtn"  # a data-free weight method: rtn | hqq
+    clip: str = "minmax"  # minmax | mse
+    lm_head: bool = True  # also an untied lm_head
+
+    def spec(self) -> QuantSpec:
+        return QuantizeWeightsConfig(bits=self.bits, group_size=self.group_size, sym=self.sym,
+                                     method=self.method, clip=self.clip).spec()
+
+
+def embedding_gathers(model: ir.Model) -> dict[str, list[ir.Node]]:
+    """``{embedding initializer name: [Gather nodes reading rows of it]}`` (float 2-D data, axis 0)."""
+    found: dict[str, list[ir.Node]] = {}
+    for node in model.graph:
+        if node.op_type != "Gather" or node.domain != "" or node.attributes.get_int("axis", 0) != 0:
+            continue
+        data, ids = node.inputs[0], node.inputs[1]
+        if is_weight(data) and ids is not None and ids.const_value is None:
+            found.setdefault(data.name, []).append(node)
+    return found
+
+
+def _int_dtype(bits: int, symmetric: bool) -> ir.DataType:
+    if bits <= 4:
+        return ir.DataType.INT4 if symmetric else ir.DataType.UINT4
+    return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
+
+
+def emit_row_blocks(graph: ir.Graph, qw: QuantizedWeight, base: str) -> ir.Node:
+    """``DequantizeLinear`` of ``Ŵᵀ[V, H]`` (``qw`` quantizes ``W = Eᵀ[H, V]``) blocked along H."""
+    spec = qw.spec
+    h, v = qw.q.shape
+    dtype = _int_dtype(spec.bits, spec.symmetric)
+    q = np.ascontiguousarray(qw.q.T).astype(np.int8 if spec.symmetric else np.uint8)
+    inputs = [add_initializer(graph, f"{base}_q{spec.bits}", ir.Tensor(q, dtype=dtype))]
+    per_row = qw.group_size >= h
+    if per_row:
+        attrs = {"axis": 0}
+        inputs.append(add_initializer(graph, f"{base}_scale", qw.scale.reshape(v).astype(np.float32)))
+        zp = None if qw.zero_point is None else qw.zero_point.reshape(v)
+    else:
+        attrs = {"axis": 1, "block_size": qw.group_size}
+        inputs.append(add_initializer(graph, f"{base}_scale", np.ascontiguousarray(qw.scale.T).astype(np.float32)))
+        zp = None if qw.zero_point is None else np.ascontiguousarray(qw.zero_point.T)
+    if zp is not None:
+        inputs.append(add_initializer(graph, f"{base}_zp", ir.Tensor(zp.astype(np.uint8), dtype=dtype)))
+    dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{base}_DequantizeLinear",
+                 outputs=[ir.Value(name=f"{base}_dq", shape=ir.Shape([v, h]), type=ir.TensorType(ir.DataType.FLOAT))])
+    dq.meta[QWEIGHT_KEY] = WeightDQ(spec, qw.group_size, h, v)
+    return dq
+
+
+@register_pass
+class QuantizeEmbeddings(QCPass):
+    """Token embedding (+ lm_head, sharing one tensor when tied) to int4/int8 blocks."""
+
+    name = "quantize-embeddings"
+    Config = QuantizeEmbeddingsConfig
+    needs_canonical = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: QuantizeEmbeddingsConfig = self.config
+        graph = model.graph
+        spec = cfg.spec()
+        method = get_weight_method(cfg.method)
+        lm = canonical_summary(model).linears.get("lm_head")
+        lm_found = linear_weight(lm) if lm is not None else None
+        done: dict[str, str] = {}
+        for name, gathers in embedding_gathers(model).items():
+            e_val = graph.initializers[name]
+            tied = lm_found is not None and lm_found[0] is e_val and lm_found[1]
+            others = [u for u in e_val.consumers() if u not in gathers]
+            transposes = [u for u in others if u.op_type == "Transpose" and list(u.attributes.get_ints("perm", [1, 0]))
+                          == [1, 0]]
+            if len(transposes) != len(others):
+                log.warning("quantize-embeddings: %s has other users (%s); left in float", name,
+                            ", ".join(sorted({u.op_type for u in others})))
+                continue
+            w = e_val.const_value.numpy().astype(np.float32).T  # [H, V]
+            try:
+                qw = method(np.ascontiguousarray(w), spec)
+            except ValueError as e:
+                raise QCError(f"quantize-embeddings: {name}: {e}") from None
+            dq = emit_row_blocks(graph, qw, name)
+            order = topo_index(graph)
+            graph.insert_before(min((*gathers, *transposes), key=lambda n: order[id(n)]), dq)
+            for node in (*gathers, *transposes):
+                node.replace_input_with(0, dq.outputs[0])
+            del graph.initializers[name]
+            done[name] = f"{spec.describe()} ({'tied: embedding + lm_head' if tied else 'embedding'})"
+            if tied and lm is not None:
+                set_weight_spec(lm, spec)
+                done["lm_head"] = f"{spec.describe()} (shares {name})"
+            del w
+        if cfg.lm_head and lm is not None and lm_found is not None and not lm_found[1] and "lm_head" not in done:
+            w_val = lm_found[0]
+            qw = method(w_val.const_value.numpy().astype(np.float32), spec)
+            emit_dequantized_weight(graph, lm, qw, base_name="lm_head.weight")
+            done["lm_head"] = spec.describe()
+        if not done:
+            log.warning("quantize-embeddings: no token embedding or lm_head found; nothing quantized")
+            return ir.passes.PassResult(model, modified=False)
+        ensure_opset(model, "", QUANT_OPSET)
+        self.context.report.setdefault("embeddings", {}).update(done)
+        log.info("quantize-embeddings: %s", "; ".join(f"{k}: {v}" for k, v in done.items()))
+        return ir.passes.PassResult(model, modified=True)

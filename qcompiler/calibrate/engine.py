@@ -1,0 +1,362 @@
+"""The calibration engine: ONNX Runtime sweeps over token windows, observers reduced per batch.
+
+``Calibrator(model, requests)``:
+
+1. key = (SHA-256 of the model as it is now, of the calibration windows, of the
+   observer settings); statistics live in ``<cache>/<key>/`` (or a folder the caller
+   names) and whatever (value, observer) pairs are already there are reused;
+2. the missing values are planned into sweeps under the memory bound
+   (:mod:`qcompiler.calibrate.plan`);
+3. per sweep, one ORT session computes the sweep's slice of the graph (see
+   :mod:`qcompiler.calibrate.graph`), fed per window with the values the previous
+   sweep handed off (:mod:`qcompiler.calibrate.handoff`); each window is one batch:
+   its outputs are checked for NaN/Inf (abort naming the value and batch, or drop the
+   batch with ``skip_nonfinite``), folded into the observers and released;
+4. the sweep's states are saved as one group before the next sweep starts, so an
+   interrupted run resumes from the last finished group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from tqdm import tqdm
+
+from qcompiler.calibrate.config import CalibConfig, StatRequest, config_hash, merge_requests
+from qcompiler.calibrate.graph import GraphIndex, model_fingerprint, open_session
+from qcompiler.calibrate.handoff import Handoff
+from qcompiler.calibrate.observers import (
+    OBSERVERS,
+    BatchView,
+    Observer,
+    ObserverConfig,
+    Sample,
+)
+from qcompiler.calibrate.plan import (
+    PlannedValue,
+    Sweep,
+    describe_values,
+    format_bytes,
+    plan_groups,
+    plan_sweeps,
+    weight_bytes,
+)
+from qcompiler.calibrate.store import META, CalibrationStats, StatsKey, StatsStore, read_meta, stored_key
+from qcompiler.calibrate.windows import CalibWindows, load_windows
+from qcompiler.errors import CalibrationError, OutputError
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class RunInfo:
+    """What the last call did (for reports and tests)."""
+
+    path: Path
+    groups_computed: int = 0
+    groups_reused: int = 0
+    values_computed: int = 0
+    skipped_windows: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (so two runs with one key compute it once)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Scratch files of a killed run (the lock is held: no other run is using them)."""
+    for p in [*path.glob(".scratch-*"), *path.glob(".*.tmp"), *path.glob("handoff/.*.tmp")]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+class Calibrator:
+    """Computes :class:`CalibrationStats` of a model (as it is now) on the calibration windows."""
+
+    def __init__(self, model_dir: str | os.PathLike, config: CalibConfig) -> None:
+        if not config.calib:
+            raise CalibrationError("calibration needs data: pass --calib PATH (a .txt, .jsonl or folder of .txt)")
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self._windows: CalibWindows | None = None
+        self.last_run: RunInfo | None = None
+
+    @property
+    def windows(self) -> CalibWindows:
+        if self._windows is None:
+            c = self.config
+            self._windows = load_windows(self.model_dir, str(c.calib), c.samples, c.seq_len, c.seed)
+        return self._windows
+
+    def key(self, model: ir.Model, observer: ObserverConfig | None = None) -> StatsKey:
+        return StatsKey(model_fingerprint(model), self.windows.digest, config_hash(observer or self.config.observer))
+
+    def __call__(self, model: ir.Model, requests: Sequence[StatRequest], *, store_dir: str | os.PathLike | None = None,
+                 cache: bool = True, on_group_done: Callable[[int, int], None] | None = None) -> CalibrationStats:
+        """Statistics for ``requests`` on ``model``; reuses and extends the statistics folder of its key.
+
+        ``cache=False`` (e.g. GPTQ calling again after every layer: the model never
+        repeats) keeps the statistics in a temporary folder, removed with the result.
+        """
+        if cache or store_dir is not None:
+            return self._run(model, merge_requests(requests), self.config.observer, store_dir, on_group_done)
+        root = self.config.cache_root
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".uncached-", dir=root))
+        try:
+            stats = self._run(model, merge_requests(requests), self.config.observer, tmp, on_group_done)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        weakref.finalize(stats, shutil.rmtree, tmp, True)
+        return stats
+
+    def capture(self, model: ir.Model, values: Sequence[str], max_rows: int | None = None) -> dict[str, Sample]:
+        """A seeded uniform sample of at most ``max_rows`` rows of each value (the same rows for all)."""
+        obs = self.config.observer
+        if max_rows is not None:
+            obs = dataclasses.replace(obs, sample_rows=max_rows)
+        stats = self._run(model, {v: ("sample",) for v in values}, obs, None, None)
+        return {v: stats.get(v, "sample") for v in values}
+
+    def calibrate_into(self, model: ir.Model, requests: Sequence[StatRequest], out: str | os.PathLike,
+                       force: bool = False, on_group_done: Callable[[int, int], None] | None = None) -> CalibrationStats:
+        """Write statistics to the folder ``out`` (``qc calibrate --out``).
+
+        Work happens in ``.<out>.partial`` beside it, renamed to ``out`` when complete; a
+        rerun after an interruption resumes there.  An existing ``out`` for the same key
+        is reused (and extended); one of another model or data is refused unless ``force``.
+        """
+        out = Path(out)
+        partial = out.with_name(f".{out.name}.partial")
+        key = self.key(model)
+        wanted = merge_requests(requests)
+        if out.exists():
+            if not (out / META).is_file():
+                if not force:
+                    raise OutputError(f"{out} exists and is not a statistics folder; pass --force to replace it")
+            else:
+                why = stored_key(read_meta(out)).mismatch(key)
+                if why and not force:
+                    raise CalibrationError(f"{out} holds statistics that cannot be reused: {why}; "
+                                           "pass --force to replace them or choose another --out")
+                if not why:
+                    stats = CalibrationStats(out)
+                    if all(stats.has(v, o) for v, obs in wanted.items() for o in obs):
+                        self.last_run = RunInfo(out)
+                        log.info("statistics for this model and data are already in %s", out)
+                        return stats
+                    stats.close()
+                    shutil.rmtree(partial, ignore_errors=True)
+                    os.replace(out, partial)  # extend them: work on the folder under the partial name
+        if partial.exists() and (partial / META).is_file() and stored_key(read_meta(partial)).mismatch(key):
+            log.info("discarding %s (an interrupted run for other inputs)", partial)
+            shutil.rmtree(partial)
+        try:
+            self._run(model, wanted, self.config.observer, partial, on_group_done).close()
+        except KeyboardInterrupt:
+            log.warning("interrupted: finished sweeps are kept in %s; rerun the same command to resume", partial)
+            raise
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)
+        if self.last_run is not None:
+            self.last_run.path = out
+        return CalibrationStats(out)
+
+    # ------------------------------------------------------------------------- internals
+
+    def _run(self, model: ir.Model, wanted: dict[str, tuple[str, ...]], obs_cfg: ObserverConfig,
+             store_dir: str | os.PathLike | None, on_group_done: Callable[[int, int], None] | None) -> CalibrationStats:
+        t0 = time.perf_counter()
+        windows = self.windows
+        key = self.key(model, obs_cfg)
+        path = Path(store_dir) if store_dir is not None else self.config.cache_root / key.dirname
+        info = RunInfo(path)
+        with _locked(path):
+            _remove_leftovers(path)
+            store = StatsStore.open(path, key, {
+                "data": windows.describe(),
+                "observer_config": dataclasses.asdict(obs_cfg),
+                "model_dir": str(self.model_dir),
+            })
+            have = store.pairs()
+            missing = {v: tuple(o for o in obs if o not in have.get(v, set())) for v, obs in wanted.items()}
+            missing = {v: obs for v, obs in missing.items() if obs}
+            info.groups_reused = len(store.meta["groups"])
+            if missing:
+                planned = describe_values(model, missing, windows.seq_len)
+                groups = self._resumed_plan(store, planned) or self._plan(model, planned, obs_cfg)
+                index = GraphIndex.of(model)
+                sweeps = plan_sweeps(index, groups)
+                handoff = Handoff(path / "handoff")
+                pending = [{v.name: list(v.observers) for v in g} for g in groups]
+                store.set(pending=pending)
+                for gi, sweep in enumerate(sweeps):
+                    store.meta["pending"] = pending[gi + 1 :]  # saved with the group, in one write
+                    info.skipped_windows += self._sweep(model, index, sweep, store, handoff, obs_cfg, gi, len(sweeps))
+                    info.groups_computed += 1
+                    info.values_computed += len(sweep.values)
+                    if on_group_done is not None:
+                        on_group_done(gi, len(sweeps))
+                store.set(pending=[])
+                shutil.rmtree(handoff.path, ignore_errors=True)
+            else:
+                log.info("calibration statistics loaded from %s", path)
+        info.seconds = time.perf_counter() - t0
+        info.peak_rss_mb = peak_rss_mb()
+        self.last_run = info
+        return store.stats()
+
+    @staticmethod
+    def _resumed_plan(store: StatsStore, planned: list[PlannedValue]) -> list[list[PlannedValue]] | None:
+        """The interrupted run's remaining sweeps, if they are exactly what is missing now."""
+        pending = store.meta.get("pending") or []
+        by_name = {v.name: v for v in planned}
+        want = {(v.name, o) for v in planned for o in v.observers}
+        have = {(n, o) for g in pending for n, obs in g.items() for o in obs}
+        if not pending or want != have:
+            return None
+        log.info("resuming: %d sweep(s) left from the interrupted run", len(pending))
+        return [[by_name[n] for n in g] for g in pending]
+
+    def _plan(self, model: ir.Model, planned: list[PlannedValue], obs_cfg: ObserverConfig) -> list[list[PlannedValue]]:
+        n = self.windows.count
+        per_layer, other = weight_bytes(model, upto=max(v.position for v in planned))
+        fixed = other + self.config.overhead_bytes
+        budget = self.config.max_memory
+        if budget is None:
+            avail = _available_bytes()
+            budget = None if avail is None else int(0.8 * avail + peak_rss_mb() * (1 << 20))
+        groups, est = plan_groups(planned, budget, obs_cfg, n, fixed, per_layer)
+        log.info("calibration: %d values in %d sweep(s) over %d windows of %d tokens, estimated peak %s%s",
+                 len(planned), len(groups), n, self.windows.seq_len, format_bytes(est),
+                 f" (bound {format_bytes(budget)})" if budget else "")
+        return groups
+
+    def _sweep(self, model: ir.Model, index: GraphIndex, sweep: Sweep, store: StatsStore, handoff: Handoff,
+               obs_cfg: ObserverConfig, gi: int, ngroups: int) -> list[int]:
+        t0 = time.perf_counter()
+        windows = self.windows
+        skip = store.skipped_windows()
+        names = [v.name for v in sweep.values]
+        outputs = sweep.outputs
+        keep, cut = sweep.keep, sweep.cut
+        if cut and not handoff.has(cut):
+            log.info("sweep %d: the previous sweep's hand-off is missing; computing from the model's inputs", gi + 1)
+            keep, cut = index.slice(outputs, 0)
+        cut_types = {n: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(handoff.index[n]["dtype"])) for n in cut}
+        observers: dict[str, dict[str, Observer]] = {}
+        skipped: list[int] = []
+        used = 0
+        desc = f"calibrate {gi + 1}/{ngroups}"
+        writer = handoff.writer() if sweep.handoff else None
+        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=store.path) as scratch:
+            session = open_session(model, outputs, Path(scratch), keep, cut_types, self.config.threads)
+            bar = tqdm(total=windows.count, desc=desc, unit="batch", disable=not self.config.progress, leave=False)
+            try:
+                for w in range(windows.count):
+                    bar.update(1)
+                    if w in skip:
+                        continue
+                    outs = dict(zip(outputs, session.run(windows.ids[w : w + 1], {n: handoff.read(n, w) for n in cut})))
+                    if writer is not None:
+                        for h in sweep.handoff:
+                            writer.write(h, w, outs[h])
+                    views = self._batch([outs[n] for n in names], names, w)
+                    del outs
+                    if views is None:
+                        skipped.append(w)
+                        continue
+                    for v, view in zip(sweep.values, views):
+                        obs = observers.get(v.name)
+                        if obs is None:
+                            obs = observers[v.name] = {o: OBSERVERS[o](obs_cfg, view.channels) for o in v.observers}
+                        for o in obs.values():
+                            o.update(view)
+                    used += 1
+                    del views
+                if writer is not None:
+                    writer.commit()
+            finally:
+                bar.close()
+                if writer is not None:
+                    writer.close()
+                del session
+        if used == 0:
+            raise CalibrationError(f"every calibration batch of sweep {gi + 1} was dropped (NaN/Inf activations)")
+        states = {name: {o: ob.state() for o, ob in observers[name].items()} for name in names}
+        seconds = time.perf_counter() - t0
+        store.write_group(states, {
+            "values": names,
+            "windows_used": used,
+            "skipped_windows": skipped,
+            "nodes": len(keep),
+            "cut": len(cut),
+            "seconds": round(seconds, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        })
+        log.info("%s: %d values, %d batches, %d nodes in %.1fs (peak RSS %.0f MiB)",
+                 desc, len(names), used, len(keep), seconds, peak_rss_mb())
+        return skipped
+
+    def _batch(self, outs: list[np.ndarray], names: list[str], w: int) -> list[BatchView] | None:
+        views = []
+        for name, out in zip(names, outs):
+            if not np.issubdtype(out.dtype, np.floating):
+                raise CalibrationError(f"value '{name}' is {out.dtype}, not a floating-point activation")
+            view = BatchView(out, w)
+            if not view.is_finite():
+                where = f"value '{name}' holds NaN or Inf in calibration batch {w} (window {w + 1} of {self.windows.count})"
+                if not self.config.skip_nonfinite:
+                    raise CalibrationError(f"non-finite activation: {where}; pass --skip-nonfinite to drop such batches")
+                log.warning("dropping a batch: %s", where)
+                return None
+            views.append(view)
+        return views
+
+
+def make_calibrator(model_dir: Path, options: Any) -> Calibrator:
+    """The calibrator ``qc quantize`` hands to passes (``options``: ``QuantizeOptions``)."""
+    return Calibrator(model_dir, CalibConfig.from_options(options))

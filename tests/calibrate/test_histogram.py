@@ -1,0 +1,106 @@
+"""Streaming histograms equal one histogram of all data; ranges match all-in-memory references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qcompiler.calibrate.histogram import Histogram, StreamingHistogram, entropy_threshold
+
+from .refs import entropy_reference
+
+
+def _stream(batches: list[np.ndarray], bins: int = 1024) -> Histogram:
+    sh = StreamingHistogram(bins)
+    for b in batches:
+        sh.update(b, float(np.abs(b).max()))
+    st = sh.state()
+    return Histogram(st["counts"], float(st["width"]))
+
+
+def _batches(seed: int = 0) -> list[np.ndarray]:
+    """Growing ranges (forces several doublings), heavy tails, an outlier channel."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(12):
+        x = rng.standard_normal((256, 32)).astype(np.float32) * (1 + i / 3)
+        x[:, 5] *= 8
+        if i == 7:
+            x[3, 9] = 300.0
+        out.append(x)
+    return out
+
+
+def test_counts_equal_one_histogram_of_everything() -> None:
+    batches = _batches()
+    h = _stream(batches)
+    allx = np.concatenate([b.ravel() for b in batches]).astype(np.float64)
+    ref, _ = np.histogram(allx, bins=h.edges)
+    assert h.total == allx.size
+    # identical up to values that sit within float32 rounding of a bin edge
+    assert np.abs(ref - h.counts).sum() <= 1e-4 * allx.size
+    assert h.half_range >= np.abs(allx).max()
+    assert h.width <= 4 * np.abs(allx).max() / h.bins  # at most 2× the ideal resolution
+
+
+@pytest.mark.parametrize("p", [99.0, 99.9, 99.99, 99.999])
+def test_percentile_matches_numpy_within_one_bin(p: float) -> None:
+    batches = _batches(1)
+    h = _stream(batches, bins=4096)
+    allx = np.concatenate([b.ravel() for b in batches])
+    # the reference is the order statistic itself (no interpolation across empty tail bins)
+    ref = np.percentile(np.abs(allx), p, method="inverted_cdf")
+    assert abs(h.percentile(p) - ref) <= h.width
+    lo, hi = h.percentile_range(p)
+    assert abs(lo - np.percentile(allx, 100 - p, method="inverted_cdf")) <= h.width
+    assert abs(hi - np.percentile(allx, p, method="inverted_cdf")) <= h.width
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_entropy_range_matches_all_in_memory_reference(bits: int) -> None:
+    batches = _batches(2)
+    h = _stream(batches, bins=1024)
+    absx = np.abs(np.concatenate([b.ravel() for b in batches])).astype(np.float64)
+    abs_edges = np.arange(h.bins // 2 + 1) * h.width
+    ref = entropy_reference(absx, abs_edges, 2 ** (bits - 1))
+    lo, hi = h.entropy_range(bits)
+    assert lo == -hi
+    assert abs(hi - ref) <= h.width  # same threshold within the histogram's resolution
+    assert 0 < hi < np.abs(absx).max()  # KL clips the 300 outlier
+
+
+def _fake_quant_mse(x: np.ndarray, t: float, bits: int) -> float:
+    qmax = 2 ** (bits - 1) - 1
+    s = t / qmax
+    q = np.clip(np.round(x / s), -qmax, qmax) * s
+    return float(np.mean((x - q) ** 2))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mse_range_near_brute_force_optimum(bits: int) -> None:
+    batches = _batches(3)
+    h = _stream(batches, bins=2048)
+    x = np.concatenate([b.ravel() for b in batches]).astype(np.float64)
+    grid = np.linspace(np.abs(x).max() / 200, np.abs(x).max(), 400)
+    best = min(_fake_quant_mse(x, t, bits) for t in grid)
+    _, t = h.mse_range(bits)
+    assert _fake_quant_mse(x, t, bits) <= 1.03 * best
+
+
+def test_all_zero_start_and_empty() -> None:
+    sh = StreamingHistogram(64)
+    sh.update(np.zeros(10, np.float32), 0.0)
+    sh.update(np.array([1.0, -1.0], np.float32), 1.0)
+    st = sh.state()
+    h = Histogram(st["counts"], float(st["width"]))
+    assert h.total == 12
+    assert h.counts[32] == 10 and h.counts[63] == 1 and h.counts[0] == 1  # zeros kept; ±max in the end bins
+    assert h.percentile(50) <= h.width
+    empty = Histogram(np.zeros(64, np.int64), 0.0)
+    assert empty.percentile(99.9) == 0.0 and empty.entropy_range() == (-0.0, 0.0)
+    assert entropy_threshold(np.array([0, 5, 3, 0], float), 0.5, 128) == 1.5
+
+
+def test_bad_bins() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        StreamingHistogram(100)
