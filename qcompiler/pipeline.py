@@ -85,6 +85,8 @@ def is_canonical(model: ir.Model) -> bool:
 
 _REGISTRY: dict[str, type[QCPass]] = {}
 _DISCOVERED = False
+#: pass modules that failed to import (module name → error), reported when a pass is missing
+BROKEN_PASS_MODULES: dict[str, str] = {}
 
 
 def register_pass(cls: type[QCPass]) -> type[QCPass]:
@@ -104,8 +106,13 @@ def _discover() -> None:
     import qcompiler.passes as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
+        if info.name.startswith("_"):
+            continue
+        try:
             importlib.import_module(f"qcompiler.passes.{info.name}")
+        except Exception as e:  # one broken pass module must not take every pipeline down
+            BROKEN_PASS_MODULES[info.name] = f"{type(e).__name__}: {e}"
+            log.error("pass module qcompiler.passes.%s failed to import: %s", info.name, e)
     _DISCOVERED = True
 
 
@@ -117,7 +124,8 @@ def available_passes() -> dict[str, type[QCPass]]:
 def get_pass(name: str) -> type[QCPass]:
     passes = available_passes()
     if name not in passes:
-        raise QCError(f"unknown pass '{name}'; available: {', '.join(passes)}")
+        broken = "".join(f"; module {m} failed to import ({err})" for m, err in BROKEN_PASS_MODULES.items())
+        raise QCError(f"unknown pass '{name}'; available: {', '.join(passes)}{broken}")
     return passes[name]
 
 
