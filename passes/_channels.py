@@ -164,7 +164,7 @@ def _skip_bias(value: ir.Value) -> tuple[ir.Value, ir.Value | None, ir.Node | No
         for i in (0, 1):
             b, y = node.inputs[1 - i], node.inputs[i]
             prod = y.producer() if y is not None else None
-            if b is not None and const_array(b) is not None and prod is not None and is_linear(prod):
+            if b is not None and b.const_value is not None and prod is not None and is_linear(prod):
                 return y, b, node  # type: ignore[return-value]
     return value, None, None
 
@@ -186,8 +186,8 @@ def _prev_linear(value: ir.Value, role: Role) -> tuple[ir.Node, ir.Value | None]
         return None
     if add is not None and not _only_feeds(y, add):
         return None
-    if bias is not None and len(bias.uses()) != 1:
-        return None
+    if bias is not None and (len(bias.uses()) != 1 or bias.const_value.size != found[0].shape[1]):  # type: ignore[union-attr]
+        return None  # a shared or broadcast bias cannot take per-column factors
     if len(found[0].uses()) != 1:
         return None
     return prev, bias
@@ -339,8 +339,8 @@ def apply_input_scale(graph: ir.Graph, group: LinearGroup, up: Upstream, d: np.n
             raise ValueError("channel factors differ inside a tie set")
         set_weight(graph, up.prev, LinearGroup.weight(up.prev) * cols[None, :])  # type: ignore[arg-type]
         if up.prev_bias is not None:
-            _set_const(up.prev_bias, const_array(up.prev_bias).astype(np.float64) * cols.reshape(  # type: ignore[union-attr]
-                const_array(up.prev_bias).shape))  # type: ignore[union-attr]
+            b = up.prev_bias.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+            _set_const(up.prev_bias, b * cols.reshape(b.shape))
         return
     dv = add_initializer(graph, f"{tag}_channel_scale", d.astype(np.float32))
     mul = ir.node("Mul", [group.x, dv], name=f"{tag}_channel_scale_Mul")

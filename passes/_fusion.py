@@ -10,12 +10,17 @@ where a fact a fusion needs is unknown the fusion is skipped, never guessed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnx_ir.passes.common import _c_api_utils  # pinned onnx-ir: strips weights around an ONNX API call
 from qcompiler.models.llama import Dim, dims, int_value, same_dim
 
 from qcompiler.irutil import add_initializer, remove_unused_initializers, unique_name
@@ -52,29 +57,47 @@ def shapes_current(model: ir.Model) -> None:
     model.graph.meta[SHAPES_KEY] = _fingerprint(model.graph)
 
 
+def _symbolic_shape_inference_class() -> type | None:
+    """ORT's ``SymbolicShapeInference``, loaded from its file: ``onnxruntime.tools``' package init imports torch."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "tools" / "symbolic_shape_infer.py"
+    name = "qcompiler_ort_symbolic_shape_infer"
+    module = sys.modules.get(name)
+    if module is None:
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        if file_spec is None or file_spec.loader is None or not path.is_file():
+            return None
+        module = importlib.util.module_from_spec(file_spec)
+        try:
+            file_spec.loader.exec_module(module)
+        except ImportError:  # sympy missing
+            return None
+        sys.modules[name] = module
+    return getattr(module, "SymbolicShapeInference", None)
+
+
 def _ort_symbolic_inference(model: ir.Model) -> bool:
-    try:
-        import onnx
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:
+    import onnx
+
+    SymbolicShapeInference = _symbolic_shape_inference_class()
+    if SymbolicShapeInference is None:
         return False
-    try:
-        proto = ir.serde.serialize_model(model)
-    except Exception:  # a value without name, an attribute onnx cannot hold, ...
-        return False
-    small = []
-    for init in proto.graph.initializer:  # weights travel as typed inputs: no data is read
-        if init.data_location == onnx.TensorProto.EXTERNAL or int(np.prod(init.dims)) > 1024:
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        else:
-            small.append(init)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(small)
-    silenced = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    silenced = logging.getLogger("qcompiler_ort_symbolic_shape_infer")  # its module name here
     level = silenced.level
     silenced.setLevel(logging.ERROR)
-    try:
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+        # on incomplete inference the tool saves 'sym_shape_infer_temp.onnx' into the working
+        # folder: run it in a scratch folder so qc never leaves files where the user stands
+        with tempfile.TemporaryDirectory(prefix="qc-shape-infer-") as scratch, contextlib.chdir(scratch):
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+
+    try:  # weights travel as typed inputs (onnx_ir's helper): no tensor data is serialized or read
+        inferred = _c_api_utils.call_onnx_api(infer, model)
     except Exception as e:  # the tool raises bare Exceptions on ops it does not know
         log.debug("symbolic shape inference failed (%s); using ONNX shape inference", e)
         return False

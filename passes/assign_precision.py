@@ -1,8 +1,8 @@
 """assign-precision: one weight option per linear, least predicted error under a bit or size budget.
 
 With options ``o`` (e.g. ``w4g128, w4g64, w4g32, w8c``) of cost ``c_jo`` and predicted
-error ``S_j(o)`` for linear ``j`` (its decoder layer's output error when only ``j`` is
-quantized, :mod:`qcompiler.analysis.sensitivity`; additive to first order)::
+error ``S_j(o)`` for linear ``j`` (the relative error of its decoder layer's output when only
+``j`` is quantized, :mod:`qcompiler.analysis.sensitivity`; additive to first order)::
 
     min Σ_j S_j(o_j)   s.t.   Σ_j bits(o_j) ≤ B·Σ_j P_j      (--budget B average bits)
                        and/or Σ_j bytes(o_j) ≤ M − F_rest   (--max-size M MB)
@@ -28,7 +28,6 @@ import onnx_ir as ir
 
 from qcompiler.analysis import budget as bud
 from qcompiler.analysis.candidates import DEFAULT_OPTIONS, Candidate, parse_candidate, parse_candidates
-from qcompiler.analysis.measure import MeasureConfig, measure
 from qcompiler.analysis.structure import ModelSites, find_sites
 from qcompiler.errors import InputError, QCError
 from qcompiler.pipeline import QCPass, register_pass
@@ -53,13 +52,18 @@ class AssignPrecisionConfig:
     rows: int = 256
     block_windows: int = 2
     block_seq_len: int = 128
+    propagation: float = 0.0  # β of qcompiler.analysis.sensitivity
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget <= 0:
             raise ValueError(f"budget must be positive, got {self.budget}")
         if self.max_size_mb is not None and self.max_size_mb <= 0:
             raise ValueError(f"max_size_mb must be positive, got {self.max_size_mb}")
-        MeasureConfig(self.samples, self.seq_len, self.rows, self.block_windows, self.block_seq_len)
+        for name in ("samples", "seq_len", "rows", "block_windows", "block_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.propagation <= 1.0:
+            raise ValueError(f"propagation must be in [0, 1], got {self.propagation}")
 
 
 @register_pass
@@ -103,12 +107,15 @@ class AssignPrecision(QCPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _measure(self, model: ir.Model, sites: ModelSites, options: list[Candidate]) -> dict[str, dict[str, float]]:
+        from qcompiler.analysis.measure import MeasureConfig, measure
+
         cfg: AssignPrecisionConfig = self.config
         calibrator = self.context.require_calibration(self.name)
         reference = parse_candidate(cfg.reference, cfg.sym, cfg.method, cfg.clip)
         cands = parse_candidates([reference.name, *(o.name for o in options)], cfg.sym, cfg.method, cfg.clip)
         threads = self.context.options.get("threads")
-        mcfg = MeasureConfig(cfg.samples, cfg.seq_len, cfg.rows, cfg.block_windows, cfg.block_seq_len, threads)
+        mcfg = MeasureConfig(cfg.samples, cfg.seq_len, cfg.rows, cfg.block_windows, cfg.block_seq_len, threads,
+                             propagation=cfg.propagation)
         ms = measure(model, sites, calibrator, cands, cands[0], mcfg)
         log.info("assign-precision: measured %d linears in %s", len(sites.linears),
                  ", ".join(f"{k} {v:.1f}s" for k, v in ms.seconds.items()))

@@ -22,14 +22,16 @@ The channel map m is found by a probe, not from names or shapes: layer i is run 
 window with ``W_prev``'s columns scaled by distinct factors ``r_j``; o's (down's) input
 channel c must then scale by exactly one ``r_j`` (least-squares fit, residual < 1e-4),
 else that fold is skipped.  After the scales, each linear's group ranges are clipped
-(shrink ratio per group and column minimizing ``e_gᵀ·H_gg·e_g``; not for q/k, as in
-AWQ) and rounded to the grid, written in the portable DequantizeLinear form.
+(shrink ratio per group and column minimizing ``e_gᵀ·H_gg·e_g``; ``clip_qk=false`` leaves
+q/k alone, as AutoAWQ does) and rounded to the grid, written in the portable DequantizeLinear form.
 Scales are rounded to powers of two (``pow2``, default): then ``x/s`` and ``s·w`` are
 exact in binary floating point, every product ``x·w`` is bit-for-bit unchanged, and the
 folded graph computes exactly what the original did.  Layers run one at a time
 (:mod:`qcompiler.layerwise`), on inputs from the quantized previous layers
 (``sequential``, default) or from the float model.  ``fold_only`` applies the scales and
-stops (the logits do not change: a check of the folding).
+stops (the logits do not change: a check of the folding).  ``gptq`` rounds the scaled
+weights with GPTQ (:mod:`qcompiler.quant.gptq`, the same Hessians rescaled, the clipped
+ranges as its static groups) instead of round-to-nearest.
 """
 
 from __future__ import annotations
@@ -50,10 +52,14 @@ from qcompiler.layerwise import DecoderLayer, LayerwiseRunner
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.awq import clip_ratios, quadratic_error, search_scales
 from qcompiler.quant.emit import emit_dequantized_weight
+from qcompiler.quant.gptq import gptq_quantize
 from qcompiler.quant.numerics import quantize_rtn, quantize_weight
 from qcompiler.spec import QuantSpec, Role, linear_info, weight_spec
 
 log = logging.getLogger(__name__)
+
+#: ``node.meta`` of a v/up linear whose output columns AWQ divided by the next linear's scales
+OUTPUT_SCALE_KEY = "qc.awq.output_scale"
 
 
 @dataclass(frozen=True)
@@ -62,12 +68,14 @@ class AWQConfig:
     group_size: int = 128  # 0 = per output channel
     sym: bool = False
     grid: int = 20  # α ∈ {0, 1/grid, ..., (grid−1)/grid}
-    clip: bool = True  # output-aware clipping search (not for q/k)
+    clip: bool = True  # output-aware clipping search
+    clip_qk: bool = True  # ... also for q/k (AutoAWQ leaves them out; on SmolLM2 clipping them helps)
     max_shrink: float = 0.5
     sequential: bool = True  # inputs of layer i from the quantized layers 0..i−1
     fold_prev_linear: bool = True  # also v→o and up→down
     pow2: bool = True  # scales rounded to powers of two: folding them is exact in float
     fold_only: bool = False  # apply the scales, keep float weights
+    gptq: bool = False  # round the scaled weights with GPTQ (same Hessians) instead of RTN
     skip: str = ""
 
     def __post_init__(self) -> None:
@@ -228,6 +236,7 @@ class AWQ(QCPass):
             s_prev = np.ones(pw.shape[1], np.float32)
             s_prev[g.channel_map] = s
             _set_weight(prev_w, pw / s_prev[None, :])
+            g.prev.meta[OUTPUT_SCALE_KEY] = g.prev.meta.get(OUTPUT_SCALE_KEY, 1.0) / s_prev  # its output is Y/s
             folded = linear_info(g.prev).role.value
         hess[g.x.name] = h / np.outer(s, s).astype(np.float32)
         ratio = errors[round(alpha * cfg.grid)] / max(errors[0], 1e-30)
@@ -238,8 +247,13 @@ class AWQ(QCPass):
         info = linear_info(node)
         spec = weight_spec(node) or cfg.spec()
         w = _weight(node).const_value.numpy().astype(np.float32)
-        if cfg.clip and info.role not in (Role.Q, Role.K, Role.QKV):
-            qw = quantize_rtn(w, spec, clip_ratios(w, h, spec, cfg.grid, cfg.max_shrink))
+        ratios = None
+        if cfg.clip and (cfg.clip_qk or info.role not in (Role.Q, Role.K, Role.QKV)):
+            ratios = clip_ratios(w, h, spec, cfg.grid, cfg.max_shrink)
+        if cfg.gptq:
+            qw = gptq_quantize(w, h, spec, ratios=ratios)
+        elif ratios is not None:
+            qw = quantize_rtn(w, spec, ratios)
         else:
             qw = quantize_weight(w, spec)
         log.debug("awq: %s relative output error %.4g", info.key,

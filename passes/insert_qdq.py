@@ -131,11 +131,11 @@ class InsertQdq(QCPass):
             first = linear_info(members[0]).key  # type: ignore[union-attr]
             base = first.replace(".", "_")
             if spec.granularity == Granularity.TOKEN:
-                emitted = emit_per_token_activation(graph, members[0], base)
+                emit_per_token_activation(graph, members[0], base)
                 kind = "per-token"
             elif spec.granularity == Granularity.TENSOR:
                 scale, zp, dtype = qparams[key]
-                emitted = emit_static_activation(graph, members[0], scale, zp, dtype, base)
+                emit_static_activation(graph, members[0], scale, zp, dtype, base)
                 kind = "static"
                 act_report[first] = {"scale": scale, "zero_point": zp, "dtype": dtype, "method": spec.method}
             else:
@@ -148,7 +148,6 @@ class InsertQdq(QCPass):
                 self._weight(graph, n, info.key)  # type: ignore[union-attr]
                 set_act_spec(n, spec)
                 counts[f"{kind} {spec.method}"] += 1
-            del emitted
         ensure_opset(model, "", QUANT_OPSET)
         self.context.report[self.name] = {
             "linears": dict(counts),

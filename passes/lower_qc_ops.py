@@ -20,6 +20,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 from qcompiler.passes._lowering import base_name, float_dtype, following_bias, remove_dead, take_over
 
@@ -73,7 +74,7 @@ class LowerQcOps(QCPass):
         return ir.passes.PassResult(model, modified=lowered > 0)
 
     def _lower(self, graph: ir.Graph, m: W8A8Match, last: ir.Node, nodes: tuple[ir.Node, ...], x: ir.Value,
-               outlier_idx=None, w_outlier=None) -> bool:
+               outlier_idx: np.ndarray | None = None, w_outlier: np.ndarray | None = None) -> bool:
         wdq = m.matmul.inputs[1].producer() if m.matmul.inputs[1] is not None else None
         scale_v = wdq.inputs[1] if wdq is not None else None
         if float_dtype(x, m.matmul.outputs[0], scale_v) is None:

@@ -23,7 +23,11 @@ of output columns: per-column errors are independent, so the sample estimates th
 
 with ``Q_w`` symmetric int8 per output channel and ``Q_a`` the activation quantizer the
 recipe will use (``act=per-token``: per-row abs-max; ``act=static``: one scale from the
-calibration abs-max of X/s, ``max_j max|X_j|/s_j``).  Groups whose input comes through
+calibration abs-max of X/s, ``max_j max|X_j|/s_j``).  For static activations the range a
+row is quantized with is computed *without its own calibration window* (leave one window
+out, from per-window channel maxima): a per-tensor range flattened by α → 1 sits exactly at
+every channel's calibration maximum, and unseen text exceeding a channel's maximum then
+saturates; the held-out range lets the search see that.  Groups whose input comes through
 a previous linear (o, down) are smoothed first, so the q/k/v and gate/up searches see the
 final v/up weights.
 """
@@ -53,12 +57,12 @@ from tqdm import tqdm
 from qcompiler.calibrate import StatRequest
 from qcompiler.errors import CalibrationError
 from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.smoothing import group_error, smoothing_scales
 from qcompiler.spec import linear_info
 
 log = logging.getLogger(__name__)
 
 GROUP_KINDS = ("qkv", "gate_up", "o_proj", "down_proj")
-_EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -100,49 +104,6 @@ class SmoothScaleConfig:
         return [float(a) for a in np.linspace(self.alpha_min, self.alpha_max, self.grid)]
 
 
-def smoothing_scales(act_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float, pow2: bool = False) -> np.ndarray:
-    """``s_j = max|X_j|^α / max|W_j|^(1−α)`` (channels that are zero on either side keep ``s_j = 1``).
-
-    With ``pow2`` each ``s_j`` is rounded to the nearest power of two (in log scale), so that
-    ``x/s`` and ``s·w`` are exact in binary floating point and the products ``x_j·w_j`` unchanged.
-    """
-    a = np.asarray(act_absmax, np.float64)
-    w = np.asarray(w_absmax, np.float64)
-    s = np.power(np.maximum(a, _EPS), alpha) / np.power(np.maximum(w, _EPS), 1.0 - alpha)
-    s = np.where((a > 0) & (w > 0) & np.isfinite(s), s, 1.0)
-    s = np.clip(s, 2.0**-20, 2.0**20)
-    return np.exp2(np.round(np.log2(s))) if pow2 else s
-
-
-def quantize_per_channel_int8(w: np.ndarray) -> np.ndarray:
-    """Symmetric int8 per-output-column fake quantization of ``W[K, N]``."""
-    s = np.abs(w).max(axis=0, keepdims=True) / 127.0
-    s = np.where(s > 0, s, 1.0).astype(np.float32)
-    return (np.clip(np.rint(w / s), -127, 127) * s).astype(np.float32)
-
-
-def quantize_act(x: np.ndarray, kind: str, absmax: float | None = None) -> np.ndarray:
-    """Fake-quantize rows ``X[T, K]``: per-token abs-max, or static with the tensor abs-max ``absmax``."""
-    if kind == "per-token":
-        s = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-8) / 127.0
-    else:
-        s = np.float32(max(float(absmax or 0.0), 1e-8) / 127.0)
-    return (np.clip(np.rint(x / s), -127, 127) * s).astype(np.float32)
-
-
-def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray | None, act: str,
-                act_absmax: np.ndarray, refs: list[np.ndarray]) -> float:
-    """Relative squared error of the group's quantized outputs with smoothing ``s`` (None: no smoothing)."""
-    s32 = np.ones(x.shape[1], np.float32) if s is None else s.astype(np.float32)
-    xq = quantize_act(x / s32, act, float(np.max(act_absmax / s32)))
-    num = den = 0.0
-    for w, ref in zip(weights, refs):
-        y = xq @ quantize_per_channel_int8(w * s32[:, None])
-        num += float(np.sum((y - ref) ** 2, dtype=np.float64))
-        den += float(np.sum(ref.astype(np.float64) ** 2))
-    return num / max(den, 1e-30)
-
-
 def group_kind(group: LinearGroup) -> str:
     return group.key.rsplit(".", 1)[-1]
 
@@ -167,8 +128,11 @@ class SmoothScale(QCPass):
         calibrate = self.context.require_calibration(self.name)
         names = [g.x.name for g in groups]
         t0 = time.perf_counter()
-        stats = calibrate(model, [StatRequest(n, ("absmax_channel",)) for n in names])
+        loo = cfg.search and cfg.act == "static"
+        observers = ("absmax_channel", "absmax_channel_window") if loo else ("absmax_channel",)
+        stats = calibrate(model, [StatRequest(n, observers) for n in names])
         absmax = {g.x.name: _stat(stats, g, "absmax_channel") for g in groups}
+        per_window = {g.x.name: _window_stat(stats, g) for g in groups} if loo else {}
         samples = _capture(calibrate, model, names, cfg.rows) if cfg.search else {}
         t1 = time.perf_counter()
         log.info("smooth-scale: statistics of %d inputs in %.1fs", len(names), t1 - t0)
@@ -177,10 +141,13 @@ class SmoothScale(QCPass):
         order = sorted(range(len(groups)), key=lambda i: (ups[i].kind != "linear", i))
         for i in tqdm(order, desc="smooth-scale", unit="group", leave=False):
             g, up = groups[i], ups[i]
-            report[g.key] = self._smooth(model.graph, g, up, absmax[g.x.name], samples.get(g.x.name))
+            report[g.key] = self._smooth(model.graph, g, up, absmax[g.x.name], samples.get(g.x.name),
+                                         per_window.get(g.x.name))
         self.context.report[self.name] = {
             "act": cfg.act,
             "search": cfg.search,
+            "static_range_estimate": "leave-one-window-out" if loo and any(v is not None for v in per_window.values())
+            else None,
             "groups": {k: report[k] for k in sorted(report, key=_layer_order)},
         }
         explicit = [k for k, r in report.items() if r["folded_into"] == "mul"]
@@ -190,10 +157,18 @@ class SmoothScale(QCPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _smooth(self, graph: ir.Graph, g: LinearGroup, up: Upstream, a: np.ndarray,
-                x: np.ndarray | None) -> dict[str, Any]:
+                sample: tuple[np.ndarray, np.ndarray] | None, per_window: Any = None) -> dict[str, Any]:
         cfg: SmoothScaleConfig = self.config
         weights = g.weights()
         a = tie(np.asarray(a, np.float64), up)
+        x = sample[0] if sample is not None else None
+        windows = None
+        if per_window is not None and sample is not None:
+            pos = {int(w): i for i, w in enumerate(per_window.windows)}
+            row_window = np.array([pos.get(int(w), -1) for w in sample[1]], np.int64)
+            if (row_window >= 0).all():
+                wa = np.stack([tie(np.asarray(r, np.float64), up) for r in per_window.absmax]).astype(np.float32)
+                windows = (wa, row_window)
         w_max = tie(np.max([channel_absmax(w) for w in weights], axis=0).astype(np.float64), up)
         candidates: list[tuple[float | None, np.ndarray | None]] = [
             (al, smoothing_scales(a, w_max, al, cfg.pow2)) for al in cfg.alphas()]
@@ -210,7 +185,7 @@ class SmoothScale(QCPass):
             candidates.append((None, None))
             best_err = np.inf
             for al, s in candidates:
-                e = group_error(x, search_w, s, cfg.act, a.astype(np.float32), refs)
+                e = group_error(x, search_w, s, cfg.act, a.astype(np.float32), refs, windows)
                 errs["none" if al is None else f"{al:.2f}"] = e
                 if e < best_err:
                     best_err, best_alpha, best_s = e, al, s
@@ -254,8 +229,17 @@ def _stat(stats: Any, g: LinearGroup, observer: str) -> np.ndarray:
     return arr
 
 
-def _capture(calibrate: Any, model: ir.Model, names: list[str], rows: int) -> dict[str, np.ndarray]:
-    """Bounded row samples of each value (the same rows for all)."""
+def _window_stat(stats: Any, g: LinearGroup) -> Any:
+    try:
+        found = stats.get(g.x.name, "absmax_channel_window")
+    except (CalibrationError, KeyError):
+        log.info("smooth-scale: %s: no per-window statistics; static ranges from all windows", g.key)
+        return None
+    return found if found.absmax.ndim == 2 and found.absmax.shape[1] == g.channels else None
+
+
+def _capture(calibrate: Any, model: ir.Model, names: list[str], rows: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Bounded row samples of each value (the same rows for all) and each row's calibration window."""
     capture = getattr(calibrate, "capture", None)
     if capture is not None:
         found = capture(model, names, rows)
@@ -266,7 +250,8 @@ def _capture(calibrate: Any, model: ir.Model, names: list[str], rows: int) -> di
     for n in names:
         if n not in found:
             raise CalibrationError(f"smooth-scale: no calibration rows of value '{n}'")
-        out[n] = np.asarray(found[n].rows, np.float32)[:rows]
+        sample = found[n]
+        out[n] = (np.asarray(sample.rows, np.float32)[:rows], np.asarray(sample.index)[:rows, 0])
     return out
 
 

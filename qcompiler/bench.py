@@ -17,7 +17,9 @@ Measured per row, on the same token windows of the same ``--text``:
   on ONNX Runtime CPU, with the same thread count for every row.
 
 Results: ``bench.json`` (everything), ``bench.md`` (the table), ``bench.png``
-(perplexity against size), written atomically into the output folder.
+(perplexity against size), written atomically into the output folder; while the bench
+runs, the table so far is rewritten after every row in the hidden partial folder
+(``.OUT.partial-*``) that becomes the output folder at the end.
 
 Plugins: ``QC_PLUGINS=mod1,mod2`` names modules imported before recipes are looked up
 (in this process and in every row's process), so a recipe registered by a plugin
@@ -60,11 +62,13 @@ PLUGINS_ENV = "QC_PLUGINS"
 class BenchConfig:
     """How rows are evaluated and timed (the same for every row)."""
 
-    eval_tokens: int = 4096  # tokens of --text scored (eval_tokens / seq_len windows)
+    # Defaults sized so that every recipe and anchor on SmolLM2-135M fits in about 30 minutes on 2 cores:
+    # the comparison is paired (same windows for every row), so 2048 tokens resolve Δ% and KL well.
+    eval_tokens: int = 2048  # tokens of --text scored (eval_tokens / seq_len windows)
     seq_len: int = 512
     prefill_tokens: int = 512
     decode_tokens: int = 128
-    prefill_repeats: int = 3  # timed prefills after one warm-up; the median is reported
+    prefill_repeats: int = 2  # timed prefills after one warm-up; the median is reported
     threads: int = 0  # ORT intra-op threads; 0 = all cores
     spin: bool = False  # ORT thread spinning (off: fairer numbers on a shared machine)
     speed: bool = True
@@ -137,6 +141,8 @@ class BenchResult:
         }
 
     def to_markdown(self) -> str:
+        from qcompiler.bench_report import render_markdown
+
         return render_markdown(self)
 
     @classmethod
@@ -228,12 +234,14 @@ def run_bench(
     ``config.keep_models``, each row's model folder under ``models/`` are written there
     atomically; without it, only the returned :class:`BenchResult` remains.
     """
+    from qcompiler.bench_report import write_report
+    from qcompiler.data import read_text
+
     config = config or BenchConfig()
     options = options or QuantizeOptions()
     src = open_model_dir(model_dir)
-    from qcompiler.data import read_text
-
     read_text(text)  # fail now on a bad text, not in every row
+    calib = calib if calib is not None else options.calib
     if calib is not None:
         read_text(calib)
         options = replace(options, calib=str(Path(calib).resolve()))
@@ -259,6 +267,9 @@ def run_bench(
                 _finish_row(row, result.rows[0] if result.rows else None)
                 result.rows.append(row)
                 log.info("bench %s: %s", name, _row_brief(row))
+                if out_dir is not None:  # the table so far, readable in the partial folder while the bench runs
+                    result.wall_s = round(time.perf_counter() - t0, 1)
+                    write_report(result, root, with_plot=False)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         result.wall_s = round(time.perf_counter() - t0, 1)
@@ -402,7 +413,10 @@ def _tail(path: Path, n: int) -> str:
 
 def _crash_reason(rc: int | None, log_path: Path) -> str:
     if rc is not None and rc < 0:
-        sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+        try:
+            sig = signal.Signals(-rc).name
+        except ValueError:
+            sig = f"signal {-rc}"
         hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
         return f"killed by {sig}{hint}"
     last = ""
@@ -542,112 +556,6 @@ def _child_main(argv: list[str]) -> int:
         res = {"error": f"{type(e).__name__}: {first}"[:400]}
     write_json(result_path, res)
     return 0
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
-
-
-def _compile_cell(r: BenchRow) -> str:
-    if r.compile_s is None:
-        return "—"
-    return f"{r.compile_s:.1f}" + (f" ({r.compile_cpu_s:.1f})" if r.compile_cpu_s is not None else "")
-
-
-def _total_cpu(result: BenchResult) -> float:
-    return sum(r.row_cpu_s or 0.0 for r in result.rows)
-
-
-def render_markdown(result: BenchResult) -> str:
-    cfg, env = result.config, result.environment
-    head = (
-        "| row | status | perplexity | Δ% | KL | top-1 | size MB | compile s (CPU s) | compile peak RSS MB "
-        "| prefill tok/s | decode tok/s |"
-    )
-    lines = [
-        f"# qc bench: {Path(result.model).name}",
-        "",
-        head,
-        "|" + "---|" * 11,
-    ]
-    for r in result.rows:
-        lines.append(
-            f"| {r.name} | {r.status_text()} | {_fmt(r.perplexity, '.3f')} | {_fmt(r.delta_pct, '+.2f')} "
-            f"| {_fmt(r.kl, '.4f')} | {_fmt(r.top1, '.4f')} "
-            f"| {_fmt(r.size_bytes / 1e6 if r.size_bytes is not None else None, '.1f')} "
-            f"| {_compile_cell(r)} | {_fmt(r.compile_peak_rss_mb, '.0f')} "
-            f"| {_fmt(r.prefill_tok_s, '.1f')} | {_fmt(r.decode_tok_s, '.2f')} |"
-        )
-    n_windows = max(1, cfg.eval_tokens // cfg.seq_len)
-    lines += [
-        "",
-        f"Text: `{result.text}`, first {cfg.eval_tokens} tokens ({n_windows} windows of {cfg.seq_len}); "
-        f"calibration: `{result.calib or 'none'}` ({result.options.get('calib_samples')} windows). "
-        f"Group size {result.options.get('group_size')}.",
-        f"Speed: ONNX Runtime {env.get('onnxruntime')} CPU, {env.get('threads')} threads "
-        f"(spinning {'on' if env.get('spin') else 'off'}), prefill {cfg.prefill_tokens} tokens "
-        f"(median of {cfg.prefill_repeats}), decode {cfg.decode_tokens} greedy tokens with the KV cache.",
-        f"Load average at start/end: {env.get('loadavg_start')}/{env.get('loadavg_end')} on "
-        f"{env.get('cpu_count')} cores (a load above the thread count means timings are contended). "
-        f"Wall time {result.wall_s:.0f} s; CPU time of all rows {_total_cpu(result):.0f} s "
-        f"(load average when each row started: {', '.join(f'{r.loadavg:g}' for r in result.rows)}).",
-        "",
-        "Rows:",
-    ]
-    lines += [f"- `{r.name}`: {r.description}" + (f" — `{r.pipeline}`" if r.pipeline else "") for r in result.rows]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: BenchResult, path: Path) -> None:
-    """Perplexity (log scale) against size on disk, one labelled point per row that succeeded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    styles = {
-        "reference": {"marker": "*", "color": "black", "label": "float"},
-        "recipe": {"marker": "o", "color": "tab:blue", "label": "qcompiler"},
-        "anchor": {"marker": "s", "facecolors": "none", "edgecolors": "tab:orange", "label": "ONNX Runtime"},
-    }
-    seen: set[str] = set()
-    ok = [r for r in result.rows if r.ok and r.perplexity is not None and r.size_bytes is not None]
-    for i, r in enumerate(ok):
-        st = dict(styles[r.kind])
-        if r.kind in seen:
-            st.pop("label")
-        seen.add(r.kind)
-        x, y = r.size_bytes / 1e6, r.perplexity  # type: ignore[operator]
-        ax.scatter(x, y, s=70 if r.kind != "recipe" else 45, zorder=3 if r.kind == "recipe" else 2, **st)
-        # alternate label offsets so rows at nearly the same point stay readable
-        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(6, 8 - 12 * (i % 3)), fontsize=7)
-    ax.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter
-
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel("perplexity (log scale, lower is better)")
-    ax.set_title(f"{Path(result.model).name}: perplexity vs size", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_report(result: BenchResult, folder: Path) -> None:
-    write_json(folder / "bench.json", result.to_dict())
-    md = folder / "bench.md"
-    tmp = md.with_name(".bench.md.tmp")
-    tmp.write_text(result.to_markdown())
-    os.replace(tmp, md)
-    plot(result, folder / "bench.png")
 
 
 if __name__ == "__main__":

@@ -255,17 +255,20 @@ class SpillStore:
 
 
 class _SpilledTensor(ir.ExternalTensor):
-    """A spilled tensor that keeps no unpacked copy of sub-byte (int4/uint4) data once read.
+    """A spilled tensor that keeps nothing in memory between reads.
 
-    ``ExternalTensor`` caches the array it unpacks; for a spilled int4 weight that is a byte
-    per value held for the rest of the run by any pass that merely looked at it.
+    ``ExternalTensor`` keeps the file mapped (and an int4 tensor's unpacked copy, a byte per
+    value) once read, so a pass that merely looks at every weight would make all of them
+    resident for the rest of the run.  Each read here returns an array of its own and
+    unmaps the file: what stays in memory is what the caller keeps.
     """
 
     def numpy(self) -> np.ndarray:
-        array = super().numpy()
-        if self.dtype.bitwidth < 8:  # an unpacked copy, independent of the mapping
-            with contextlib.suppress(BufferError):
-                self.release()
+        view = super().numpy()
+        array = view if self.dtype.bitwidth < 8 else np.array(view, copy=True)  # sub-byte: already unpacked
+        del view
+        with contextlib.suppress(BufferError):
+            self.release()
         return array
 
     def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -189,8 +190,49 @@ def _side_inputs(model: ir.Model, layer: DecoderLayer, const_only: _ConstOnly) -
 # ----------------------------------------------------------------------------- the runner
 
 
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise): RSS follows the live data."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _onnx_type(arr: np.ndarray) -> int:
     return int(onnx.helper.np_dtype_to_tensor_dtype(arr.dtype))
+
+
+class WindowStore:
+    """One array per window, in memory or (with ``folder``) as ``.npy`` files read back one at a time."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self.items: list[np.ndarray | Path] = []
+        self.nbytes = 0
+
+    def append(self, arr: np.ndarray) -> None:
+        self.nbytes += arr.nbytes
+        if self.folder is None:
+            self.items.append(arr)
+            return
+        path = self.folder / f"{id(self):x}-{len(self.items)}.npy"
+        np.save(path, arr)
+        self.items.append(path)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        item = self.items[i]
+        return np.load(item) if isinstance(item, Path) else item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def clear(self) -> None:
+        for item in self.items:
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+        self.items, self.nbytes = [], 0
 
 
 class LayerwiseRunner:
@@ -200,12 +242,16 @@ class LayerwiseRunner:
     captures ``h_0`` and the side values; :meth:`run`/:meth:`observe` run the current
     layer (``position``) with the model's weights as they are now; :meth:`advance`
     replaces the stored inputs by the current layer's outputs and moves to the next.
-    Memory: one residual stream (``n·seq_len·hidden`` floats) twice while advancing,
-    the side values, and one layer's weights in ONNX Runtime.
+    Memory: one layer's weights in ONNX Runtime and the captured values: the residual
+    stream (``n·seq_len·hidden`` floats, twice while advancing) and the side values.
+    When those exceed ``max_memory_bytes`` (default 64 MiB) they are kept as one file per
+    window in a temporary folder (``spill_dir``) and read back one window at a time, so
+    memory does not grow with the number of windows or the hidden size.
     """
 
     def __init__(self, model: ir.Model, windows: np.ndarray, *, threads: int | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, max_memory_bytes: int = 64 << 20,
+                 spill_dir: str | os.PathLike | None = None) -> None:
         self.model = model
         self.windows = np.ascontiguousarray(np.asarray(windows, dtype=np.int64))
         if self.windows.ndim != 2 or self.windows.shape[0] == 0:
@@ -226,13 +272,17 @@ class LayerwiseRunner:
         self.position = 0
         self._by_name: dict[str, ir.Value] = {}
         self._order: dict[int, int] = {}
-        self.hidden: list[np.ndarray] = []
-        self._side_values: dict[str, list[np.ndarray]] = {}
+        self.hidden = WindowStore()
+        self._side_values: dict[str, WindowStore] = {}
         self._feeds: Any = None
+        self.max_memory_bytes = max_memory_bytes
+        self._spill_parent = spill_dir
+        self._spill: tempfile.TemporaryDirectory[str] | None = None
 
     @classmethod
     def from_calibrator(cls, model: ir.Model, calibrator: Any, **kw: Any) -> LayerwiseRunner:
         """A runner over the windows of a :class:`qcompiler.calibrate.Calibrator` (``qc quantize --calib``)."""
+        find_decoder_layers(model)  # a model we cannot run layer by layer fails before the data is read
         windows = getattr(calibrator, "windows", None)
         if windows is None:
             raise QCError("layer-wise quantization needs the calibration engine's windows (qc quantize --calib PATH)")
@@ -264,18 +314,26 @@ class LayerwiseRunner:
         # every graph input is an input of the prefix session, so it can build any feed
         session, _ = self._session(None, names)
         self._feeds = DecoderRunner(session, require_logits=False)
-        hidden: list[np.ndarray] = []
-        side_values: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
+        self.close()
+        folder: Path | None = None
+        hidden = WindowStore()
+        side_values: dict[str, WindowStore] = {}
         for w in self._bar(range(self.num_windows), "layer-wise: capture inputs"):
             outs = session.run(names, self._feeds.feeds(self.windows[w : w + 1]))
+            if w == 0:  # one window tells the size of all: spill to disk beyond the memory bound
+                total = 2 * outs[0].nbytes * self.num_windows + sum(o.nbytes for o in outs[1:]) * self.num_windows
+                folder = self._spill_folder() if total > self.max_memory_bytes else None
+                hidden = WindowStore(folder)
+                side_values = {n: WindowStore(folder) for n in wanted}
             hidden.append(outs[0])
             for n, arr in zip(wanted, outs[1:]):
                 side_values[n].append(arr)
         self._feeds.session = None  # keep only the feed builder
         del session
+        _release_memory()
         self.hidden, self._side_values, self.position = hidden, side_values, 0
-        log.info("layer-wise: captured %d windows (%.0f MiB of residual stream, %d side values)",
-                 self.num_windows, sum(h.nbytes for h in hidden) / 2**20, len(wanted))
+        log.info("layer-wise: captured %d windows (%.0f MiB of residual stream, %d side values%s)",
+                 self.num_windows, hidden.nbytes / 2**20, len(wanted), f", kept in {folder}" if folder else "")
 
     # ------------------------------------------------------------------------- running
 
@@ -297,6 +355,7 @@ class LayerwiseRunner:
                 yield w, session.run(list(outputs), feeds)
         finally:
             del session
+            _release_memory()
 
     def observe(self, layer: int, requests: Mapping[str, Sequence[str]], config: Any = None) -> dict[str, dict[str, Any]]:
         """Statistics (calibration observers: ``hessian``, ``mean_abs_channel``, ...) of values inside ``layer``."""
@@ -323,19 +382,32 @@ class LayerwiseRunner:
         layer = self.position
         self._check(layer)
         name = self.layers[layer].output.name
-        new: list[np.ndarray] = []
+        new = WindowStore(self.hidden.folder)
         for _, outs in self._bar(self.run(layer, [name]), f"layer {layer}: advance", total=self.num_windows):
             new.append(outs[0])
+        self.hidden.clear()
         self.hidden = new
         self.position += 1
 
     def close(self) -> None:
-        self.hidden, self._side_values = [], {}
+        """Drop the captured values (and their spill files)."""
+        self.hidden.clear()
+        for store in self._side_values.values():
+            store.clear()
+        self._side_values = {}
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
+
+    def _spill_folder(self) -> Path:
+        if self._spill is None:
+            self._spill = tempfile.TemporaryDirectory(prefix="qc-layerwise-", dir=self._spill_parent)
+        return Path(self._spill.name)
 
     # ------------------------------------------------------------------------- internals
 
     def _check(self, layer: int) -> None:
-        if not self.hidden:
+        if not len(self.hidden):
             raise QCError("layer-wise runner: call start() first")
         if layer != self.position:
             raise QCError(f"layer-wise runner: inputs are held for layer {self.position}, not layer {layer}")
@@ -351,6 +423,7 @@ class LayerwiseRunner:
         from qcompiler.runtime import session_options
 
         so = session_options(self.threads, optimize=True, spin=False)
+        so.enable_cpu_mem_arena = False  # freed between sessions: memory stays at one layer's working set
         if root is not None:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(root))
         try:

@@ -220,6 +220,14 @@ register_recipe(
 )
 register_recipe(
     Recipe(
+        "w4a16-awq-gptq",
+        "int4 weights, AWQ scales and clipping, then GPTQ rounding with the same Hessians (--calib data)",
+        _calibrated(lambda o: f"awq{{bits=4,group_size={o.group_size},sym={o.sym},gptq=true}}"),
+        needs_calibration=True,
+    )
+)
+register_recipe(
+    Recipe(
         "w4a16-hqq",
         "int4 weights, half-quadratic refinement of scales/zero points (no calibration data)",
         _weight_only("hqq", 4),

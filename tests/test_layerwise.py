@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from qcompiler.errors import QCError, UnsupportedModelError
 from qcompiler.irutil import load_model
 from qcompiler.layerwise import LayerwiseRunner, find_decoder_layers
-from qcompiler.runtime import DecoderRunner, make_session
+from qcompiler.runtime import DecoderRunner, session_options
 from qcompiler.spec import Role
 from tests.passes.calib_helpers import values_of
 
@@ -21,12 +21,14 @@ def _windows(n: int, length: int, vocab: int = 256) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab, (n, length))
 
 
-@pytest.mark.parametrize("which", ["synthetic_dir", "synthetic_nokv_dir"])
-def test_layer_by_layer_equals_whole_model(which: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("which,spill", [("synthetic_dir", False), ("synthetic_nokv_dir", True)])
+def test_layer_by_layer_equals_whole_model(which: str, spill: bool, request: pytest.FixtureRequest,
+                                           tmp_path: Path) -> None:
     folder, _ = request.getfixturevalue(which)
     model = load_model(folder / "model.onnx")
     ids = _windows(3, 40)
-    runner = LayerwiseRunner(model, ids, progress=False)
+    bound = 0 if spill else 1 << 30  # 0: every captured value goes to a file in tmp_path
+    runner = LayerwiseRunner(model, ids, progress=False, max_memory_bytes=bound, spill_dir=tmp_path)
     assert [layer.index for layer in runner.layers] == [0, 1]
     assert set(runner.layers[0].linears) == {Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN}
     runner.start()
@@ -36,6 +38,9 @@ def test_layer_by_layer_equals_whole_model(which: str, request: pytest.FixtureRe
         runner.advance()
         for w in range(3):  # (the residual stream holds a massive activation of ~800)
             assert np.abs(runner.hidden[w] - ref[w][i]).max() <= 1e-5 * np.abs(ref[w][i]).max()
+        assert len(list(tmp_path.rglob("*.npy"))) == (3 * (1 + len(runner._side_values)) if spill else 0)
+    runner.close()
+    assert not list(tmp_path.rglob("*.npy"))
 
 
 def test_observe_matches_direct_statistics(synthetic_dir) -> None:
@@ -89,7 +94,7 @@ def test_model_without_matmul_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_real_model_layer_by_layer(smollm2_kv: Path, tmp_path: Path) -> None:
+def test_real_model_layer_by_layer(smollm2_kv: Path) -> None:
     """SmolLM2: mask and rotary tables captured once; 30 layers run alone reproduce the residual stream."""
     model = load_model(smollm2_kv / "model.onnx")
     ids = _windows(1, 24, vocab=40000)
@@ -99,10 +104,12 @@ def test_real_model_layer_by_layer(smollm2_kv: Path, tmp_path: Path) -> None:
     for _ in runner.layers:
         runner.advance()
     # reference: the whole model with the last layer's output as an extra graph output (weights linked, not copied)
+    import onnxruntime as ort
+
     proto = onnx.load(str(smollm2_kv / "model.onnx"), load_external_data=False)
     proto.graph.output.append(onnx.ValueInfoProto(name=runner.layers[-1].output.name))
-    onnx.save(proto, str(tmp_path / "model.onnx"))
-    (tmp_path / "model.onnx_data").symlink_to(smollm2_kv / "model.onnx_data")
-    full = DecoderRunner(make_session(tmp_path, optimize=False), require_logits=False)
+    so = session_options(optimize=False)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(smollm2_kv))
+    full = DecoderRunner(ort.InferenceSession(proto.SerializeToString(), so), require_logits=False)
     ref = full.session.run([runner.layers[-1].output.name], full.feeds(ids[0]))[0]
     assert np.abs(runner.hidden[0] - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -29,8 +31,10 @@ from qcompiler.quant.packing import (
 )
 from qcompiler.spec import Granularity, QuantSpec
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: The same examples on every run (reproducible CI); QC_HYPOTHESIS_EXPLORE=1 draws new ones.
+DERANDOMIZE = not os.environ.get("QC_HYPOTHESIS_EXPLORE")
+FAST = settings(max_examples=150, deadline=None, derandomize=DERANDOMIZE, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=12, deadline=None, derandomize=DERANDOMIZE, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _spec(bits: int, sym: bool, group: int) -> QuantSpec:
@@ -329,8 +333,8 @@ def test_smooth_scale_v_to_o_tied_across_gqa_heads(seed: int, kv_heads: int, n_r
     _close(o_in @ wo, got, 1e-4)
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, derandomize=DERANDOMIZE,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(seed=st.integers(0, 1000), alpha=st.sampled_from([0.0, 0.3, 0.5, 0.85, 1.0]))
 def test_smooth_scale_pass_keeps_float_logits(seed: int, alpha: float, synthetic_text, tmp_path_factory) -> None:
     from qcompiler.models.synthetic import SyntheticConfig, build_model_dir

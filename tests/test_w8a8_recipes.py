@@ -9,6 +9,7 @@ import pytest
 
 from qcompiler.data import read_text, tokenize
 from qcompiler.errors import QCError
+from qcompiler.irutil import load_model, op_types
 from qcompiler.quant.w8a8 import match_w8a8, reference_static_matmul
 from qcompiler.quantize import quantize
 from qcompiler.recipes import QuantizeOptions, available_recipes
@@ -33,11 +34,12 @@ def test_recipes_registered() -> None:
         parse_pipeline(recipes["w8a8-smooth"].build(QuantizeOptions(alpha=1.5)))
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_on_cpu(recipe, synthetic_nokv_dir, synthetic_text, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(("recipe", "target"), [(r, "cpu") for r in RECIPES] + [("w8a8-static-smooth", "npu")])
+def test_recipe_runs_on_ort_cpu(recipe, target, synthetic_nokv_dir, synthetic_text, tmp_path, monkeypatch) -> None:
+    """cpu: explicit integer ops (MatMulIntegerToFloat); npu: the plain QDQ graph, which ORT CPU runs too."""
     monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "calib"))
     folder, _ = synthetic_nokv_dir
-    opts = QuantizeOptions(calib=str(synthetic_text), calib_samples=4, seq_len=64)
+    opts = QuantizeOptions(calib=str(synthetic_text), calib_samples=4, seq_len=64, target=target)
     summary = quantize(folder, tmp_path / "out", recipe=recipe, options=opts)
     q = json.loads((tmp_path / "out" / "quantization.json").read_text())
     assert q["recipe"] == recipe and "lm_head" in q["scope"]
@@ -46,8 +48,14 @@ def test_recipe_on_cpu(recipe, synthetic_nokv_dir, synthetic_text, tmp_path, mon
     assert "lm_head" in report[main]["float"] and "KV cache" in report[main]["float"]
     if recipe in ("w8a8-smooth", "w8a8-static-smooth"):
         assert len(report["smooth-scale"]["groups"]) == 8
-    if recipe == "w8a8-static-smooth":
+    ops = op_types(load_model(tmp_path / "out" / "model.onnx"))
+    if target == "npu":
+        assert "fold-zero-point" not in report and ops["QuantizeLinear"] == 8 and ops["DequantizeLinear"] >= 14
+        assert not [op for op in ops if "." in op]  # standard ONNX only
+    elif recipe == "w8a8-static-smooth":
         assert report["fold-zero-point"]["form"] == "msft"
+    if target == "cpu":
+        assert ops.get("com.microsoft.MatMulIntegerToFloat", 0) + ops.get("com.microsoft.DynamicQuantizeMatMul", 0) >= 4
     ref = run_logits(folder, WINDOW)
     out = run_logits(tmp_path / "out", WINDOW)
     assert np.isfinite(out).all() and l2_rel(ref, out) < 1.0
@@ -75,8 +83,9 @@ def test_smollm2_algebraic_passes_keep_logits(smollm2_kv, smol_calib, smol_ids, 
                                smol_calib)
     assert l2_rel(ref, run_logits(model, smol_ids, tmp_path / "smooth")) < 1e-5
     groups = ctx.report["smooth-scale"]["groups"]
-    assert len(groups) == 120 and not [k for k, g in groups.items() if g["folded_into"] == "mul"
-                                        and not k.endswith("o_proj")]
+    assert len(groups) == 120  # every scale folded: norms for q/k/v and gate/up, v_proj for o, up_proj for down
+    assert {k.rsplit(".", 1)[1]: g["folded_into"] for k, g in groups.items()} == {
+        "qkv": "norm", "gate_up": "norm", "o_proj": "v_proj", "down_proj": "up_proj"}
     assert ctx.report["split-outliers"]["extra_channels"] > 0
     del model
     model, ctx = compile_model(smollm2_kv, "canonicalize,mixed-decompose{quantize=false}", smol_calib)

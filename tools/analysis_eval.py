@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-ablation", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="write the numbers here too")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="JSON file of single-linear ablations already measured (same text and windows): reused, extended")
     args = p.parse_args(argv)
 
     report = json.loads(args.report.read_text())
@@ -74,12 +76,24 @@ def main(argv: list[str] | None = None) -> int:
         ref = parse_candidate(report["reference"], sym=sym)
         by_key = {r["key"]: r for r in report["layers"]}
         rows = []
+        cache: dict[str, list[float]] = {}
+        tag = f"{ref.name}:{args.text}:{args.seq_len}:{args.max_tokens}"
+        if args.cache is not None and args.cache.is_file():
+            cache = json.loads(args.cache.read_text()).get(tag, {})
         print(f"\n| linear | predicted S ({ref.name}) | local rel | local SNR dB | PPL | ΔPPL | KL |")
         print("|---|---|---|---|---|---|---|")
         for key in report["ranking"][: args.top]:
             site = sites.linears[key]
-            w_hat = {site.weight: fake_quant_weight(site.weight_array(), ref.weight)}
-            ppl, kl = _metrics(e2e, ids, e2e._logits(w_hat))
+            if key in cache:
+                ppl, kl = cache[key]
+            else:
+                w_hat = {site.weight: fake_quant_weight(site.weight_array(), ref.weight)}
+                ppl, kl = _metrics(e2e, ids, e2e._logits(w_hat))
+                cache[key] = [ppl, kl]
+                if args.cache is not None:
+                    store = json.loads(args.cache.read_text()) if args.cache.is_file() else {}
+                    store[tag] = cache
+                    args.cache.write_text(json.dumps(store, indent=1))
             r = by_key[key]
             rows.append({"key": key, "predicted": r["sensitivity"][ref.name], "rel": r["errors"][ref.name]["rel"],
                          "snr_db": r["errors"][ref.name]["snr_db"], "ppl": ppl, "dppl": ppl - float_ppl, "kl": kl})

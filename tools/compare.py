@@ -12,8 +12,19 @@ Rows:
 
 * ``qc-rtn``   — ``qc quantize --recipe w4a16-rtn`` (MatMulNBits, asym, exact min/max)
 * ``qc-rtn-sym`` — the same, symmetric
+* ``qc-hqq``, ``qc-awq``, ``qc-gptq``, ``qc-awq-gptq`` — recipes ``w4a16-hqq`` / ``-awq`` / ``-gptq`` /
+  ``-awq-gptq`` (the calibrated ones read ``--calib``: ``--calib-samples`` windows of
+  ``--calib-seq-len`` tokens)
+* ``qc-<recipe>`` — any other recipe by name (e.g. ``qc-w8a16-rtn``)
 * ``ort-rtn``  — ``onnxruntime.quantization.MatMulNBitsQuantizer`` default RTN (asym unless --sym)
 * ``ort-hqq``  — ``MatMulNBitsQuantizer`` with ``HQQWeightOnlyQuantConfig``
+* ``genai-int4`` — onnxruntime-genai's model builder ``-p int4 -e cpu`` (its defaults: symmetric g32,
+  ``accuracy_level=4``, tied embedding + lm_head as GatherBlockQuantized + MatMulNBits), from the
+  model's source (``qcompiler_export.json``) saved as a Hugging Face folder (see ``tools/bench_decode.py``)
+
+Any qcompiler row takes suffixes: ``-sym`` (symmetric), ``@g32`` (group size; ``@g0`` per channel,
+default ``--group-size``), ``+emb`` (``--quantize-embeddings``) and ``/n32`` (calibration windows,
+default ``--calib-samples``), e.g. ``qc-gptq@g32+emb/n32``.
 """
 
 from __future__ import annotations
@@ -22,35 +33,80 @@ import argparse
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 SECTIONS = {"calibration": "tools.compare_calibration", "w8a8": "tools.compare_w8a8"}
 
 
-def _quantize_child(row: str, model_dir: str, out_dir: str, group: int, sym: bool) -> None:
+@dataclass(frozen=True)
+class RowSpec:
+    """``qc-gptq-sym@g32+emb`` → base ``qc-gptq``, group 32, symmetric, embeddings quantized."""
+
+    name: str
+    base: str
+    group: int
+    sym: bool
+    emb: bool
+    samples: int | None = None
+
+    @classmethod
+    def parse(cls, row: str, default_group: int, default_sym: bool) -> RowSpec:
+        m = re.fullmatch(r"(?P<base>[a-z0-9-]+?)(?P<sym>-sym)?(?:@g(?P<g>\d+))?(?P<emb>\+emb)?(?:/n(?P<n>\d+))?", row)
+        if m is None:
+            raise SystemExit(f"cannot read row '{row}' (expected NAME[-sym][@gG][+emb][/nN])")
+        group = int(m["g"]) if m["g"] is not None else default_group
+        samples = int(m["n"]) if m["n"] is not None else None
+        return cls(row, m["base"], group, default_sym or bool(m["sym"]), bool(m["emb"]), samples)
+
+
+QC_RECIPES = {"qc-rtn": "w4a16-rtn", "qc-hqq": "w4a16-hqq", "qc-awq": "w4a16-awq", "qc-gptq": "w4a16-gptq",
+              "qc-awq-gptq": "w4a16-awq-gptq"}
+
+
+def _quantize_child(row: str, model_dir: str, out_dir: str, group: int, sym: bool, calib: dict[str, object]) -> None:
     """Runs in the child process: quantize, then print {"seconds", "peak_rss_mb"} as the last line."""
     t0 = time.perf_counter()
-    if row.startswith("qc-"):
+    spec = RowSpec.parse(row, group, sym)
+    peak_children = 0.0
+    if spec.base.startswith("qc-"):
         from qcompiler.quantize import quantize
-        from qcompiler.recipes import QuantizeOptions
+        from qcompiler.recipes import QuantizeOptions, get_recipe
 
-        recipe = {"qc-rtn": "w4a16-rtn", "qc-rtn-sym": "w4a16-rtn"}.get(row, row[3:])
-        opts = QuantizeOptions(group_size=group, sym=sym or row.endswith("-sym"))
+        recipe = QC_RECIPES.get(spec.base, spec.base[3:])
+        opts = QuantizeOptions(group_size=spec.group, sym=spec.sym, quantize_embeddings=spec.emb)
+        if get_recipe(recipe).needs_calibration:
+            if not calib.get("calib"):
+                raise SystemExit(f"row {row} needs --calib")
+            opts = opts.with_overrides(calib=calib["calib"], calib_samples=spec.samples or calib["samples"],
+                                       seq_len=calib["seq_len"])
         quantize(model_dir, out_dir, recipe=recipe, options=opts, force=True)
+    elif spec.base == "genai-int4":
+        import resource
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tools.bench_decode import _genai  # the builder wrapper shared with the decode benchmark
+
+        source = json.loads((Path(model_dir) / "qcompiler_export.json").read_text())["source"]
+        work = Path(out_dir).with_name(Path(out_dir).name + "-work")
+        _genai(source, Path(out_dir), work)
+        shutil.rmtree(work, ignore_errors=True)
+        peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     else:
         import onnx
         from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
         model = onnx.load(str(Path(model_dir) / "model.onnx"))  # loads external data
-        if row == "ort-rtn":
-            cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=sym)
-        elif row == "ort-hqq":
-            cfg = mnq.HQQWeightOnlyQuantConfig(block_size=group, bits=4)
+        if spec.base == "ort-rtn":
+            cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=spec.group, is_symmetric=spec.sym)
+        elif spec.base == "ort-hqq":
+            cfg = mnq.HQQWeightOnlyQuantConfig(block_size=spec.group, bits=4)
         else:
             raise SystemExit(f"unknown row {row}")
         q = mnq.MatMulNBitsQuantizer(model, algo_config=cfg)
@@ -62,7 +118,29 @@ def _quantize_child(row: str, model_dir: str, out_dir: str, group: int, sym: boo
         copy_side_files(Path(model_dir), Path(out_dir))
     from qcompiler.memory import peak_rss_mb
 
-    print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}))
+    print(json.dumps({"seconds": round(time.perf_counter() - t0, 2),
+                      "peak_rss_mb": round(max(peak_rss_mb(), peak_children), 1)}))
+
+
+def open_eval_runner(path: Path):
+    """A runner for qcompiler/ORT folders, and for genai's (KV head size written as a symbol there)."""
+    from qcompiler.runtime import DecoderRunner, KVSpec, make_session, open_runner
+
+    if not (path / "genai_config.json").is_file():
+        return open_runner(path)
+    import numpy as np
+
+    dec = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+    session = make_session(path)
+    runner = DecoderRunner.__new__(DecoderRunner)
+    runner.session = session
+    runner.inputs = {i.name: i for i in session.get_inputs()}
+    runner.output_names = [o.name for o in session.get_outputs()]
+    runner.past_names = sorted((n for n in runner.inputs if n.startswith("past_key_values.")),
+                               key=lambda n: (int(n.split(".")[1]), n))
+    runner.present_names = [n.replace("past_key_values", "present") for n in runner.past_names]
+    runner.kv = KVSpec(dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"], np.dtype(np.float32))
+    return runner
 
 
 def run_rows(args: argparse.Namespace) -> list[dict[str, object]]:
@@ -83,7 +161,8 @@ def run_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     for row in args.rows.split(","):
         out = work / row
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, __file__, "_child", row, str(fp32.path), str(out), str(args.group_size)]
+        calib = {"calib": args.calib, "samples": args.calib_samples, "seq_len": args.calib_seq_len}
+        cmd = [sys.executable, __file__, "_child", row, str(fp32.path), str(out), str(args.group_size), json.dumps(calib)]
         if args.sym:
             cmd.append("--sym")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -93,7 +172,7 @@ def run_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             continue
         cost = json.loads(proc.stdout.strip().splitlines()[-1])
         md = open_model_dir(out)
-        res = evaluate_windows(open_runner(md.path), windows, ref, name=row, size_bytes=md.size_bytes())
+        res = evaluate_windows(open_eval_runner(md.path), windows, ref, name=row, size_bytes=md.size_bytes())
         rows.append({
             "row": row,
             "perplexity": res.perplexity,
@@ -131,7 +210,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_child":
-        _quantize_child(argv[1], argv[2], argv[3], int(argv[4]), "--sym" in argv)
+        _quantize_child(argv[1], argv[2], argv[3], int(argv[4]), "--sym" in argv, json.loads(argv[5]))
         return 0
     if argv and argv[0] in SECTIONS:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -144,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sym", action="store_true")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--calib", default=None, help="calibration text for qc-awq / qc-gptq rows")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--workdir", default=None, help="keep the quantized models here")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     args = p.parse_args(argv)

@@ -125,8 +125,7 @@ def _ort_child(row: str, model_dir: str, out_dir: str, cfg: dict[str, Any]) -> N
                 return next(self.it, None)
 
         quantize_static(str(src), str(out / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"CalibMaxIntermediateOutputs": 1}, **common)
+                        activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax, **common)
     else:
         quantize_dynamic(str(src), str(out / "model.onnx"), **common)
     copy_side_files(Path(model_dir), out)

@@ -10,12 +10,24 @@ Modules: ``structure`` (where to look, from canonicalize's annotations),
 ``candidates`` (options, their numerics and costs), ``local_error``, ``sessions``
 (recomputing one decoder layer from cached inputs), ``sensitivity``, ``measure``,
 ``diagnostics``, ``allocate``, ``budget``, ``recommend``, ``plots``, ``html``,
-``analyze``.
+``analyzer`` (the ``qc analyze`` driver).
 """
 
 from __future__ import annotations
 
-from qcompiler.analysis.analyze import AnalyzeConfig, analyze
-from qcompiler.analysis.measure import MeasureConfig
+from typing import Any
 
 __all__ = ["AnalyzeConfig", "MeasureConfig", "analyze"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: passes import qcompiler.analysis.budget at discovery; plotting and ORT stay unloaded until used
+    if name in ("AnalyzeConfig", "analyze"):
+        from qcompiler.analysis import analyzer
+
+        return getattr(analyzer, name)
+    if name == "MeasureConfig":
+        from qcompiler.analysis.measure import MeasureConfig
+
+        return MeasureConfig
+    raise AttributeError(f"module 'qcompiler.analysis' has no attribute '{name}'")

@@ -44,8 +44,11 @@ class MeasureConfig:
     block_seq_len: int = 128
     threads: int | None = None
     progress: bool = True
+    propagation: float = 0.0  # β of sensitivity.block_gains: 0 = layer output, 1 = skip path only
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.propagation <= 1.0:
+            raise ValueError(f"propagation must be in [0, 1], got {self.propagation}")
         for name in ("samples", "seq_len", "rows", "block_windows", "block_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -115,7 +118,7 @@ def measure(model: ir.Model, sites: ModelSites, calibrator: Calibrator, candidat
     seconds["local_errors"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    gains = block_gains(model, sites, block_ids, residuals, reference, cfg.threads, cfg.progress)
+    gains = block_gains(model, sites, block_ids, residuals, reference, cfg.threads, cfg.progress, cfg.propagation)
     seconds["layer_reruns"] = time.perf_counter() - t0
     sensitivity = predicted_errors(sites, errors, gains)
     return Measurements(sites, candidates, reference, errors, gains, sensitivity, stats, samples, block_ids,

@@ -110,9 +110,14 @@ SCHEMA: dict[str, Any] = {
         "layers": _arr(_obj({
             "key": _STR, "layer": _INT, "role": _STR, "shape": _arr(_INT), "params": _INT,
             "errors": {"type": "object", "additionalProperties": _ERROR, "description": "local error per candidate"},
-            "gain": _NUM_OR_NULL, "block_error": _NUM_OR_NULL,
+            "gain": {**_NUM_OR_NULL, "description": "G_j = final_error / rel at the reference candidate"},
+            "block_error": {**_NUM_OR_NULL, "description": "mean_t ‖Δr_out‖²/‖r_out‖² of the layer rerun (reference)"},
+            "skip_error": {**_NUM_OR_NULL, "description": "mean_t ‖Δr_out‖²/‖r_final‖²: the rerun's error "
+                                                          "relative to the residual the final norm reads"},
+            "final_error": {**_NUM_OR_NULL, "description": "block_error^(1−β)·skip_error^β: predicted relative "
+                                                           "error at the final norm"},
             "sensitivity": {"type": "object", "additionalProperties": _NUM,
-                            "description": "predicted layer-output error S_j(c) per candidate"},
+                            "description": "predicted error S_j(c) = gain · rel_j(c) per candidate"},
             "rank": _INT, "e2e_kl": _NUM_OR_NULL,
             "recommendation": _obj({"weight": _STR, "weight_spec": _STR, "activation": _STR, "method": _STR,
                                     "reason": _STR}),

@@ -19,6 +19,9 @@ observer               state / what ``CalibrationStats.get`` returns            
                        ``sample_rows`` rows, the *same* rows for every value
 =====================  ==========================================================  ==============
 
+``absmax_channel_window`` is ``absmax_channel`` per calibration window (``WindowAbsMax``,
+4·C bytes per window), for leave-one-window-out estimates of how a range generalizes.
+
 ``hessian`` accumulates with BLAS ``syrk`` (``C ← XᵀX + C``, upper triangle) in
 float32 by default (``hessian_dtype="float64"`` for long runs); the per-batch
 products are exact sums of 512-ish rows, so the result matches float64 ``XᵀX`` to
@@ -191,6 +194,42 @@ class AbsMaxChannelObserver(Observer):
     @staticmethod
     def nbytes(cfg: ObserverConfig, channels: int, rows_total: int) -> int:
         return 4 * channels
+
+
+@_register
+class AbsMaxChannelWindowObserver(Observer):
+    """``max_t |x[t, c]|`` per channel and calibration window (for leave-one-window-out range estimates)."""
+
+    name = "absmax_channel_window"
+
+    def __init__(self, cfg: ObserverConfig, channels: int) -> None:
+        super().__init__(cfg, channels)
+        self.rows: dict[int, np.ndarray] = {}
+
+    def update(self, b: BatchView) -> None:
+        prev = self.rows.get(b.window)
+        self.rows[b.window] = b.col_absmax.astype(np.float32) if prev is None else np.maximum(prev, b.col_absmax)
+
+    def state(self) -> dict[str, np.ndarray]:
+        keys = sorted(self.rows)
+        absmax = np.stack([self.rows[k] for k in keys]) if keys else np.zeros((0, self.channels), np.float32)
+        return {"windows": np.array(keys, dtype=np.int64), "absmax": absmax}
+
+    @staticmethod
+    def result(state: Mapping[str, np.ndarray]) -> WindowAbsMax:
+        return WindowAbsMax(np.asarray(state["windows"]), np.asarray(state["absmax"]))
+
+    @staticmethod
+    def nbytes(cfg: ObserverConfig, channels: int, rows_total: int) -> int:
+        return 4 * channels * (rows_total // 64 + 1)
+
+
+@dataclass(frozen=True)
+class WindowAbsMax:
+    """``absmax[i, c]``: the channel abs-max of x over calibration window ``windows[i]``."""
+
+    windows: np.ndarray  # int64 [W]
+    absmax: np.ndarray  # float32 [W, C]
 
 
 @_register

@@ -33,10 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default=None, help="report folder (default: bench-<model folder name>)")
     p.add_argument("--force", action="store_true", help="replace the report folder if it exists")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of --text to score (default 4096)")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="tokens of --text to score (default 2048)")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length timed for prefill (default 512)")
     p.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens timed for decode (default 128)")
+    p.add_argument("--prefill-repeats", type=int, default=2, help="timed prefills, median reported (default 2)")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads for every row (default: all cores)")
     p.add_argument("--spin", action="store_true", help="let ORT threads spin (faster on an idle machine)")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the prefill/decode timing")
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         args.budget = BENCH_BUDGET
     options = options_from_args(args)
     config = BenchConfig(
+        prefill_repeats=args.prefill_repeats,
         eval_tokens=args.eval_tokens,
         seq_len=args.eval_seq_len,
         prefill_tokens=args.prefill_tokens,

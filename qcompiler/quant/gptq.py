@@ -45,11 +45,14 @@ from qcompiler.spec import Granularity, QuantSpec
 log = logging.getLogger(__name__)
 
 
-def _group_params(cols: np.ndarray, spec: QuantSpec, clip: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scale (and zero point) ``[N]`` of one group from its rows ``cols[g, N]``."""
+def _group_params(cols: np.ndarray, spec: QuantSpec, clip: str,
+                  ratio: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale (and zero point) ``[N]`` of one group from its rows ``cols[g, N]`` (range × ``ratio`` if given)."""
     one = dataclasses.replace(spec, granularity=Granularity.CHANNEL)
     wmin, wmax = group_ranges(cols, cols.shape[0])
-    if clip == "mse":
+    if ratio is not None:
+        wmin, wmax = wmin * ratio, wmax * ratio
+    elif clip == "mse":
         r = mse_clip_ratios(cols, one)
         wmin, wmax = wmin * r, wmax * r
     scale, zp = scales_from_range(wmin, wmax, spec)
@@ -91,14 +94,17 @@ def gptq_quantize(
     damp: float = 0.01,
     block: int = 128,
     clip: str = "minmax",
+    ratios: np.ndarray | None = None,
 ) -> QuantizedWeight:
     """GPTQ of ``W[K, N]`` given ``XᵀX[K, K]`` of its calibration inputs (see the module docstring).
 
-    BLAS runs single-threaded here: the work is many small triangular and rank-1 updates,
-    which a second BLAS thread slows down (and much more so on a busy machine).
+    ``ratios[G, N]`` (optional) shrink each static group's range (e.g. AWQ's output-aware
+    clipping) and imply static groups.  BLAS runs single-threaded here: the work is many
+    small triangular and rank-1 updates, which a second BLAS thread slows down (and much
+    more so on a busy machine).
     """
     with threadpool_limits(1, user_api="blas"):
-        return _gptq(w, xtx, spec, act_order=act_order, damp=damp, block=block, clip=clip)
+        return _gptq(w, xtx, spec, act_order=act_order, damp=damp, block=block, clip=clip, ratios=ratios)
 
 
 def _gptq(
@@ -110,6 +116,7 @@ def _gptq(
     damp: float = 0.01,
     block: int = 128,
     clip: str = "minmax",
+    ratios: np.ndarray | None = None,
 ) -> QuantizedWeight:
     wk = np.array(w, dtype=np.float32)  # [K, N]: row k = input channel k (GPTQ's column k)
     k, n = wk.shape
@@ -124,10 +131,10 @@ def _gptq(
     lo, hi = _grid(spec)
     scales = np.zeros((n_groups, n), dtype=np.float32)
     zps = None if spec.symmetric else np.zeros((n_groups, n), dtype=np.float32)
-    static = act_order or group >= k
+    static = act_order or group >= k or ratios is not None
     if static:
         for g in range(n_groups):
-            s, z = _group_params(wk[g * group : (g + 1) * group], spec, clip)
+            s, z = _group_params(wk[g * group : (g + 1) * group], spec, clip, None if ratios is None else ratios[g])
             scales[g] = s
             if zps is not None:
                 zps[g] = z

@@ -1,42 +1,35 @@
-"""HQQ-style data-free refinement of group scales and zero points by half-quadratic splitting.
+"""HQQ: data-free refinement of group zero points by half-quadratic splitting.
 
 Half-Quadratic Quantization (Badri & Shaji, 2023) fits a group's affine grid
 ``Ŵ = s·(q − z)``, ``q = clamp(round(W/s + z))``, to the weights under a sparsity-promoting
-loss ``‖W − Ŵ‖_p^p`` (``p < 1``: a few large errors cost less than many medium ones).
-Splitting with an auxiliary error ``W_e`` and penalty ``β``::
+loss ``‖W − Ŵ‖_p^p`` (``p < 1``).  With the scale fixed by the group's exact range (as in
+HQQ), splitting with an auxiliary error ``W_e`` and penalty ``β``::
 
-    min  ‖W_e‖_p^p + β/2·‖W − Ŵ − W_e‖²
+    min_z  ‖W_e‖_p^p + β/2·‖W − s·(q − z) − W_e‖²
 
 alternates closed-form steps per group:
 
-1. ``q = clamp(round(W/s) + z)`` (the grid with the current s, z);
+1. ``q = clamp(round(W/s + z))`` (the grid with the current z);
 2. ``W_e = shrink_p(W − s·(q − z), β)`` with the generalized soft-threshold
    ``shrink_p(x, β) = sign(x)·max(|x| − |x|^(p−1)/β, 0)``;
-3. least squares of the target ``T = W − W_e`` on the grid: ``T ≈ s·q + m`` per group
-   (two unknowns), ``z = −m/s``; ``z`` must be an integer of the grid for the stored
-   formats (uint4/uint8 zero points), so it is rounded and ``s`` re-fitted,
-   ``s = Σ T·(q − z) / Σ (q − z)²`` (symmetric: ``z = 0``, only s);
+3. ``z = mean(q − (W − W_e)/s)`` over the group (the least-squares zero point);
 4. ``β ← κ·β``.
 
-Starting from round-to-nearest with MSE-searched ranges, each group keeps the iterate
-with the lowest ``Σ|W − Ŵ|^2.4`` (the same error measure as the MSE range search), so
-the result is never worse than that start by this measure.  No calibration data.
+z is real during the iterations; the stored formats (uint4/uint8 zero points of
+DequantizeLinear and MatMulNBits) need an integer, so each group keeps, among the
+rounded iterates and the round-to-nearest start, the integer z with the lowest
+``‖W − Ŵ‖_p^p``.  Symmetric grids have no zero point: there the scale is refined the same
+way (``s = Σ T·q / Σ q²`` with ``T = W − W_e``).  The exact range is kept (no clipping: on
+models whose weights came from a 4-bit grid, clipping the range costs accuracy).  No
+calibration data.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qcompiler.quant.numerics import (
-    QuantizedWeight,
-    _grouped,
-    group_size_for,
-    mse_clip_ratios,
-    scales_from_range,
-)
+from qcompiler.quant.numerics import QuantizedWeight, _grouped, group_size_for, scales_from_range
 from qcompiler.spec import QuantSpec
-
-NORM = 2.4  # error measure for keeping the best iterate (as in mse_clip_ratios)
 
 
 def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -52,54 +45,48 @@ def quantize_hqq(
     beta: float = 10.0,
     kappa: float = 1.01,
 ) -> QuantizedWeight:
-    """HQQ refinement of ``W[K, N]``'s per-group (scale, integer zero point) (see module docstring)."""
+    """HQQ refinement of ``W[K, N]``'s per-group integer zero points (symmetric: scales); see the module docstring."""
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
     group = group_size_for(spec, k)
-    wg, pad = _grouped(w, group)  # [G, g, N]
-    valid = np.ones(wg.shape[:2], dtype=np.float32)
+    wd, pad = _grouped(w, group)  # [G, g, N]
+    valid = np.ones(wd.shape[:2], dtype=np.float32)
     if pad:
         valid[-1, group - pad :] = 0.0
     mask = valid[:, :, None]
-    r = mse_clip_ratios(w, spec)
-    scale, zp = scales_from_range(wg.min(axis=1) * r, wg.max(axis=1) * r, spec)
+    cnt = valid.sum(axis=1)[:, None]  # rows per group
+    scale, zp = scales_from_range(wd.min(axis=1), wd.max(axis=1), spec)
     s = scale.astype(np.float32)
     z = np.zeros_like(s) if zp is None else zp.astype(np.float32)
     lo, hi = (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1) if spec.symmetric else (spec.qmin, spec.qmax)
-    wd = wg
-    cnt = valid.sum(axis=1)[:, None]  # rows per group
+    pw = np.float32(p)
 
     def grid(s: np.ndarray, z: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(wd / s[:, None, :]) + z[:, None, :], lo, hi)
+        return np.clip(np.rint(wd / s[:, None, :] + z[:, None, :]), lo, hi)
 
-    def error(s: np.ndarray, z: np.ndarray) -> np.ndarray:
-        e = np.abs(wd - s[:, None, :] * (grid(s, z) - z[:, None, :])) * mask
-        return np.sum(np.power(e, np.float32(NORM)), axis=1, dtype=np.float64)
+    def loss(s: np.ndarray, z: np.ndarray) -> np.ndarray:
+        res = np.abs(wd - s[:, None, :] * (grid(s, z) - z[:, None, :])) * mask
+        return np.sum(np.power(res, pw), axis=1, dtype=np.float64)
 
-    best_s, best_z, best_err = s.copy(), z.copy(), error(s, z)
+    best_s, best_z, best = s.copy(), z.copy(), loss(s, z)
+    zf, sf = z.copy(), s.copy()
     for _ in range(iters):
-        q = grid(s, z)
-        w_e = _shrink(wd - s[:, None, :] * (q - z[:, None, :]), beta, p)
-        t = (wd - w_e) * mask
-        qm = q * mask
-        if not spec.symmetric:
-            # least squares t ≈ s·q + m per (group, column), then integer z and s refit
-            mq, mt = qm.sum(axis=1) / cnt, t.sum(axis=1) / cnt
-            var_q = (qm * qm).sum(axis=1) / cnt - mq * mq
-            cov = (qm * t).sum(axis=1) / cnt - mq * mt
-            s_ls = np.where(var_q > 1e-8, cov / np.maximum(var_q, 1e-8), s)
-            s_ls = np.where(s_ls > 0, s_ls, s)
-            z = np.clip(np.rint(-(mt - s_ls * mq) / s_ls), lo, hi)
-        qz = (q - z[:, None, :]) * mask
-        den = (qz * qz).sum(axis=1)
-        s_new = np.where(den > 0, (qz * t).sum(axis=1) / np.maximum(den, 1e-12), s)
-        s = np.where(s_new > 0, s_new, s)
+        q = grid(sf, zf)
+        res = (wd - sf[:, None, :] * (q - zf[:, None, :])) * mask
+        t = (wd - _shrink(res, beta, p)) * mask
+        if spec.symmetric:
+            den = np.einsum("gkn,gkn->gn", q * mask, q)
+            s_new = np.einsum("gkn,gkn->gn", q * mask, t) / np.maximum(den, 1e-12)
+            sf = np.where((den > 0) & (s_new > 0), s_new, sf).astype(np.float32)
+            cand_s, cand_z = sf, zf
+        else:
+            zf = np.clip((np.sum((q - t / sf[:, None, :]) * mask, axis=1) / cnt), lo, hi).astype(np.float32)
+            cand_s, cand_z = sf, np.rint(zf)
         beta *= kappa
-        err = error(s, z)
-        better = err < best_err
-        best_s = np.where(better, s, best_s)
-        best_z = np.where(better, z, best_z)
-        best_err = np.where(better, err, best_err)
+        cand = loss(cand_s, cand_z)
+        better = cand < best
+        best_s, best_z = np.where(better, cand_s, best_s), np.where(better, cand_z, best_z)
+        best = np.where(better, cand, best)
     scale = best_s.astype(np.float32)
     q = grid(scale, best_z).reshape(-1, n)[:k]
     if spec.symmetric:

@@ -107,11 +107,18 @@ def unpack_matmulnbits(
     return np.ascontiguousarray(w.reshape(n, nb * block_size)[:, :k].T)
 
 
-def matmulnbits_block_size(group_size: int, k: int) -> int:
-    """Block size for MatMulNBits: the group size, or for per-channel the power of two ≥ K."""
+def matmulnbits_block_size(group_size: int, k: int, bits: int = 4) -> int:
+    """Block size for MatMulNBits: the group size; per channel, the power of two ≥ 16 storing a column
+    in the fewest bytes (K padded to whole blocks vs. the one scale and zero point repeated per block),
+    e.g. 64 for K = 576 (9 blocks, no padding) rather than 1024 (448 rows of padding)."""
     if group_size < k:
         return group_size
-    b = 16
-    while b < k:
+    best_bytes, best, b = float("inf"), 16, 16
+    while True:
+        nb = -(-k // b)
+        size = nb * b * bits / 8 + nb * (4 + bits / 8)
+        if size < best_bytes:
+            best_bytes, best = size, b
+        if b >= k:
+            return best
         b *= 2
-    return b

@@ -9,11 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
+from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
 
 from qcompiler.analysis import AnalyzeConfig, MeasureConfig, analyze
 from qcompiler.analysis.schema import SCHEMA, SCHEMA_ID, SCHEMA_VERSION
 from qcompiler.cli import main
-from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
 
 FAST = MeasureConfig(samples=6, seq_len=128, rows=256, block_windows=2, block_seq_len=64, progress=False)
 
@@ -62,7 +62,7 @@ def test_clean_model_reports_nothing(synthetic_text, tmp_path: Path) -> None:
 def test_report_json_matches_its_schema(analyzed) -> None:
     import jsonschema
 
-    folder, report, _ = analyzed
+    folder, _, _ = analyzed
     on_disk = json.loads((folder / "report.json").read_text())
     assert on_disk["schema"] == SCHEMA_ID and on_disk["schema_version"] == SCHEMA_VERSION
     jsonschema.validate(on_disk, json.loads((folder / "report.schema.json").read_text()))

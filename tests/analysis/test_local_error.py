@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qcompiler.analysis.candidates import fake_quant_activation, fake_quant_token, fake_quant_weight, parse_candidate
+from qcompiler.analysis.candidates import (
+    fake_quant_activation,
+    fake_quant_token,
+    fake_quant_weight,
+    parse_candidate,
+)
 from qcompiler.analysis.local_error import LinearErrors, output_error
 from qcompiler.quant.numerics import quantize_rtn
 from qcompiler.quant.w8a8 import reference_per_token_matmul, reference_static_matmul, static_qparams

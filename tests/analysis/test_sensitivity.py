@@ -6,14 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qcompiler.passes.canonicalize import Canonicalize
+from qcompiler.passes.quantize_weights import QuantizeWeights
 
 from qcompiler.analysis.candidates import fake_quant_weight, parse_candidate
-from qcompiler.analysis.sensitivity import EndToEnd, kl_per_token, token_rel_error
+from qcompiler.analysis.sensitivity import (
+    EndToEnd,
+    block_gains,
+    kl_per_token,
+    token_rel_error,
+)
 from qcompiler.analysis.sessions import PartRunner
 from qcompiler.analysis.structure import find_sites
 from qcompiler.irutil import load_model
-from qcompiler.passes.canonicalize import Canonicalize
-from qcompiler.passes.quantize_weights import QuantizeWeights
 from qcompiler.pipeline import PassContext, make_config, run_passes
 from qcompiler.runtime import DecoderRunner, make_session
 from qcompiler.spec import Role
@@ -87,3 +92,25 @@ def test_part_runner_feeds_kv_models(synthetic_dir) -> None:
     ref = DecoderRunner(make_session(folder, optimize=False)).logits(WINDOW)
     np.testing.assert_allclose(runner.run(WINDOW)[0][0], ref, rtol=1e-4, atol=1e-4)
     runner.close()
+
+
+def test_gains_interpolate_layer_output_and_skip_path(model_and_sites) -> None:
+    """final = block^(1−β)·skip^β; the last layer's output is the final residual, so there block = skip."""
+    model, sites = model_and_sites
+    ref = parse_candidate("w4g128")
+    names = list(dict.fromkeys([*(ls.r_in for ls in sites.layers), sites.layers[-1].r_out]))
+    full = PartRunner(model, names)
+    residuals = dict(zip(names, full.run(IDS)))
+    full.close()
+    by_beta = {beta: block_gains(model, sites, IDS, residuals, ref, progress=False, propagation=beta)
+               for beta in (0.0, 0.5, 1.0)}
+    assert set(by_beta[0.5]) == set(sites.linears)
+    for key, g in by_beta[0.5].items():
+        assert g["final"] == pytest.approx(g["block"] ** 0.5 * g["skip"] ** 0.5, rel=1e-9)
+        assert g["gain"] == pytest.approx(g["final"] / g["local"], rel=1e-12)
+        assert by_beta[0.0][key]["final"] == pytest.approx(g["block"], rel=1e-9)
+        assert by_beta[1.0][key]["final"] == pytest.approx(g["skip"], rel=1e-9)
+        if sites.linears[key].layer == 1:
+            assert g["skip"] == pytest.approx(g["block"], rel=1e-9)
+        else:  # layer 0's residual is smaller than the final one: the skip view discounts it
+            assert g["skip"] < g["block"]

@@ -15,7 +15,7 @@ from qcompiler.errors import QCError
 from qcompiler.irutil import load_model, save_model
 from qcompiler.ops import build
 from qcompiler.partition import check_partition, onnx_full_check
-from qcompiler.pipeline import parse_pipeline, run_passes
+from qcompiler.pipeline import QCPass, parse_pipeline, run_passes
 from tests.ops.helpers import apply_w8a8
 
 CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -27,7 +27,7 @@ def save(model, folder: Path) -> Path:
     return folder
 
 
-def w8a8_folder(src: Path, out: Path, lower) -> Path:
+def w8a8_folder(src: Path, out: Path, lower: type[QCPass]) -> Path:
     model = load_model(src / "model.onnx")
     run_passes(model, parse_pipeline("canonicalize"))
     apply_w8a8(model)

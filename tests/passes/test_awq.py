@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qcompiler.passes.awq import AWQ, _fit_channel_map
+from qcompiler.passes.awq import AWQ, OUTPUT_SCALE_KEY, _fit_channel_map
 from qcompiler.passes.canonicalize import Canonicalize
 from qcompiler.passes.quantize_weights import QuantizeWeights
 
@@ -104,7 +104,12 @@ def test_every_linear_output_error_below_rtn(models, synthetic_dir, synthetic_te
     windows = make_windows(tokens[len(tokens) // 2 :], 64, 64 * 4).ids
     ref = linear_outputs(float_model, windows)
     err_rtn = output_mse(ref, linear_outputs(rtn, windows))
-    err_awq = output_mse(ref, linear_outputs(awq, windows))
+    # v_proj / up_proj outputs carry 1/s of the o/down scales folded into them: compare in original units
+    unscale = {linear_info(n).key: 1.0 / np.asarray(n.meta.get(OUTPUT_SCALE_KEY, 1.0)) for n in awq.graph
+               if linear_info(n) is not None}
+    assert sorted(k for k, u in unscale.items() if np.ndim(u)) == [f"layers.{i}.{r}" for i in range(2)
+                                                                  for r in ("up_proj", "v_proj")]
+    err_awq = output_mse(ref, {k: v * unscale[k] for k, v in linear_outputs(awq, windows).items()})
     assert len(err_awq) == 14
     worse = {k: (err_awq[k], err_rtn[k]) for k in err_awq if not err_awq[k] < err_rtn[k]}
     assert not worse, f"AWQ output error not below RTN's for {worse}"

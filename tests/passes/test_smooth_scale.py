@@ -9,12 +9,12 @@ import onnx
 import pytest
 from qcompiler.models.synthetic import SyntheticConfig, build_llama, write_model_dir
 from qcompiler.passes.canonicalize import canonical_summary
-from qcompiler.passes.smooth_scale import smoothing_scales
 
 from qcompiler.calibrate import StatRequest
 from qcompiler.errors import CalibrationError, QCError
 from qcompiler.irutil import load_model
 from qcompiler.pipeline import PassContext, parse_pipeline, run_passes
+from qcompiler.quant.smoothing import loo_ranges, smoothing_scales
 from qcompiler.spec import linear_info
 from tests.helpers import WINDOW, run_logits
 from tests.passes.w8a8_util import compile_model, l2_rel, shared_calibrator
@@ -28,7 +28,8 @@ def calib(tmp_path_factory, synthetic_dir, synthetic_text):
 def test_float_model_unchanged_and_folded_where_expected(synthetic_dir, calib, tmp_path) -> None:
     folder, _ = synthetic_dir
     model, ctx = compile_model(folder, "canonicalize,smooth-scale", calib)
-    assert l2_rel(run_logits(folder, WINDOW), run_logits(model, WINDOW, tmp_path)) < 1e-5
+    # power-of-two scales (the default): every product x_j·w_j is unchanged, the logits bit-identical
+    np.testing.assert_array_equal(run_logits(folder, WINDOW), run_logits(model, WINDOW, tmp_path))
     groups = ctx.report["smooth-scale"]["groups"]
     assert set(groups) == {f"layers.{i}.{g}" for i in range(2) for g in ("qkv", "gate_up", "o_proj", "down_proj")}
     where = {k.split(".")[-1]: v["folded_into"] for k, v in groups.items() if v["alpha"] is not None}
@@ -141,3 +142,23 @@ def test_linear_annotations_survive(synthetic_dir, calib) -> None:
     folder, _ = synthetic_dir
     model, _ = compile_model(folder, "canonicalize,smooth-scale{search=false}", calib)
     assert sum(linear_info(n) is not None for n in model.graph) == 15
+
+
+def test_leave_one_window_out_ranges(synthetic_dir, calib) -> None:
+    wa = np.array([[1.0, 4.0], [2.0, 1.0], [3.0, 2.0]])  # 3 windows × 2 channels
+    s = np.array([1.0, 2.0])
+    # window maxima of X/s: 2, 2, 3 → each window's range comes from the others
+    np.testing.assert_allclose(loo_ranges(wa, np.array([0, 1, 2, 2]), s), [3, 3, 2, 2])
+    folder, _ = synthetic_dir
+    _, ctx = compile_model(folder, "canonicalize,smooth-scale{act=static,groups=qkv}", calib)
+    assert ctx.report["smooth-scale"]["static_range_estimate"] == "leave-one-window-out"
+
+
+def test_per_window_channel_absmax_observer(synthetic_dir, calib) -> None:
+    folder, _ = synthetic_dir
+    model = load_model(folder / "model.onnx")
+    x = canonical_summary(model).linears["layers.1.down_proj"].inputs[0].name
+    st = calib(model, [StatRequest(x, ("absmax_channel", "absmax_channel_window"))])
+    per_window = st.get(x, "absmax_channel_window")
+    assert per_window.absmax.shape == (4, 160) and per_window.windows.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(per_window.absmax.max(axis=0), st.get(x, "absmax_channel"))

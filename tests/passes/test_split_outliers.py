@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from qcompiler.passes.smooth_scale import quantize_per_channel_int8
 from qcompiler.passes.split_outliers import pick_activation_channels, pick_weight_rows
 
 from qcompiler.errors import QCError
+from qcompiler.quant.smoothing import quantize_per_channel_int8
 from qcompiler.spec import linear_info
 from tests.helpers import WINDOW, run_logits
 from tests.passes.w8a8_util import compile_model, l2_rel, shared_calibrator

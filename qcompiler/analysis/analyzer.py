@@ -149,6 +149,7 @@ def analyze(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Analy
             "key": key, "layer": s.layer, "role": s.role.value, "shape": [s.k, s.n], "params": s.params,
             "errors": {c: e.to_dict() for c, e in ms.errors[key].items()},
             "gain": g["gain"] if g else None, "block_error": g["block"] if g else None,
+            "skip_error": g["skip"] if g else None, "final_error": g["final"] if g else None,
             "sensitivity": dict(ms.sensitivity[key]), "rank": rank, "e2e_kl": kl_by_key.get(key),
             "recommendation": recommend(key, mixed.assignment[key], ms.errors[key], rank < n_sensitive,
                                         sev["outlier_channels"], sev["class"], cfg.act_snr_db),
