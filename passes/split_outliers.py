@@ -6,18 +6,21 @@ For a linear group reading ``X[T, K]`` and an input channel j, either side of th
     activation split:  X_j·W_j = (X_j/2)·W_j + (X_j/2)·W_j       X gains a copy of X_j/2, W a copy of row W_j
     weight split:      X_j·W_j = X_j·(W_j/2) + X_j·(W_j/2)       X gains a copy of X_j,   W a copy of W_j/2
 
-so with ``A`` the activation-split and ``B`` the weight-split channels::
+and an activation channel can be split again (``2^m`` copies of ``X_j/2^m``).  With ``m_j``
+the split level of each activation channel (``A`` lists channel j ``2^m_j − 1`` times) and
+``B`` the weight-split channels::
 
-    X' = Concat(X⊙d, Gather(X⊙d, A ++ B))       d_j = 1/2 on A, 1 elsewhere
+    X' = Concat(X⊙d, Gather(X⊙d, A ++ B))       d_j = 2^−m_j
     W' = [W with rows B halved; W[A]; W[B]/2]    and  X'·W' = X·W
 
 The factor ``d`` folds upstream like a smoothing factor (into the RMSNorm weight, up_proj's
 columns, ...; see ``passes/_channels.py``); the Gather/Concat is the only new work.  Halving
 is exact in floating point, so the float model is unchanged up to summation order.
 
-Why: a static per-tensor activation scale is set by the largest channel; with channel
-abs-maxima ``a₁ ≥ a₂ ≥ …`` splitting the top m gives range ``max(a₁/2, a_{m+1})``, so the
-pass splits the channels above ``a₁/2`` (at most the budget).  Per-output-channel weight
+Why: a static per-tensor activation scale is set by the largest channel ``max_j a_j/2^m_j``;
+the pass repeatedly doubles the copies of the channel that sets it (costing ``2^m_j`` extra
+channels) while the budget allows, and keeps the split only if the range shrinks by at
+least ``min_gain``.  Per-output-channel weight
 scales are set by each column's largest entry; the rest of the budget goes, greedily, to
 the rows whose halving shrinks the column ranges most (``Σ_n log(max_n / max'_n)``).
 ``budget`` bounds the extra channels per group (a fraction of K, e.g. 0.05 = 5%).
@@ -71,15 +74,32 @@ class SplitOutliersConfig:
             raise ValueError(f"min_gain must be >= 1, got {self.min_gain}")
 
 
-def pick_activation_channels(absmax: np.ndarray, budget: int, min_gain: float = 1.0) -> np.ndarray:
-    """The channels above half the largest range (at most ``budget``, largest first), if that gains enough."""
-    order = np.argsort(-absmax, kind="stable")
-    top = float(absmax[order[0]]) if len(order) else 0.0
-    m = min(int(np.sum(absmax > top / 2)), budget)
-    if m == 0 or top == 0.0:
-        return np.zeros(0, np.int64)
-    after = max(top / 2, float(absmax[order[m]]) if m < len(order) else 0.0)
-    return order[:m].astype(np.int64) if top / max(after, 1e-30) >= min_gain else np.zeros(0, np.int64)
+def pick_activation_levels(absmax: np.ndarray, budget: int, min_gain: float = 1.0) -> np.ndarray:
+    """Split level ``m_j`` of each channel: greedily double the channel setting ``max_j a_j/2^m_j``.
+
+    Doubling channel j costs ``2^m_j`` extra channels; stops at the budget.  All zeros when
+    the range shrinks by less than ``min_gain``.
+    """
+    a = np.asarray(absmax, np.float64)
+    m = np.zeros(len(a), np.int64)
+    if len(a) == 0 or a.max() <= 0:
+        return m
+    cost = 0
+    while True:
+        j = int(np.argmax(a / 2.0**m))
+        extra = 1 << int(m[j])
+        if cost + extra > budget:
+            break
+        m[j] += 1
+        cost += extra
+    if a.max() / float((a / 2.0**m).max()) < min_gain:
+        return np.zeros(len(a), np.int64)
+    return m
+
+
+def split_cost(levels: np.ndarray) -> int:
+    """Extra channels of the activation split levels (``Σ 2^m_j − 1``)."""
+    return int(np.sum((1 << np.asarray(levels, np.int64)) - 1))
 
 
 def pick_weight_rows(w: np.ndarray, budget: int, exclude: np.ndarray, min_gain: float = 1e-3) -> np.ndarray:
@@ -149,7 +169,7 @@ class SplitOutliers(QCPass):
             total += g.channels if entry is None else entry["channels"]
             if entry is not None:
                 report[g.key] = entry
-                extra += len(entry["act_channels"]) + len(entry["weight_channels"])
+                extra += entry["extra"]
         self.context.report[self.name] = {"budget": cfg.budget, "mode": cfg.mode, "extra_channels": extra,
                                           "extra_fraction": round(extra / max(total, 1), 4), "groups": report}
         log.info("split-outliers: %d extra input channels (%.2f%%) over %d groups", extra,
@@ -161,26 +181,26 @@ class SplitOutliers(QCPass):
         k = g.channels
         budget = int(np.floor(cfg.budget * k))
         weights = g.weights()
-        act = np.zeros(0, np.int64)
+        levels = np.zeros(k, np.int64)
         if a is not None and cfg.mode in ("act", "both"):
             if a.shape != (k,):
                 raise CalibrationError(f"split-outliers: {g.key}: statistics of '{g.x.name}' have shape {a.shape}, "
                                        f"expected ({k},)")
-            act = pick_activation_channels(a, budget, cfg.min_gain)
+            levels = pick_activation_levels(a, budget, cfg.min_gain)
+            if levels.any() and up.kind == "linear" and up.ties:
+                tied = _tie_levels(levels, up)  # halving a v_proj column halves every o channel it feeds
+                if split_cost(tied) <= budget:
+                    levels = tied
+                else:
+                    up = Upstream("mul", "the split channels' kv-head tie sets exceed the budget")
+        act_ch = np.nonzero(levels)[0]
+        act = np.repeat(act_ch, (1 << levels[act_ch]) - 1).astype(np.int64)
         wrows = np.zeros(0, np.int64)
         if cfg.mode in ("weight", "both") and budget > len(act):
-            wrows = pick_weight_rows(np.concatenate(weights, axis=1), budget - len(act), act)
+            wrows = pick_weight_rows(np.concatenate(weights, axis=1), budget - len(act), act_ch)
         if len(act) == 0 and len(wrows) == 0:
             return None
-        if len(act) and up.kind == "linear" and up.ties:
-            closed = _tie_closure(act, up, a)  # halving a v_proj column halves every o channel it feeds
-            if len(closed) <= budget:
-                act = closed
-                wrows = wrows[~np.isin(wrows, act)]
-            else:
-                up = Upstream("mul", "the split channels' kv-head tie sets exceed the budget")
-        d = np.ones(k)
-        d[act] = 0.5
+        d = 2.0 ** -levels.astype(np.float64)
         tag = g.key.replace(".", "_") + "_split"
         if len(act):
             if up.kind == "mul":
@@ -203,7 +223,9 @@ class SplitOutliers(QCPass):
         entry: dict[str, Any] = {
             "linears": [linear_info(n).key for n in g.linears],  # type: ignore[union-attr]
             "channels": k + len(idx),
-            "act_channels": act.tolist(),
+            "extra": len(idx),
+            "act_channels": act_ch.tolist(),
+            "act_levels": levels[act_ch].tolist(),
             "weight_channels": wrows.tolist(),
             "halving_folded_into": up.where if len(act) else None,
         }
@@ -213,9 +235,9 @@ class SplitOutliers(QCPass):
         return entry
 
 
-def _tie_closure(act: np.ndarray, up: Upstream, a: np.ndarray | None) -> np.ndarray:
-    """``act`` plus every channel tied to one of them, largest range first."""
-    col_of = {c: col for col, members in up.ties.items() for c in members}
-    closed = sorted({c for j in act.tolist() for c in up.ties[col_of[j]]},
-                    key=lambda c: -(a[c] if a is not None else 0.0))
-    return np.array(closed, np.int64)
+def _tie_levels(levels: np.ndarray, up: Upstream) -> np.ndarray:
+    """Split levels made equal on each kv-head tie set (the largest level of the set)."""
+    out = levels.copy()
+    for members in up.ties.values():
+        out[members] = levels[members].max()
+    return out

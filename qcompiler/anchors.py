@@ -19,7 +19,9 @@ Models are loaded with their external data and saved with external data.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +152,10 @@ def run_anchor(name: str, model_dir: str | Path, out_dir: str | Path, settings: 
     src = open_model_dir(model_dir)
     with atomic_output_dir(out_dir, force) as tmp:
         log.info("%s: quantizing %s", name, src.path)
-        ANCHORS[name].build(src.model_path, tmp / MODEL_FILE, settings)
+        # ORT's quantizers write scratch models (uuid-named .onnx/.data, augmented models) into the
+        # working folder: run them in a scratch folder so nothing is left where the user stands
+        model_path, out_path = Path(src.model_path).resolve(), (Path(tmp) / MODEL_FILE).resolve()
+        with tempfile.TemporaryDirectory(prefix="qc-anchor-") as scratch, contextlib.chdir(scratch):
+            ANCHORS[name].build(model_path, out_path, settings)
         copy_side_files(src.path, tmp)
     return Path(out_dir)

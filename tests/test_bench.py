@@ -21,12 +21,17 @@ SMALL = ["--eval-tokens", "512", "--eval-seq-len", "64", "--prefill-tokens", "32
          "--threads", "1", "--group-size", "32", "--calib-samples", "4", "--seq-len", "64"]
 
 
-def test_cli_bench_recipes_and_all_anchors(synthetic_dir, synthetic_text: Path, tmp_path: Path, capsys) -> None:
+def test_cli_bench_recipes_and_all_anchors(synthetic_dir, synthetic_text: Path, tmp_path: Path, capsys,
+                                          monkeypatch) -> None:
     model, _ = synthetic_dir
     out = tmp_path / "bench"
+    cwd = tmp_path / "cwd"  # ORT's quantizers write scratch models into the working folder
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     rc = main(["bench", str(model), "--text", str(synthetic_text), "--calib", str(synthetic_text), "--out", str(out),
                "--recipes", "w4a16-rtn,w8a16-rtn,anchors", "--keep-models", *SMALL])
     assert rc == 0
+    assert not list(cwd.iterdir()), "a bench run left files in the working folder"
     data = json.loads((out / "bench.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
     assert list(rows) == ["fp32", "w4a16-rtn", "w8a16-rtn", "ort-rtn", "ort-hqq", "ort-dynamic", "ort-static"]

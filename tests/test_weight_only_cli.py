@@ -8,10 +8,10 @@ from pathlib import Path
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
 
 from qcompiler.cli import main
 from qcompiler.irutil import load_model, op_types
-from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -29,6 +29,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from qcompiler.calibrate.config import CalibConfig, StatRequest, config_hash, merge_requests
@@ -100,6 +102,11 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _update(observers: dict[str, Observer], view: BatchView) -> None:
+    for o in observers.values():
+        o.update(view)
 
 
 def _remove_leftovers(path: Path) -> None:
@@ -292,7 +299,9 @@ class Calibrator:
         used = 0
         desc = f"calibrate {gi + 1}/{ngroups}"
         writer = handoff.writer() if sweep.handoff else None
-        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=store.path) as scratch:
+        workers = self.config.threads or os.cpu_count() or 1
+        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=store.path) as scratch, \
+                ThreadPoolExecutor(workers) as pool, threadpool_limits(1, user_api="blas"):
             session = open_session(model, outputs, Path(scratch), keep, cut_types, self.config.threads)
             bar = tqdm(total=windows.count, desc=desc, unit="batch", disable=not self.config.progress, leave=False)
             try:
@@ -310,11 +319,10 @@ class Calibrator:
                         skipped.append(w)
                         continue
                     for v, view in zip(sweep.values, views):
-                        obs = observers.get(v.name)
-                        if obs is None:
-                            obs = observers[v.name] = {o: OBSERVERS[o](obs_cfg, view.channels) for o in v.observers}
-                        for o in obs.values():
-                            o.update(view)
+                        if v.name not in observers:
+                            observers[v.name] = {o: OBSERVERS[o](obs_cfg, view.channels) for o in v.observers}
+                    # values in parallel, one BLAS thread each (numpy/BLAS release the GIL)
+                    list(pool.map(_update, [observers[v.name] for v in sweep.values], views))
                     used += 1
                     del views
                 if writer is not None:

@@ -14,7 +14,8 @@ initializers refer to their external-data files (the model folder's
 ``model.onnx_data``, by path relative to a common root given in
 ``session.model_external_initializers_file_folder_path``), which ONNX Runtime maps
 into memory.  Tensors that earlier passes changed in memory are written once to a
-scratch data file first.  Prepacking is off, so each weight is resident once.
+scratch data file first.  Prepacking is off, so each weight is resident once; idle
+intra-op threads sleep rather than spin, leaving the cores to the observers.
 
 :func:`model_fingerprint` hashes what determines activations: opsets, graph inputs,
 nodes (op, domain, value names, attributes) and initializer contents; external data
@@ -306,6 +307,9 @@ def open_session(model: ir.Model, outputs: Sequence[str], scratch: Path, keep: S
     if threads:
         so.intra_op_num_threads = threads
     so.add_session_config_entry("session.disable_prepacking", "1")
+    # idle intra-op threads sleep instead of spinning: the CPU goes to the observers (and to
+    # other processes on a shared machine)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(root))
     if any(o.domain == "qcompiler" for o in proto.opset_import):
         from qcompiler.ops import register_library  # raises a QCError naming the build command

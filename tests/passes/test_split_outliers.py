@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from qcompiler.passes.split_outliers import pick_activation_channels, pick_weight_rows
+from qcompiler.passes.split_outliers import pick_activation_levels, pick_weight_rows, split_cost
 
 from qcompiler.errors import QCError
 from qcompiler.quant.smoothing import quantize_per_channel_int8
@@ -26,8 +26,9 @@ def test_float_model_unchanged_within_budget(synthetic_dir, calib, tmp_path, mod
     rep = ctx.report["split-outliers"]
     assert rep["extra_channels"] > 0
     for key, g in rep["groups"].items():
-        k = g["channels"] - len(g["act_channels"]) - len(g["weight_channels"])
-        assert len(g["act_channels"]) + len(g["weight_channels"]) <= int(0.05 * k), key
+        k = g["channels"] - g["extra"]
+        assert g["extra"] == split_cost(np.array(g["act_levels"])) + len(g["weight_channels"]), key
+        assert g["extra"] <= int(0.05 * k), key
         assert not set(g["act_channels"]) & set(g["weight_channels"])
         if mode == "weight":
             assert not g["act_channels"]
@@ -58,9 +59,15 @@ def test_after_smoothing_and_static_w8a8(synthetic_dir, calib, tmp_path) -> None
 
 def test_picking_channels() -> None:
     a = np.array([1.0, 9.0, 2.0, 6.0, 4.0, 5.0])
-    np.testing.assert_array_equal(pick_activation_channels(a, budget=4), [1, 3, 5])  # the ones above 9/2
-    np.testing.assert_array_equal(pick_activation_channels(a, budget=1), [1])  # range 9 → 6
-    assert pick_activation_channels(a, budget=1, min_gain=2.0).size == 0  # 9 → 6 is not worth it
+    # greedy halving of the channel that sets the range: 9 → 6 → 5 → 4.5 costs 1 + 1 + 1 channels
+    np.testing.assert_array_equal(pick_activation_levels(a, budget=4), [0, 1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(pick_activation_levels(a, budget=1), [0, 1, 0, 0, 0, 0])  # range 9 → 6
+    assert not pick_activation_levels(a, budget=1, min_gain=2.0).any()  # 9 → 6 is not worth it
+    # one dominant channel is split again: 4 copies of x/4 (3 extra channels) bring 40 → 10
+    big = np.array([40.0, 10.0, 9.0, 1.0])
+    lv = pick_activation_levels(big, budget=3)
+    np.testing.assert_array_equal(lv, [2, 0, 0, 0])
+    assert split_cost(lv) == 3 and (big / 2.0**lv).max() == 10.0
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 32)).astype(np.float32)
     w[5] *= 8.0  # an outlier row sets every column's scale
