@@ -175,7 +175,29 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as e:
         raise InputError(f"{p}: cannot read the graph: {e}") from None
     ir.external_data.set_base_dir(model.graph, p.parent)
+    _inline_attribute_tensors(model.graph)
     return model
+
+
+def _inline_attribute_tensors(graph: ir.Graph) -> None:
+    """Read tensors held in node attributes (``Constant`` values) into memory.
+
+    Exporters that save past 2 GB move even these into the external-data file, and
+    ``onnx_ir`` saves attribute tensors with their old location: the saved model would
+    point into the *source* folder's data file.  They are small (shapes, rotary tables),
+    so they are simply inlined.
+    """
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                t = attr.value
+                node.attributes[name] = ir.AttrTensor(name, ir.Tensor(t.numpy().copy(), name=t.name))
+            elif attr.type == ir.AttributeType.TENSORS and any(
+                isinstance(t, ir.ExternalTensor) for t in attr.value
+            ):
+                node.attributes[name] = ir.AttrTensors(
+                    name, [ir.Tensor(t.numpy().copy(), name=t.name) for t in attr.value]
+                )
 
 
 # ----------------------------------------------------------------------------- saving

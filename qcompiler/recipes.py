@@ -180,7 +180,7 @@ def _mixed(o: QuantizeOptions) -> str:
     return (
         f"canonicalize,assign-precision{{{limits},{common},seq_len={o.seq_len}}},"
         f"quantize-weights{{bits=4,group_size={o.group_size},method=rtn,{common}}}"
-    )
+    ) + _embeddings_step(o, 4)
 
 
 register_recipe(

@@ -297,6 +297,37 @@ def test_spilled_tensor_reads_back(tmp_path: Path) -> None:
     store.close()
 
 
+def test_external_constant_attributes_survive_a_resave(tmp_path: Path) -> None:
+    """Exporters past 2 GB put even ``Constant`` values in the data file; a re-save must keep them."""
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "W")
+    cval = np.arange(64, dtype=np.float32).reshape(1, 64)
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(cval, "cv")),
+        helper.make_node("MatMul", ["x", "W"], ["y"]),
+        helper.make_node("Add", ["y", "c"], ["z"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 64])],
+                              [helper.make_tensor_value_info("z", 1, [1, 64])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    # the same data-file name in both folders: a stale location would silently read the wrong file
+    onnx.save(proto, src / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx_data", size_threshold=0, convert_attribute=True)
+    irutil.save_model(irutil.load_model(src / "model.onnx"), dst / "model.onnx")
+    shutil.rmtree(src)
+    irutil.check_model_file(dst / "model.onnx")
+    import onnxruntime as ort
+
+    x = np.ones((1, 64), np.float32)
+    out = ort.InferenceSession(str(dst / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, x @ np.ones((64, 64), np.float32) + cval)
+
+
 # ----------------------------------------------------------------------------- streaming builder (small scale)
 
 

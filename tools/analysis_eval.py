@@ -2,6 +2,7 @@
 
     python tools/analysis_eval.py MODEL_DIR REPORT_DIR/report.json --text EVAL.txt \\
         [--max-tokens 2048] [--top 15] [--budgets 4.35,4.5,4.75,5.0] [--json out.json]
+        [--skip-ablation | --skip-budgets] [--cache ablations.json]
 
 1. **Ablation**: for the ``top`` most sensitive linears of the report's ranking, quantize
    only that linear with the report's reference candidate and measure perplexity (and
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--budgets", default="4.35,4.5,4.75,5.0")
     p.add_argument("--skip-ablation", action="store_true")
+    p.add_argument("--skip-budgets", action="store_true", help="only the ablation")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="write the numbers here too")
     p.add_argument("--cache", type=Path, default=None,
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
               ", ".join(f"{k} {v:.3f}" for k, v in rho.items()), flush=True)
         out["ablation"] = {"rows": rows, "spearman": rho}
 
+    if args.skip_budgets:
+        return _finish(args, out, e2e, t0)
     options = parse_candidates(report["mixed"]["options"], sym=sym)
     keys = list(sites.linears)
     errors = AssignPrecision._errors_from_report(
@@ -130,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {row['avg_bits']:.3f} | {row['size_mb']:.1f} | {ppl:.3f} | "
               f"{100 * (ppl / float_ppl - 1):+.1f} | {kl:.4f} |", flush=True)
     out["budgets"] = table
+    return _finish(args, out, e2e, t0)
+
+
+def _finish(args: argparse.Namespace, out: dict[str, object], e2e: EndToEnd, t0: float) -> int:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     e2e.close()
     if args.json:

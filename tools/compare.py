@@ -11,7 +11,7 @@ the same text against the float model (perplexity, KL, top-1 agreement, size on 
 Rows:
 
 * ``qc-rtn``   — ``qc quantize --recipe w4a16-rtn`` (MatMulNBits, asym, exact min/max)
-* ``qc-rtn-sym`` — the same, symmetric
+* ``qc-rtn-sym`` — the same, symmetric; ``qc-rtn-mse`` — MSE-searched clipping (``--clip mse``)
 * ``qc-hqq``, ``qc-awq``, ``qc-gptq``, ``qc-awq-gptq`` — recipes ``w4a16-hqq`` / ``-awq`` / ``-gptq`` /
   ``-awq-gptq`` (the calibrated ones read ``--calib``: ``--calib-samples`` windows of
   ``--calib-seq-len`` tokens)
@@ -79,8 +79,10 @@ def _quantize_child(row: str, model_dir: str, out_dir: str, group: int, sym: boo
         from qcompiler.quantize import quantize
         from qcompiler.recipes import QuantizeOptions, get_recipe
 
-        recipe = QC_RECIPES.get(spec.base, spec.base[3:])
-        opts = QuantizeOptions(group_size=spec.group, sym=spec.sym, quantize_embeddings=spec.emb)
+        base = spec.base.removesuffix("-mse")  # qc-rtn-mse: the recipe with --clip mse
+        recipe = QC_RECIPES.get(base, base[3:])
+        opts = QuantizeOptions(group_size=spec.group, sym=spec.sym, quantize_embeddings=spec.emb,
+                               clip="mse" if base != spec.base else "minmax")
         if get_recipe(recipe).needs_calibration:
             if not calib.get("calib"):
                 raise SystemExit(f"row {row} needs --calib")

@@ -20,9 +20,10 @@ ratio to fp32.  Rows (``--rows``, comma-separated):
 * ``ort-dynamic`` / ``ort-dynamic-same`` — ``quantize_dynamic`` (per-channel int8 weights) likewise.
 
 ``--out DIR`` keeps the models and writes ``rows.json``, ``table.md`` and ``w8a8_analysis.json``
-(the outlier channels LLM.int8's criteria find per layer, and each smoothed group's per-channel
-activation range before/after smoothing, from the qc-smooth and qc-int8mix rows) for the
-analysis report to plot.
+(the outlier channels LLM.int8's criteria find per layer, from qc-int8mix; each smoothed group's
+per-channel activation range before/after smoothing, from qc-smooth; the static-aware α and the
+channel splits of qc-static-smooth) for the analysis report to plot;
+``python tools/compare.py w8a8 analysis DIR`` rewrites that file from an earlier ``--out DIR``.
 """
 
 from __future__ import annotations
@@ -225,11 +226,32 @@ def analysis(folders: dict[str, Path]) -> dict[str, Any]:
         rep = json.loads((mix / "quantization.json").read_text())["report"]["mixed-decompose"]
         out["outlier_criteria"] = {k: rep[k] for k in ("threshold", "min_tokens", "min_layers")}
         out["outliers"] = rep["inputs"]
+        out["outliers_per_layer"] = outliers_per_layer(rep["inputs"])
     smooth = folders.get("qc-smooth")
     if smooth is not None:
         rep = json.loads((smooth / "quantization.json").read_text())["report"]["smooth-scale"]
         out["smoothing"] = rep["groups"]
+    static = folders.get("qc-static-smooth") or folders.get("qc-static-smooth-qdq")
+    if static is not None:  # static-aware α and the channel splits on top of it, per group
+        rep = json.loads((static / "quantization.json").read_text())["report"]
+        keep = ("alpha", "folded_into", "range_before", "range_after")
+        out["static_smoothing"] = {k: {f: g.get(f) for f in keep} for k, g in rep["smooth-scale"]["groups"].items()}
+        if "split-outliers" in rep:
+            out["splitting"] = rep["split-outliers"]
     return out
+
+
+def outliers_per_layer(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``{layer: {"count": outlier dims over the layer's inputs, "dims": {group: [dims]}}}`` (mixed-decompose's report)."""
+    layers: dict[str, Any] = {}
+    for key, entry in inputs.items():
+        _, layer, group = key.split(".", 2)
+        cur = layers.setdefault(layer, {"count": 0, "dims": {}})
+        if entry["outlier_dims"]:
+            cur["dims"][group] = entry["outlier_dims"]
+    for cur in layers.values():
+        cur["count"] = sum(len(d) for d in cur["dims"].values())
+    return layers
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -256,6 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_child":
         _child(argv[1], argv[2], argv[3], json.loads(argv[4]))
+        return 0
+    if argv and argv[0] == "analysis":  # rewrite w8a8_analysis.json of an earlier --out folder
+        from qcompiler.artifact import write_json
+
+        if len(argv) != 2 or not Path(argv[1]).is_dir():
+            raise SystemExit("usage: compare.py w8a8 analysis OUT_DIR (a folder written by --out)")
+        work = Path(argv[1])
+        folders = {p.name: p for p in work.iterdir() if (p / "quantization.json").is_file()}
+        write_json(work / "w8a8_analysis.json", analysis(folders))
+        print(work / "w8a8_analysis.json")
         return 0
     p = argparse.ArgumentParser(prog="compare.py w8a8", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir")

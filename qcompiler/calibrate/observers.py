@@ -111,6 +111,12 @@ class BatchView:
             return True
         return bool(np.isfinite(self.colmax).all() and np.isfinite(self.colmin).all())
 
+    def release(self) -> None:
+        """Drop the batch-sized arrays (the activation and ``|x|``) once every observer has seen them,
+        so a sweep holds one copy per value (ORT's output), not two; small reductions stay."""
+        self.__dict__.pop("absx", None)
+        self.x2 = np.empty((0, self.x2.shape[1]), np.float32)
+
     def priorities(self, seed: int) -> np.ndarray:
         return np.random.default_rng([seed, self.window]).random(self.rows)
 

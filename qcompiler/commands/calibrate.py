@@ -49,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
         linear_requests,
         parse_memory,
     )
-    from qcompiler.calibrate.engine import peak_rss_mb
     from qcompiler.calibrate.requests import float_activations
     from qcompiler.errors import QCError
     from qcompiler.irutil import load_model
+    from qcompiler.memory import peak_rss_mb
     from qcompiler.spec import DECODER_ROLES, Role
 
     src = open_model_dir(args.model_dir)

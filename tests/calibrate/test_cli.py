@@ -39,6 +39,7 @@ def test_qc_calibrate_writes_reuses_and_refuses(synthetic_dir, synthetic_text: P
     # the same command again: loaded, nothing computed
     rc, again, _ = _qc(capsys, *args)
     assert rc == 0 and again["sweeps_computed"] == 0 and again["model_hash"] == summary["model_hash"]
+    assert again["sweeps_reused"] == summary["sweeps_computed"] and 0 < again["wall_seconds"] < 5
     # another model into the same folder: refused with the hash mismatch, exit code of CalibrationError
     other, _ = build_model_dir(tmp_path / "other", SyntheticConfig(seed=3))
     rc, _, err = _qc(capsys, "calibrate", str(other), *args[2:])

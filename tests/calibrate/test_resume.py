@@ -65,10 +65,16 @@ def test_killed_process_resumes_only_missing_groups(setup, synthetic_text: Path,
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(root)), timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
+    (store,) = cache.iterdir()
+    assert sorted(p.name for p in store.glob("group-*.npz")) == ["group-000.npz"]
+    first = (store / "group-000.npz").stat()
     cal = calibrator(model_dir, synthetic_text, cache, **BOUND)
     stats = cal(model, requests)
     assert cal.last_run.groups_reused == 1
     assert cal.last_run.groups_computed == total - 1
+    assert cal.last_run.values_computed == len(requests) - len(stats.meta["groups"][0]["values"])
+    again = (store / "group-000.npz").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # the finished group is kept as is
     assert_same(reference, stats, requests)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx_ir as ir
 import pytest
 from qcompiler.passes.canonicalize import Canonicalize
 from qcompiler.passes.lower_matmulnbits import LowerMatMulNBits
@@ -30,7 +31,7 @@ def test_integer_gemm_gives_portable_logits(synthetic_dir, tmp_path: Path, kind:
     assert "com.microsoft.MatMulNBits" not in ops and "DequantizeLinear" not in ops
     assert ctx.report["lower-w8a8-cpu"] == {kind: 14}
     if kind == "per-token":
-        assert "Round" in ops and ops.get("Cast", 0) >= 14  # q is computed in-graph, cast to int8
+        assert "Round" in ops and ops.get("Cast", 0) >= 14  # q is computed in-graph, shifted by 128 and cast to uint8
     else:
         assert ops.get("QuantizeLinear") == 14
     lowered = run_logits(model, WINDOW, tmp_path / "int")
@@ -92,7 +93,7 @@ def test_static_bias_folds_into_matmulintegertofloat(tmp_path: Path) -> None:
 
 
 def test_shared_per_token_activation(synthetic_dir, tmp_path: Path) -> None:
-    """q/k/v and gate/up reading one quantized activation keep sharing it (one int8 Cast per input)."""
+    """q/k/v and gate/up reading one quantized activation keep sharing it (one uint8 Cast per input)."""
     folder, _ = synthetic_dir
     model = load_model(folder / "model.onnx")
     run_passes(model, [Canonicalize()])
@@ -102,5 +103,8 @@ def test_shared_per_token_activation(synthetic_dir, tmp_path: Path) -> None:
     LowerW8A8Cpu()(model)
     ops = op_types(model)
     assert ops.get("com.microsoft.MatMulIntegerToFloat") == 14 and ops["Round"] == 8
-    assert sum(1 for n in model.graph if n.op_type == "Cast" and n.name.endswith("_q_Cast")) == 8
+    casts = [n for n in model.graph if n.op_type == "Cast" and n.name.endswith("_q_Cast")]
+    assert len(casts) == 8 and all(c.attributes.get_int("to") == ir.DataType.UINT8 for c in casts)
+    for gemm in (n for n in model.graph if n.op_type == "MatMulIntegerToFloat"):  # u8 activations, zero point 128
+        assert gemm.inputs[0].producer() in casts and int(gemm.inputs[4].const_value.numpy()) == 128
     assert rel_err(portable, run_logits(model, WINDOW, tmp_path / "int")) < 1e-3
