@@ -4,6 +4,9 @@ Static per-tensor activations, ``X̂ = s_x·(Q(X) − z_x)``, ``Ŵ = s_w·W_q``:
 
     X̂·Ŵ = s_x·s_w ⊙ ((Q(X) − z_x)·W_q)  =  MatMulIntegerToFloat(Q(X), W_q, s_x, s_w, z_x)
 
+An int8 ``Q(X)`` is re-emitted as uint8 with zero point ``z_x + 128`` (the same value shifted,
+exactly: ``clip(round(X/s) + z, −128, 127) + 128 = clip(round(X/s) + z + 128, 0, 255)``).
+
 Dynamic per-token activations, ``X̂ = s·q`` with ``q = clip(round(X/s), −127, 127)``, shifted
 to ``u = q + 128 ∈ [1, 255]`` (exact in float, exact as uint8) with zero point 128::
 
@@ -85,12 +88,18 @@ class LowerW8A8Cpu(QCPass):
         q = m.nodes[0]  # QuantizeLinear (the pattern is Q, DQ, weight DQ, MatMul)
         base = base_name(m.matmul)
         w, s_w = self._weights(graph, m, base)
-        zp_dtype = np.int8 if m.x_zero_dtype == "int8" else np.uint8
         s_x = add_initializer(graph, f"{base}_x_scale", np.array(m.x_scale, np.float32))
-        z_x = add_initializer(graph, f"{base}_x_zp", np.array(m.x_zero, zp_dtype))
+        a = q.outputs[0]
+        if m.x_zero_dtype == "int8":
+            # int8 activations take MLAS's slow s8×s8 path: quantize to uint8 with z + 128 instead
+            # (clip(round(x/s) + z, −128, 127) + 128 = clip(round(x/s) + z + 128, 0, 255), exactly)
+            a = _shared_u8_quantize(graph, q, m, base)
+            z_x = add_initializer(graph, f"{base}_x_zp", np.array(int(m.x_zero or 0) + 128, np.uint8))
+        else:
+            z_x = add_initializer(graph, f"{base}_x_zp", np.array(m.x_zero, np.uint8))
         y = m.matmul.outputs[0]
         bias = following_bias(y, m.w_q.shape[1]) if self.config.fold_bias else None
-        inputs: list[ir.Value | None] = [q.outputs[0], w, s_x, s_w, z_x]
+        inputs: list[ir.Value | None] = [a, w, s_x, s_w, z_x]
         if bias is not None:
             inputs += [None, add_initializer(graph, f"{base}_bias", bias[0])]
         node = ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, name=f"{base}_MatMulIntegerToFloat")
@@ -124,6 +133,20 @@ class LowerW8A8Cpu(QCPass):
         graph.insert_before(m.matmul, [*new, gemm, rescale])
         take_over(rescale.outputs[0], m.matmul.outputs[0])
         remove_dead(graph, m.nodes)
+
+
+def _shared_u8_quantize(graph: ir.Graph, q: ir.Node, m: W8A8Match, base: str) -> ir.Value:
+    """A uint8 ``QuantizeLinear`` of the same activation with zero point z + 128 (one per int8 Q)."""
+    for use in q.inputs[0].uses():
+        n = use.node
+        if (n.op_type == "QuantizeLinear" and n is not q and len(n.inputs) == 3 and n.inputs[1] is q.inputs[1]
+                and n.inputs[2] is not None and n.inputs[2].dtype == ir.DataType.UINT8):
+            return n.outputs[0]
+    zp = add_initializer(graph, f"{base}_x_zp_u8", np.array(int(m.x_zero or 0) + 128, np.uint8))
+    node = ir.node("QuantizeLinear", [q.inputs[0], q.inputs[1], zp], name=f"{q.name or base}_u8")
+    node.outputs[0].name = f"{q.name or base}_u8_out"
+    graph.insert_before(q, node)
+    return node.outputs[0]
 
 
 def _shared_u8_cast(clip: ir.Node) -> ir.Node | None:

