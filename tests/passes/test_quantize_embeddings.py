@@ -124,3 +124,26 @@ def test_per_channel_rows_use_axis0(tied_dir: Path) -> None:
     spec = QuantSpec(bits=4, granularity=Granularity.CHANNEL)
     e = load_model(tied_dir / "model.onnx").graph.initializers["model.embed_tokens.weight"].const_value.numpy()
     np.testing.assert_array_equal(rb.q, quantize_rtn(e.T, spec).q)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+@pytest.mark.parametrize("sym,group", [(False, 32), (True, 16), (False, 0)])
+def test_column_chunks_equal_whole_table(method: str, sym: bool, group: int) -> None:
+    """Quantizing the table a slice of vocabulary rows at a time gives exactly the one-shot result."""
+    from qcompiler.passes.quantize_embeddings import quantize_by_columns
+
+    from qcompiler.quant.methods import get_weight_method
+    from qcompiler.spec import Granularity, QuantSpec
+
+    table = np.random.default_rng(0).normal(size=(103, 64)).astype(np.float32)  # [V, H]
+    spec = QuantSpec(bits=4, symmetric=sym, granularity=Granularity.GROUP if group else Granularity.CHANNEL,
+                     group_size=group or 128)
+    fn = get_weight_method(method)
+    whole = fn(np.ascontiguousarray(table.T), spec)
+    parts = quantize_by_columns(fn, table, spec, chunk=10)
+    np.testing.assert_array_equal(parts.q, whole.q)
+    np.testing.assert_array_equal(parts.scale, whole.scale)
+    if sym:
+        assert parts.zero_point is None and whole.zero_point is None
+    else:
+        np.testing.assert_array_equal(parts.zero_point, whole.zero_point)
