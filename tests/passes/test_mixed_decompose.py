@@ -73,3 +73,15 @@ def test_bad_options() -> None:
         parse_pipeline("mixed-decompose{min_tokens=6}")
     with pytest.raises(QCError, match="threshold must be positive"):
         parse_pipeline("mixed-decompose{threshold=0}")
+
+
+def test_missing_statistics_name_the_value(synthetic_dir) -> None:
+    from qcompiler.errors import CalibrationError
+    from qcompiler.irutil import load_model
+    from qcompiler.pipeline import PassContext, parse_pipeline, run_passes
+    from tests.passes.w8a8_util import NoStatistics
+
+    folder, _ = synthetic_dir
+    with pytest.raises(CalibrationError, match=r"mixed-decompose: layers\.0\.\w+: statistics missing for value '[^']+': no '"):
+        run_passes(load_model(folder / "model.onnx"),
+                   parse_pipeline("canonicalize,mixed-decompose", PassContext(calibrate=NoStatistics())))

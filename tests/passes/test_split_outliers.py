@@ -91,3 +91,15 @@ def test_bad_options() -> None:
         parse_pipeline("split-outliers{budget=0}")
     with pytest.raises(QCError, match="mode must be act, weight or both"):
         parse_pipeline("split-outliers{mode=all}")
+
+
+def test_missing_statistics_name_the_value(synthetic_dir) -> None:
+    from qcompiler.errors import CalibrationError
+    from qcompiler.irutil import load_model
+    from qcompiler.pipeline import PassContext, parse_pipeline, run_passes
+    from tests.passes.w8a8_util import NoStatistics
+
+    folder, _ = synthetic_dir
+    with pytest.raises(CalibrationError, match=r"split-outliers: layers\.0\.\w+: statistics missing for value '[^']+': no '"):
+        run_passes(load_model(folder / "model.onnx"),
+                   parse_pipeline("canonicalize,split-outliers", PassContext(calibrate=NoStatistics())))

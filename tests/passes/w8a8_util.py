@@ -66,3 +66,15 @@ def shared_calibrator(tmp_path_factory, folder: Path, text: Path, **kw: int) -> 
     cache = tmp_path_factory.getbasetemp() / "w8a8-calib-cache"
     cache.mkdir(exist_ok=True)
     return calibrator(folder, text, cache, **kw)
+
+
+class NoStatistics:
+    """A calibrator that returns statistics for no value (each ``get`` raises, like a stale cache)."""
+
+    def __call__(self, model, requests):
+        return self
+
+    def get(self, value, observer):
+        from qcompiler.errors import CalibrationError
+
+        raise CalibrationError(f"no '{observer}' statistics for value '{value}'")
