@@ -77,16 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     print()
     print(f"SmolLM2-135M-Instruct on {text} ({base.tokens_scored} tokens, windows of {base.seq_len})")
-    print("| model | perplexity | Δ% | KL | top-1 | size MB | quantize s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| fp32 | {base.perplexity:.3f} | | | | {base.size_bytes / 1e6:.1f} | | |")
+    print("| model | perplexity | Δ% | KL | top-1 | size MB | quantize s |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| fp32 | {base.perplexity:.3f} | | | | {base.size_bytes / 1e6:.1f} | |")
     for recipe, summary, res in rows:
         print(
             f"| {recipe} g{args.group_size} | {res.perplexity:.3f} | {100 * (res.perplexity / base.perplexity - 1):+.2f} "
-            f"| {res.kl:.4f} | {res.top1_agreement:.3f} | {res.size_bytes / 1e6:.1f} | {summary['wall_seconds']} "
-            f"| {summary['peak_rss_mb']} |"
+            f"| {res.kl:.4f} | {res.top1_agreement:.3f} | {res.size_bytes / 1e6:.1f} | {summary['wall_seconds']} |"
         )
-    print(f"models in {out}/")
+    print(f"models in {out}/ (peak memory per step: qc bench or tools/compare.py, which run each in its own process)")
     return 0
 
 
