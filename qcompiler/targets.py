@@ -51,9 +51,14 @@ register_lowering(
 # lowering (W8A8 at 40, MatMulNBits at 50), which then turns each packed q/k/v and gate/up
 # linear into one kernel; folding bias Adds needs the lowered kernels, so it runs after.
 # Each fusion also works (and is exact) on already-lowered graphs.
+# fuse-silu writes com.microsoft.QuickGelu, which ONNX Runtime's CUDA provider has no kernel
+# for (OperatorKernels.md; `qc check --target cuda` flagged 30 CPU fallbacks): Sigmoid·Mul
+# stays as it is on cuda, where both ops have kernels.
 FUSION_PASSES = "fuse-rmsnorm,fuse-skip-rmsnorm,fuse-rotary,fuse-attention,fuse-pack-linears,fuse-silu"
+CUDA_FUSION_PASSES = FUSION_PASSES.replace(",fuse-silu", "")
+register_lowering("cpu", 30, lambda o: FUSION_PASSES if o.fuse else "")
+register_lowering("cuda", 30, lambda o: CUDA_FUSION_PASSES if o.fuse else "")
 for _target in ("cpu", "cuda"):
-    register_lowering(_target, 30, lambda o: FUSION_PASSES if o.fuse else "")
     register_lowering(_target, 60, lambda o: "fuse-bias" if o.fuse else "")
 
 # issue 9 (weight-only, --quantize-embeddings): row-blocked embedding DequantizeLinear →

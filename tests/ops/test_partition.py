@@ -125,3 +125,23 @@ def test_quantize_unknown_target_lists_choices(synthetic_dir, tmp_path: Path,
 def test_missing_model_folder() -> None:
     with pytest.raises(QCError, match="no such model folder"):
         check_partition("/nonexistent/model", "cpu")
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8-dynamic"])
+def test_cuda_target_output_stays_on_cuda(recipe: str, synthetic_dir, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole `--target cuda` outputs (fusions included) have no node the CUDA table sends to CPU."""
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions
+
+    folder, _ = synthetic_dir
+    out = tmp_path / recipe
+    quantize(folder, out, recipe=recipe, options=QuantizeOptions(target="cuda"), force=True)
+    fake = tmp_path / "built"
+    fake.mkdir()
+    (fake / build.CUDA_LIB).write_bytes(b"")
+    (fake / build.STAMP).write_text(json.dumps({"source_hash": build.source_hash()}))
+    monkeypatch.setattr(build, "default_build_dirs", lambda: [fake])
+    report = check_partition(out, "cuda", use_table=True)
+    assert report.ok, [(p.op_type, p.reason) for p in report.not_assigned]
+    assert "QuickGelu" not in {n.op_type for n in load_model(out / "model.onnx").graph}
