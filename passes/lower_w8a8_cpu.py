@@ -31,7 +31,13 @@ import numpy as np
 import onnx_ir as ir
 from qcompiler.passes._lowering import base_name, float_dtype, following_bias, remove_dead, take_over
 
-from qcompiler.irutil import MS_DOMAIN, add_initializer, ensure_opset, remove_unused_initializers
+from qcompiler.irutil import (
+    MS_DOMAIN,
+    add_initializer,
+    ensure_opset,
+    remove_unused_initializers,
+    scalar_const,
+)
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.w8a8 import W8A8Match, match_w8a8
 
@@ -89,13 +95,13 @@ class LowerW8A8Cpu(QCPass):
         base = base_name(m.matmul)
         w, s_w = self._weights(graph, m, base)
         s_x = add_initializer(graph, f"{base}_x_scale", np.array(m.x_scale, np.float32))
-        a = q.outputs[0]
         if m.x_zero_dtype == "int8":
             # int8 activations take MLAS's slow s8×s8 path: quantize to uint8 with z + 128 instead
             # (clip(round(x/s) + z, −128, 127) + 128 = clip(round(x/s) + z + 128, 0, 255), exactly)
-            a = _shared_u8_quantize(graph, q, m, base)
-            z_x = add_initializer(graph, f"{base}_x_zp", np.array(int(m.x_zero or 0) + 128, np.uint8))
+            u8 = _shared_u8_quantize(graph, q, int(m.x_zero or 0) + 128, base)
+            a, z_x = u8.outputs[0], u8.inputs[2]
         else:
+            a = q.outputs[0]
             z_x = add_initializer(graph, f"{base}_x_zp", np.array(m.x_zero, np.uint8))
         y = m.matmul.outputs[0]
         bias = following_bias(y, m.w_q.shape[1]) if self.config.fold_bias else None
@@ -135,27 +141,30 @@ class LowerW8A8Cpu(QCPass):
         remove_dead(graph, m.nodes)
 
 
-def _shared_u8_quantize(graph: ir.Graph, q: ir.Node, m: W8A8Match, base: str) -> ir.Value:
-    """A uint8 ``QuantizeLinear`` of the same activation with zero point z + 128 (one per int8 Q)."""
+def _shared_u8_quantize(graph: ir.Graph, q: ir.Node, zero: int, base: str) -> ir.Node:
+    """A uint8 ``QuantizeLinear`` of ``q``'s activation and scale with zero point ``zero``: the one
+    an earlier linear of the same activation (q/k/v, gate/up) wrote, or a new one."""
     for use in q.inputs[0].uses():
         n = use.node
-        if (n.op_type == "QuantizeLinear" and n is not q and len(n.inputs) == 3 and n.inputs[1] is q.inputs[1]
-                and n.inputs[2] is not None and n.inputs[2].dtype == ir.DataType.UINT8):
-            return n.outputs[0]
-    zp = add_initializer(graph, f"{base}_x_zp_u8", np.array(int(m.x_zero or 0) + 128, np.uint8))
+        if (n.op_type == "QuantizeLinear" and len(n.inputs) == 3 and n.inputs[1] is q.inputs[1]
+                and n.inputs[2] is not None and n.inputs[2].dtype == ir.DataType.UINT8
+                and scalar_const(n.inputs[2]) == zero):
+            return n
+    zp = add_initializer(graph, f"{base}_x_zp_u8", np.array(zero, np.uint8))
     node = ir.node("QuantizeLinear", [q.inputs[0], q.inputs[1], zp], name=f"{q.name or base}_u8")
     node.outputs[0].name = f"{q.name or base}_u8_out"
     graph.insert_before(q, node)
-    return node.outputs[0]
+    return node
 
 
 def _shared_u8_cast(clip: ir.Node) -> ir.Node | None:
     """The ``Cast(Clip(...) + 128, uint8)`` an earlier linear of the same activation wrote, if any."""
     for use in clip.outputs[0].uses():
         add = use.node
-        if add.op_type != "Add" or not add.name or not add.name.endswith("_u8_shift_Add"):
+        if add.op_type != "Add" or scalar_const(add.inputs[1]) != 128.0:
             continue
         for u in add.outputs[0].uses():
             if u.node.op_type == "Cast" and u.node.attributes.get_int("to", 0) == ir.DataType.UINT8:
                 return u.node
     return None
+

@@ -100,6 +100,8 @@ COLUMN_CHUNK = 4096
 def quantize_by_columns(method, table: np.ndarray, spec: QuantSpec, chunk: int = COLUMN_CHUNK) -> QuantizedWeight:
     """Quantize ``W = tableᵀ`` ([H, V]) ``chunk`` columns (vocabulary rows) at a time.
 
+    ``table`` is the embedding [V, H]; for an untied lm_head weight ``W`` pass the view ``W.T``.
+
     Groups run along K = H, so every column is quantized on its own (RTN, HQQ, MSE clipping):
     the result equals quantizing W at once, while the float32 copies and the methods'
     temporaries cover one slice of a table that is often the largest tensor of a small
@@ -164,7 +166,7 @@ class QuantizeEmbeddings(QCPass):
                 done["lm_head"] = f"{spec.describe()} (shares {name})"
         if cfg.lm_head and lm is not None and lm_found is not None and not lm_found[1] and "lm_head" not in done:
             w_val = lm_found[0]
-            qw = method(w_val.const_value.numpy().astype(np.float32), spec)
+            qw = quantize_by_columns(method, w_val.const_value.numpy().T, spec)  # W [H, V] = (Wᵀ)ᵀ
             emit_dequantized_weight(graph, lm, qw, base_name="lm_head.weight")
             done["lm_head"] = spec.describe()
         if not done:

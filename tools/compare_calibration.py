@@ -13,7 +13,8 @@ machine distorts less) and peak RSS (the child's own ``VmHWM``) are its own:
 
 * ``qc``       — ``Calibrator`` with minmax + per-channel abs-max + Hessian (XᵀX) of every
   distinct decoder-linear input, in a fresh cache folder (nothing reused), memory bound
-  ``--max-memory`` (default: none given, i.e. 80% of the available memory);
+  ``--max-memory`` (default: the engine's, 1.5 × the weights + the statistics, at most 80% of
+  the available memory);
 * ``qc-bound`` — the same with the memory bound ``--bound`` (default: the RSS target
   below), so the engine plans as many sweeps as the bound needs;
 * ``ort``      — ``onnxruntime.quantization.quantize_static`` (QDQ, MinMax calibration)
@@ -212,14 +213,16 @@ def format_table(rows: list[dict[str, object]], model_mb: float) -> str:
     return "\n".join(lines)
 
 
-def ort_seconds_for(ort_row: dict[str, object], windows: int) -> tuple[float, bool]:
+def ort_seconds_for(ort_row: dict[str, object], windows: int, total: str = "seconds",
+                    loop: str = "loop_seconds") -> tuple[float, bool]:
     """ORT's calibration time for ``windows`` windows: measured, or extrapolated from its run
-    (set-up and quantization once, plus its measured seconds per window); True if extrapolated."""
-    n, secs = int(ort_row["windows"]), float(ort_row["seconds"])  # type: ignore[arg-type]
+    (set-up and quantization once, plus its measured seconds per window); True if extrapolated.
+    ``total``/``loop`` name the row's whole and per-batch times (wall, or CPU)."""
+    n, secs = int(ort_row["windows"]), float(ort_row[total])  # type: ignore[arg-type]
     if n == windows:
         return secs, False
-    loop = float(ort_row["loop_seconds"])  # type: ignore[arg-type]
-    return secs - loop + loop / n * windows, True
+    in_loop = float(ort_row.get(loop, 0.0))  # type: ignore[arg-type]
+    return secs - in_loop + in_loop / n * windows, True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-memory", default=None,
                    help="the qc row's memory bound, e.g. 1GB, or 'target' (1.5 × fp32 model + Hessians; "
-                        "default: none, i.e. 80%% of the available memory)")
+                        "default: the engine's, 1.5 × weights + statistics, at most 80%% of available memory)")
     p.add_argument("--bound", default="target", help="the qc-bound row's memory bound (default: the RSS target)")
     p.add_argument("--ort-samples", type=int, default=None,
                    help="ORT calibrates on the first N of the windows only (default: all)")
@@ -283,10 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             how = (f"extrapolated from its {ort_row['windows']} windows: set-up "
                    f"{float(ort_row['seconds']) - float(ort_row['loop_seconds']):.1f}s + {ort_rate:.2f} s/window"
                    if extrapolated else "measured")
-            ort_cpu = float(ort_row["cpu_seconds"])  # type: ignore[arg-type]
-            if extrapolated:  # the same extrapolation for CPU time (less distorted by other load)
-                lc = float(ort_row.get("loop_cpu_seconds", 0.0))  # type: ignore[arg-type]
-                ort_cpu += lc / int(ort_row["windows"]) * (int(qc["windows"]) - int(ort_row["windows"]))  # type: ignore[arg-type]
+            # the same extrapolation for CPU time (less distorted by other load)
+            ort_cpu, _ = ort_seconds_for(ort_row, int(qc["windows"]), "cpu_seconds", "loop_cpu_seconds")
             cpu = (f"CPU time ORT{' (extrapolated)' if extrapolated else ''}/qc {ort_cpu:.0f}/"
                    f"{float(qc['cpu_seconds']):.0f} s = {ort_cpu / float(qc['cpu_seconds']):.2f}; ")
             print(f"speed: {qc['row']} {float(qc['seconds']):.1f}s vs ORT {ort_s:.1f}s ({how}) for {qc['windows']} "

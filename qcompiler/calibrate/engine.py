@@ -82,8 +82,6 @@ class RunInfo:
     peak_rss_mb: float = 0.0
 
 
-
-
 def _available_bytes() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
