@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.irutil import const_array
+from qcompiler.irutil import add_initializer, const_array, scalar_const
 
 
 def take_over(new: ir.Value, old: ir.Value) -> None:
@@ -67,3 +67,19 @@ def float_dtype(*values: ir.Value | None) -> ir.DataType | None:
         if v is not None and v.dtype is not None:
             return v.dtype if v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) else None
     return None
+
+
+def shared_u8_quantize(graph: ir.Graph, q: ir.Node, zero: int, base: str) -> ir.Node:
+    """A uint8 ``QuantizeLinear`` of ``q``'s activation and scale with zero point ``zero``: the one
+    an earlier linear of the same activation (q/k/v, gate/up) wrote, or a new one."""
+    for use in q.inputs[0].uses():
+        n = use.node
+        if (n.op_type == "QuantizeLinear" and len(n.inputs) == 3 and n.inputs[1] is q.inputs[1]
+                and n.inputs[2] is not None and n.inputs[2].dtype == ir.DataType.UINT8
+                and scalar_const(n.inputs[2]) == zero):
+            return n
+    zp = add_initializer(graph, f"{base}_x_zp_u8", np.array(zero, np.uint8))
+    node = ir.node("QuantizeLinear", [q.inputs[0], q.inputs[1], zp], name=f"{q.name or base}_u8")
+    node.outputs[0].name = f"{q.name or base}_u8_out"
+    graph.insert_before(q, node)
+    return node

@@ -13,7 +13,10 @@ element at run time::
     form=msft:  Y = com.microsoft.MatMulIntegerToFloat(X_q, W_q, s_x, s_w, bias = b − s_x·s_w·z_x·colsum)
     form=onnx:  Y = Add(Mul(Cast(MatMulInteger(X_q, W_q), float), s_x·s_w), b − s_x·s_w·z_x·colsum)
 
-``X_q·W_q`` is exact in int32 (|X_q·W_q| ≤ K·255·127 < 2³¹ for K < 66000), so the result
+The weight is stored as :func:`qcompiler.quant.intgemm.encode_weight` says (``cpu_isa=any``:
+``W_u = W_q + 128`` with zero point 128, so the GEMM is u8×u8 and exact on every CPU;
+``(X_q)·(W_u − 128) = X_q·W_q``; ``cpu_isa=vnni``: int8 ``W_q``, u8×s8, which saturates on x86
+CPUs without VNNI).  ``X_q·W_q`` is exact in int32 (|X_q·W_q| ≤ K·255·127 < 2³¹ for K < 66000), so the result
 equals the unfolded QDQ graph up to float rounding of the scale product and the bias.
 Symmetric activations (``z_x = 0``) are rewritten the same way (no bias term) unless
 ``symmetric=false``.  Per-token forms are left to the target lowering.
@@ -27,10 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from qcompiler.passes._lowering import base_name, following_bias, remove_dead, take_over
+from qcompiler.passes._lowering import base_name, following_bias, remove_dead, shared_u8_quantize, take_over
 
 from qcompiler.irutil import MS_DOMAIN, add_initializer, ensure_opset, remove_unused_initializers
 from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.intgemm import check_cpu_isa, encode_weight
 from qcompiler.quant.w8a8 import QUANT_KEY, W8A8Match, match_w8a8
 
 log = logging.getLogger(__name__)
@@ -43,8 +47,10 @@ class FoldZeroPointConfig:
     form: str = "msft"  # msft: MatMulIntegerToFloat (ORT CPU/CUDA) | onnx: MatMulInteger + Cast + Mul + Add
     symmetric: bool = True  # also rewrite static forms whose zero point is 0
     fold_bias: bool = True  # fold a following constant bias Add into the GEMM's bias
+    cpu_isa: str = "any"  # any: u8×u8 GEMMs, exact on every CPU | vnni: u8×s8 (VNNI/AMX/ARM CPUs only)
 
     def __post_init__(self) -> None:
+        check_cpu_isa(self.cpu_isa)
         if self.form not in ("msft", "onnx"):
             raise ValueError(f"form must be msft or onnx, got {self.form}")
 
@@ -99,19 +105,30 @@ class FoldZeroPoint(QCPass):
         base = base_name(m.matmul)
         y = m.matmul.outputs[0]
         n = m.w_q.shape[1]
+        x_q, x_zero = q.outputs[0], int(m.x_zero or 0)
+        if m.x_zero_dtype == "int8" and cfg.cpu_isa == "any":
+            # ORT has no int8 × uint8 kernel: quantize to uint8 with z + 128 instead, exactly
+            # (clip(round(x/s) + z, −128, 127) + 128 = clip(round(x/s) + z + 128, 0, 255))
+            x_zero += 128
+            x_q = shared_u8_quantize(graph, q, x_zero, base).outputs[0]
         found = following_bias(y, n) if cfg.fold_bias else None
-        bias = folded_bias(m.w_q, m.w_scale, m.x_scale, m.x_zero, found[0] if found else None)  # type: ignore[arg-type]
-        has_bias = found is not None or m.x_zero != 0
-        w = add_initializer(graph, f"{base}_w_int8", ir.Tensor(np.ascontiguousarray(m.w_q, np.int8)))
+        bias = folded_bias(m.w_q, m.w_scale, m.x_scale, x_zero, found[0] if found else None)  # type: ignore[arg-type]
+        has_bias = found is not None or x_zero != 0
+        w_stored, w_zero = encode_weight(m.w_q, cfg.cpu_isa)
+        w = add_initializer(graph, f"{base}_w_{w_stored.dtype}", ir.Tensor(w_stored))
+        z_w = add_initializer(graph, f"{base}_w_zp", w_zero) if w_zero is not None else None
         if cfg.form == "msft":
             s_x = add_initializer(graph, f"{base}_x_scale", np.array(m.x_scale, np.float32))
             s_w = add_initializer(graph, f"{base}_w_scale", m.w_scale.astype(np.float32))
-            inputs: list[ir.Value | None] = [q.outputs[0], w, s_x, s_w]
+            inputs: list[ir.Value | None] = [x_q, w, s_x, s_w, None, z_w]
             if has_bias:
-                inputs += [None, None, add_initializer(graph, f"{base}_folded_bias", bias)]
+                inputs.append(add_initializer(graph, f"{base}_folded_bias", bias))
+            while inputs[-1] is None:
+                inputs.pop()
             new = [ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, name=f"{base}_MatMulIntegerToFloat")]
         else:
-            mm = ir.node("MatMulInteger", [q.outputs[0], w], name=f"{base}_MatMulInteger")
+            mm_inputs: list[ir.Value | None] = [x_q, w] + ([None, z_w] if z_w is not None else [])
+            mm = ir.node("MatMulInteger", mm_inputs, name=f"{base}_MatMulInteger")
             cast = ir.node("Cast", [mm.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
             scale = (np.float64(m.x_scale) * m.w_scale.astype(np.float64)).astype(np.float32)
             mul = ir.node("Mul", [cast.outputs[0], add_initializer(graph, f"{base}_xw_scale", scale)], name=f"{base}_Mul")

@@ -12,7 +12,7 @@ travel with their column:
 * ``com.microsoft.MatMulNBits``: rows of ``B[N, blocks, blob]``, of the scales and
   packed zero points (stored N-major), and the bias;
 * ``com.microsoft.MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul``: ``B`` columns, per
-  column scales/zero points, bias — the activation side (``A``, its scale and zero
+  column scales/zero points (a scalar one, equal in every member, stays scalar), bias — the activation side (``A``, its scale and zero
   point) must be the very same values.
 
 Members must agree on everything else (K, bits, block size, accuracy level, types,
@@ -130,16 +130,20 @@ def _member(node: ir.Node) -> _Member | None:
         shared = tuple(id(node.inputs[i]) if i < len(node.inputs) and node.inputs[i] is not None else None
                        for i in range(len(node.inputs)) if i not in col_slots)
         pieces = {1: (b[0].T.copy(), b[1])}
-        for i in col_slots[1:]:
+        scalars = []  # a scalar (the uint8 weights' zero point 128) stays scalar if all members agree:
+        for i in col_slots[1:]:  # MLAS's per-column zero-point path is 2.7× slower
             v = _optional(node, i)
             if v is None:
                 continue
             a = _arr(v)
+            if a is not None and a[0].size == 1:
+                scalars.append((i, a[0].reshape(()).item(), str(a[1])))
+                continue
             r = _rows(a[0], n, 0) if a is not None else None
             if r is None:
                 return None
             pieces[i] = (r, a[1])  # type: ignore[index]
-        key = (op, k, shared, tuple(sorted((i, str(p[1])) for i, p in pieces.items())))
+        key = (op, k, shared, tuple(scalars), tuple(sorted((i, str(p[1])) for i, p in pieces.items())))
         return _Member(node, key, n, pieces)
     return None
 

@@ -1,7 +1,10 @@
 """insert-qdq: write the canonical W8A8 forms (``qcompiler.quant.w8a8``) on the decoder's linears.
 
 For ``Y = X·W``, W is quantized symmetric int8 per output channel
-(``s_w[n] = max_k |W[k, n]|/127``, ``Ŵ = s_w ⊙ clamp(round(W/s_w), −127, 127)``) and X either
+(``s_w[n] = max_k |W[k, n]|/127``, ``Ŵ = s_w ⊙ clamp(round(W/s_w), −127, 127)``; with
+``weight_bits=7`` ``/63`` and ``[−63, 63]``, the range whose u8×s8 products ONNX Runtime's
+x86 kernels cannot saturate, for QDQ graphs it fuses itself: see ``qcompiler.quant.intgemm``)
+and X either
 
 * **static per tensor**: ``X̂ = s_x·(clamp(round(X/s_x) + z_x) − z_x)`` with one ``(s_x, z_x)``
   from calibration: the range ``[lo, hi]`` is the observed min/max, or clipped by the
@@ -65,6 +68,7 @@ class InsertQdqConfig:
     dtype: str = "int8"  # static activation integer type: int8 | uint8
     sym: bool = True  # static activations symmetric (z = 0 for int8, 128 for uint8)
     weight_clip: str = "minmax"  # minmax | mse (per-channel int8 weights)
+    weight_bits: int = 8  # 8 | 7 (int8 storage, |q| <= 63: u8×s8 exact on every CPU)
     lm_head: bool = False
     skip: str = ""  # ':'-separated linear keys left in float
 
@@ -79,6 +83,8 @@ class InsertQdqConfig:
             raise ValueError(f"dtype must be int8 or uint8, got {self.dtype}")
         if self.weight_clip not in ("minmax", "mse"):
             raise ValueError(f"weight_clip must be minmax or mse, got {self.weight_clip}")
+        if self.weight_bits not in (7, 8):
+            raise ValueError(f"weight_bits must be 7 or 8, got {self.weight_bits}")
 
     def act_spec(self) -> QuantSpec:
         gran = Granularity.TOKEN if self.act == "per-token" else Granularity.TENSOR
@@ -86,14 +92,14 @@ class InsertQdqConfig:
         return QuantSpec(bits=8, symmetric=self.sym or self.act == "per-token", granularity=gran, method=method)
 
 
-def _weight_spec(node: ir.Node, default_clip: str, key: str) -> QuantSpec:
+def _weight_spec(node: ir.Node, default_clip: str, key: str, bits: int = 8) -> QuantSpec:
     spec = weight_spec(node)
     clip = default_clip
     if spec is not None:
         if spec.bits != 8:
             raise QCError(f"insert-qdq: {key} is annotated for int{spec.bits} weights; W8A8 needs 8 bits")
         clip = spec.clip
-    return QuantSpec(bits=8, symmetric=True, granularity=Granularity.CHANNEL, method="rtn", clip=clip)
+    return QuantSpec(bits=bits, symmetric=True, granularity=Granularity.CHANNEL, method="rtn", clip=clip)
 
 
 @register_pass
@@ -159,7 +165,7 @@ class InsertQdq(QCPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _weight(self, graph: ir.Graph, node: ir.Node, key: str) -> None:
-        spec = _weight_spec(node, self.config.weight_clip, key)
+        spec = _weight_spec(node, self.config.weight_clip, key, self.config.weight_bits)
         w_val, _ = linear_weight(node)  # type: ignore[misc]
         qw = quantize_weight(w_val.const_value.numpy(), spec)  # type: ignore[union-attr]
         emit_int8_weight(graph, node, qw.q, qw.scale.reshape(-1), f"{key}.weight")

@@ -10,7 +10,16 @@ channel or block) is re-quantized from its dequantized values::
 with ``c = 1`` for int8 (at most ``s'/2`` error per weight) and ``c`` from an MSE search
 for int4 (rounding twice onto 15 levels hurts: quantize with ``--sym`` for the npu
 target instead, which the pass says when it has to re-quantize).  Conforming weights
-are left untouched.  ``static_shapes=T`` fixes batch = 1 and every sequence dimension of
+are left untouched.
+
+ONNX Runtime, when it runs this graph on a CPU, fuses ``DQ(uint8 X)·DQ(int8 W)`` into its
+u8×s8 GEMM, which saturates on x86 CPUs without VNNI unless ``|q| ≤ 64``
+(``qcompiler.quant.intgemm``).  With ``cpu_isa=any`` (default) the weights of such W8A8
+MatMuls must therefore lie in ``[−64, 63]``: the recipes quantize them to 7 bits directly
+(``insert-qdq{weight_bits=7}``, still int8 symmetric per channel, the format NPU compilers
+take); a wider one met here is re-quantized to ``[−63, 63]`` from its dequantized values
+with a warning.  ``cpu_isa=vnni`` keeps full-range int8 weights (for an NPU, or VNNI CPUs).
+``static_shapes=T`` fixes batch = 1 and every sequence dimension of
 the (KV-cache-free) graph inputs to ``T``, then infers shapes and folds the shape
 arithmetic that became constant (Shape/Gather/Concat/... chains, never a Q/DQ or a
 weight).  The result must hold only default-domain ops at opset 21 and pass
@@ -38,6 +47,7 @@ from qcompiler.irutil import (
 )
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.emit import read_dq_weight
+from qcompiler.quant.intgemm import SAFE_S8, check_cpu_isa
 from qcompiler.quant.numerics import dequantize, quantize_weight
 from qcompiler.spec import Granularity, QuantSpec
 
@@ -58,8 +68,10 @@ class LowerNpuConfig:
     batch: int = 1
     requantize: bool = True  # re-quantize non-conforming weights (else: error)
     check: bool = True  # run onnx.checker full_check (on a temporary copy)
+    cpu_isa: str = "any"  # any: W8A8 weights in [-64, 63] so ORT's fused CPU GEMMs are exact | vnni: full int8
 
     def __post_init__(self) -> None:
+        check_cpu_isa(self.cpu_isa)
         if self.static_shapes is not None and self.static_shapes < 1:
             raise ValueError(f"static_shapes must be a positive sequence length, got {self.static_shapes}")
 
@@ -87,7 +99,12 @@ class LowerNpu(QCPass):
         report: dict[str, object] = {}
         counts = self._weights(graph)
         report["weights"] = dict(counts)
-        redone = sum(v for k, v in counts.items() if "→" in k)
+        narrowed = sum(v for k, v in counts.items() if "[-63, 63]" in k)
+        if narrowed:
+            log.warning("lower-npu: narrowed %d W8A8 weight(s) to [-63, 63] from their dequantized values so that "
+                        "ONNX Runtime's fused u8×s8 CPU GEMMs are exact on every CPU (rounding twice); quantize "
+                        "with --target npu to get 7-bit weights directly, or --cpu-isa vnni to keep 8 bits", narrowed)
+        redone = sum(v for k, v in counts.items() if "→" in k) - narrowed
         if redone:
             log.warning("lower-npu: re-quantized %d weight(s) to symmetric int8/int4 from their dequantized values, "
                         "which compounds rounding error; quantize with --sym (int4) or --bits 8 --group-size 0 "
@@ -116,6 +133,14 @@ class LowerNpu(QCPass):
                 continue
             per_channel = dqw.group_size >= dqw.q.shape[0]
             ok = dqw.symmetric and dqw.zero_point is None and (dqw.bits == 4 or (dqw.bits == 8 and per_channel))
+            narrow = self.config.cpu_isa == "any" and dqw.bits == 8 and _feeds_qdq_matmul(node)
+            if ok and narrow and (int(dqw.q.min()) < SAFE_S8[0] or int(dqw.q.max()) > SAFE_S8[1]):
+                w = dequantize(dqw.q, dqw.scale, dqw.zero_point, dqw.group_size)
+                spec7 = QuantSpec(bits=7, symmetric=True, granularity=Granularity.CHANNEL, method="rtn")
+                qw = quantize_weight(w, spec7)
+                self._replace_weight(graph, dqw.dq, qw.q, qw.scale, 8, 0)
+                counts["int8 channel → int8 in [-63, 63] (W8A8: exact on every CPU)"] += 1
+                continue
             if ok:
                 counts[f"int{dqw.bits} {'channel' if per_channel else 'block'} kept"] += 1
                 continue
@@ -187,6 +212,17 @@ class LowerNpu(QCPass):
         if dynamic:
             log.warning("lower-npu: outputs %s still have dynamic shapes", dynamic)
         return {"inputs": fixed, "folded_nodes": folded, "dynamic_outputs": dynamic}
+
+
+def _feeds_qdq_matmul(dq: ir.Node) -> bool:
+    """Whether a weight DequantizeLinear feeds a MatMul whose activation is a DequantizeLinear too."""
+    for use in dq.outputs[0].uses():
+        mm = use.node
+        if mm.op_type in ("MatMul", "Gemm") and mm.domain == "" and use.idx == 1:
+            a = mm.inputs[0].producer() if mm.inputs[0] is not None else None
+            if a is not None and a.op_type == "DequantizeLinear":
+                return True
+    return False
 
 
 def _infer_shapes(model: ir.Model) -> None:

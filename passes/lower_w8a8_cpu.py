@@ -13,12 +13,22 @@ to ``u = q + 128 ∈ [1, 255]`` (exact in float, exact as uint8) with zero point
     X̂·Ŵ = s ⊙ (q·W_q)·s_w = s ⊙ ((u − 128)·W_q)·s_w
         = Mul(MatMulIntegerToFloat(Cast(q + 128, uint8), W_q, 1, s_w, 128), s)
 
-(``s`` a column ``[..., 1]`` broadcast over N).  The shift is for speed: ONNX Runtime's CPU
-GEMM (MLAS) has fast kernels for uint8 activations × int8 weights; int8 × int8 takes a slow
-path (measured 2.9 ms vs 124 ms for a 512×576·576×1536 product, one thread, AVX-512 VNNI).  Both keep the integer product in int32
-inside ONNX Runtime's CPU GEMM; a constant bias Add following a static GEMM folds into
-MatMulIntegerToFloat's ``bias``.  Only float32 graphs are lowered (the CPU kernel has
-float32 scales); others are left in the portable form and logged.
+(``s`` a column ``[..., 1]`` broadcast over N).  The activations are uint8 because MLAS has
+fast kernels for uint8 activations only (int8 × int8 takes a portable C++ path, 6× slower).
+
+The weight is stored as :func:`qcompiler.quant.intgemm.encode_weight` says: with
+``cpu_isa=any`` (default) as ``W_u = W_q + 128`` with zero point 128, which is exact::
+
+    (A − z_a)·(W_u − 128) = (A − z_a)·W_q
+
+and runs MLAS's u8×u8 kernel, exact on every ISA.  MLAS's u8×s8 kernel, which an int8
+weight would select, sums pairs of products into a saturating int16 on x86 CPUs without
+VNNI (``2·255·127 > 32767``: 20% error on this project's AVX2 machine); ``cpu_isa=vnni``
+writes int8 weights for users who declare VNNI/AMX/ARM CPUs only (measured here: u8×u8
+6.7 ms vs u8×s8 5.0 ms for 512×576·576×1536 on one thread, equal at one row; see
+``qcompiler/quant/intgemm.py`` for the table).  A constant bias Add following a static GEMM
+folds into MatMulIntegerToFloat's ``bias``.  Only float32 graphs are lowered (the CPU
+kernel has float32 scales); others are left in the portable form and logged.
 """
 
 from __future__ import annotations
@@ -29,7 +39,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from qcompiler.passes._lowering import base_name, float_dtype, following_bias, remove_dead, take_over
+from qcompiler.passes._lowering import (
+    base_name,
+    float_dtype,
+    following_bias,
+    remove_dead,
+    shared_u8_quantize,
+    take_over,
+)
 
 from qcompiler.irutil import (
     MS_DOMAIN,
@@ -39,9 +56,13 @@ from qcompiler.irutil import (
     scalar_const,
 )
 from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.intgemm import check_cpu_isa, encode_weight
 from qcompiler.quant.w8a8 import W8A8Match, match_w8a8
 
 log = logging.getLogger(__name__)
+
+WEIGHT_FORMS = {"any": "uint8 = int8 + 128, zero point 128 (u8×u8: exact on every CPU)",
+                "vnni": "int8 (u8×s8: exact on VNNI/AMX/ARM CPUs only, saturates on AVX2 without VNNI)"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,10 @@ class LowerW8A8CpuConfig:
     static: bool = True  # lower static per-tensor W8A8
     per_token: bool = True  # lower dynamic per-token W8A8
     fold_bias: bool = True
+    cpu_isa: str = "any"  # any: u8×u8 GEMMs, exact on every CPU | vnni: u8×s8 (VNNI/AMX/ARM CPUs only)
+
+    def __post_init__(self) -> None:
+        check_cpu_isa(self.cpu_isa)
 
 
 @register_pass
@@ -81,33 +106,41 @@ class LowerW8A8Cpu(QCPass):
         if lowered:
             remove_unused_initializers(graph)
             ensure_opset(model, MS_DOMAIN, 1)
-        self.context.report[self.name] = dict(counts)
+        report: dict[str, object] = dict(counts)
+        if lowered:
+            report["weights"] = WEIGHT_FORMS[self.config.cpu_isa]
+        self.context.report[self.name] = report
         log.info("lower-w8a8-cpu: %s", ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing to lower")
         return ir.passes.PassResult(model, modified=lowered > 0)
 
-    def _weights(self, graph: ir.Graph, m: W8A8Match, base: str) -> tuple[ir.Value, ir.Value]:
-        w = add_initializer(graph, f"{base}_w_int8", ir.Tensor(np.ascontiguousarray(m.w_q, np.int8)))
+    def _weights(self, graph: ir.Graph, m: W8A8Match, base: str) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+        """The stored weight, its scales and its zero point (None for int8 weights)."""
+        w_stored, w_zero = encode_weight(m.w_q, self.config.cpu_isa)
+        w = add_initializer(graph, f"{base}_w_{w_stored.dtype}", ir.Tensor(w_stored))
         s = add_initializer(graph, f"{base}_w_scale", m.w_scale.astype(np.float32))
-        return w, s
+        z = add_initializer(graph, f"{base}_w_zp", w_zero) if w_zero is not None else None
+        return w, s, z
 
     def _static(self, graph: ir.Graph, m: W8A8Match) -> None:
         q = m.nodes[0]  # QuantizeLinear (the pattern is Q, DQ, weight DQ, MatMul)
         base = base_name(m.matmul)
-        w, s_w = self._weights(graph, m, base)
+        w, s_w, z_w = self._weights(graph, m, base)
         s_x = add_initializer(graph, f"{base}_x_scale", np.array(m.x_scale, np.float32))
         if m.x_zero_dtype == "int8":
             # int8 activations take MLAS's slow s8×s8 path: quantize to uint8 with z + 128 instead
             # (clip(round(x/s) + z, −128, 127) + 128 = clip(round(x/s) + z + 128, 0, 255), exactly)
-            u8 = _shared_u8_quantize(graph, q, int(m.x_zero or 0) + 128, base)
+            u8 = shared_u8_quantize(graph, q, int(m.x_zero or 0) + 128, base)
             a, z_x = u8.outputs[0], u8.inputs[2]
         else:
             a = q.outputs[0]
             z_x = add_initializer(graph, f"{base}_x_zp", np.array(m.x_zero, np.uint8))
         y = m.matmul.outputs[0]
         bias = following_bias(y, m.w_q.shape[1]) if self.config.fold_bias else None
-        inputs: list[ir.Value | None] = [a, w, s_x, s_w, z_x]
+        inputs: list[ir.Value | None] = [a, w, s_x, s_w, z_x, z_w]
         if bias is not None:
-            inputs += [None, add_initializer(graph, f"{base}_bias", bias[0])]
+            inputs.append(add_initializer(graph, f"{base}_bias", bias[0]))
+        while inputs[-1] is None:
+            inputs.pop()
         node = ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, name=f"{base}_MatMulIntegerToFloat")
         node.meta.update(m.matmul.meta)
         node.metadata_props.update(m.matmul.metadata_props)
@@ -119,7 +152,7 @@ class LowerW8A8Cpu(QCPass):
         # pattern nodes: Abs, ReduceMax, Max, Div (scale), Div, Round, Clip, Mul, weight DQ, MatMul
         scale_div, clip = m.nodes[3], m.nodes[6]
         base = base_name(m.matmul)
-        w, s_w = self._weights(graph, m, base)
+        w, s_w, z_w = self._weights(graph, m, base)
         one = add_initializer(graph, f"{base}_one", np.array(1.0, np.float32))
         zp = add_initializer(graph, f"{base}_x_zp", np.array(128, np.uint8))
         # linears sharing one quantized activation (q/k/v, gate/up) share the shifted uint8 cast too
@@ -130,7 +163,8 @@ class LowerW8A8Cpu(QCPass):
                             name=f"{base}_u8_shift_Add")
             cast = ir.node("Cast", [shift.outputs[0]], {"to": ir.DataType.UINT8}, name=f"{base}_q_Cast")
             new += [shift, cast]
-        gemm = ir.node("MatMulIntegerToFloat", [cast.outputs[0], w, one, s_w, zp], domain=MS_DOMAIN,
+        gemm_inputs = [cast.outputs[0], w, one, s_w, zp] + ([z_w] if z_w is not None else [])
+        gemm = ir.node("MatMulIntegerToFloat", gemm_inputs, domain=MS_DOMAIN,
                        name=f"{base}_MatMulIntegerToFloat")
         rescale = ir.node("Mul", [gemm.outputs[0], scale_div.outputs[0]], name=f"{base}_row_scale_Mul")
         for n in (gemm, rescale):
@@ -139,22 +173,6 @@ class LowerW8A8Cpu(QCPass):
         graph.insert_before(m.matmul, [*new, gemm, rescale])
         take_over(rescale.outputs[0], m.matmul.outputs[0])
         remove_dead(graph, m.nodes)
-
-
-def _shared_u8_quantize(graph: ir.Graph, q: ir.Node, zero: int, base: str) -> ir.Node:
-    """A uint8 ``QuantizeLinear`` of ``q``'s activation and scale with zero point ``zero``: the one
-    an earlier linear of the same activation (q/k/v, gate/up) wrote, or a new one."""
-    for use in q.inputs[0].uses():
-        n = use.node
-        if (n.op_type == "QuantizeLinear" and len(n.inputs) == 3 and n.inputs[1] is q.inputs[1]
-                and n.inputs[2] is not None and n.inputs[2].dtype == ir.DataType.UINT8
-                and scalar_const(n.inputs[2]) == zero):
-            return n
-    zp = add_initializer(graph, f"{base}_x_zp_u8", np.array(zero, np.uint8))
-    node = ir.node("QuantizeLinear", [q.inputs[0], q.inputs[1], zp], name=f"{q.name or base}_u8")
-    node.outputs[0].name = f"{q.name or base}_u8_out"
-    graph.insert_before(q, node)
-    return node
 
 
 def _shared_u8_cast(clip: ir.Node) -> ir.Node | None:

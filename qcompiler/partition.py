@@ -48,6 +48,7 @@ class PartitionReport:
     total_nodes: int
     not_assigned: list[Placement] = field(default_factory=list)
     model_issues: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. the CPU's ISA and the integer-GEMM probe
 
     @property
     def ok(self) -> bool:
@@ -67,6 +68,7 @@ class PartitionReport:
             f"nodes:    {self.total_nodes}, on {self.provider}: {self.total_nodes - len(self.not_assigned)}, "
             f"not on it: {len(self.not_assigned)}",
         ]
+        lines += [f"          {note}" for note in self.notes]
         lines += [f"model:    {issue}" for issue in self.model_issues]
         groups: dict[tuple[str, str, str, str], list[str]] = {}
         for p in self.not_assigned:

@@ -15,9 +15,12 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import onnx_ir as ir
 
 from qcompiler import __version__
 from qcompiler.artifact import (
@@ -32,6 +35,7 @@ from qcompiler.errors import QCError
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
 from qcompiler.pipeline import PassContext, parse_pipeline, pipeline_text, run_passes
+from qcompiler.quant.intgemm import integer_gemms
 from qcompiler.recipes import QuantizeOptions, get_recipe
 from qcompiler.targets import check_target, lowering_pipeline
 
@@ -54,6 +58,22 @@ def build_pipeline_text(recipe: str | None, passes: str | None, options: Quantiz
         if tail:
             text = f"{text},{tail}"
     return text
+
+
+def check_integer_gemms(model: ir.Model, cpu_isa: str) -> dict[str, int]:
+    """The invariant after lowering: no integer GEMM that saturates on x86 CPUs without VNNI
+    (u8 × int8 outside [−64, 63]) unless the user declared ``--cpu-isa vnni``; returns the
+    count of each GEMM form for ``quantization.json``."""
+    gemms = integer_gemms(model)
+    unsafe = [g for g in gemms if not g.safe]
+    if unsafe and cpu_isa != "vnni":
+        raise QCError(
+            f"{len(unsafe)} integer GEMM(s) would saturate int16 on x86 CPUs without VNNI (AVX2, AVX-512 without "
+            f"VNNI), e.g. {unsafe[0].describe()}; lower with cpu_isa=any, or pass --cpu-isa vnni if every CPU "
+            "the model will run on has VNNI/AMX or is ARM"
+        )
+    forms = Counter(f"{g.op} {g.form}" + ("" if g.safe else " (VNNI/AMX/ARM CPUs only)") for g in gemms)
+    return dict(sorted(forms.items()))
 
 
 def make_context(in_dir: Path, options: QuantizeOptions, workdir: Path | None = None) -> PassContext:
@@ -104,6 +124,7 @@ def quantize(
         spill = SpillStore(tmp / SPILL_DIR)
         attach_spill(model.graph, spill)
         model, records = run_passes(model, pass_list, dump_ir=dump_ir)
+        gemms = check_integer_gemms(model, options.cpu_isa)
         attach_spill(model.graph, None)
         save_model(model, tmp / MODEL_FILE)
         del model
@@ -125,6 +146,7 @@ def quantize(
             "passes": [asdict(r) for r in records],
             "report": context.report,
             "unknown_ops": unknown,
+            "integer_gemms": gemms,
             "wall_seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qcompiler.errors import InputError, QCError
+from qcompiler.quant.intgemm import check_cpu_isa, int8_weight_bits
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,15 @@ class QuantizeOptions:
     max_size_mb: float | None = None
     static_shapes: int | None = None
     fuse: bool = True  # cpu/cuda: fuse norms, rotary, attention, packed linears (issue 11)
+    # CPUs the model must be exact on: "any" (u8×u8 integer GEMMs) or "vnni" (u8×s8, VNNI/AMX/ARM only);
+    # see qcompiler/quant/intgemm.py
+    cpu_isa: str = "any"
+
+    def __post_init__(self) -> None:
+        try:
+            check_cpu_isa(self.cpu_isa)
+        except ValueError as e:
+            raise QCError(f"--cpu-isa: {e}") from None
 
     def with_overrides(self, **kw: Any) -> QuantizeOptions:
         known = {f.name for f in fields(self)}
@@ -142,7 +152,11 @@ def _w8a8_smooth(act: str, o: QuantizeOptions) -> str:
 
 
 def _w8a8_qdq(o: QuantizeOptions, act: str, extra: str = "") -> str:
-    return f"insert-qdq{{act={act},weight_clip={o.clip},lm_head={o.lm_head}{extra}}}"
+    # ONNX Runtime fuses the npu target's static QDQ MatMuls itself, into u8×s8 GEMMs that
+    # saturate on x86 CPUs without VNNI unless |q| <= 63 (qcompiler/quant/intgemm.py)
+    bits = int8_weight_bits(o.cpu_isa, qdq=(act == "static" and o.target == "npu"))
+    wb = f",weight_bits={bits}" if bits != 8 else ""
+    return f"insert-qdq{{act={act},weight_clip={o.clip},lm_head={o.lm_head}{wb}{extra}}}"
 
 
 register_recipe(Recipe(
@@ -168,7 +182,7 @@ register_recipe(Recipe(
     "uint8 activations (calibrated min/max) with the zero point folded into the integer GEMM's bias",
     lambda o: (f"canonicalize,{_w8a8_smooth('static', o)},split-outliers{{budget=0.05}},"
                f"{_w8a8_qdq(o, 'static', ',method=minmax,dtype=uint8,sym=false')}"
-               + ("" if o.target == "npu" else ",fold-zero-point")),
+               + ("" if o.target == "npu" else f",fold-zero-point{{cpu_isa={o.cpu_isa}}}")),
     needs_calibration=True,
 ))
 register_recipe(Recipe(

@@ -76,8 +76,8 @@ class QuantSpec:
     clip: str = "minmax"  # for weights: minmax | mse
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.bits not in (2, 3, 4, 7, 8):  # 7: int8-stored weights in [-63, 63] (qcompiler.quant.intgemm)
+            raise ValueError(f"bits must be 2, 3, 4, 7 or 8, got {self.bits}")
         if self.granularity == Granularity.GROUP and (self.group_size < 2 or self.group_size & (self.group_size - 1)):
             raise ValueError(f"group size must be a power of two >= 2, got {self.group_size}")
 

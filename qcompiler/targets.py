@@ -41,11 +41,10 @@ register_lowering("cuda", 50, lambda o: f"lower-matmulnbits{{accuracy_level={o.a
 
 # issue 6 (targets and custom EP ops): W8A8 lowering runs before lower-matmulnbits, which
 # would otherwise take the int8 weight DequantizeLinear of a W8A8 MatMul for weight-only.
-register_lowering("cpu", 40, lambda o: "lower-w8a8-cpu")
+register_lowering("cpu", 40, lambda o: f"lower-w8a8-cpu{{cpu_isa={o.cpu_isa}}}")
 register_lowering("cuda", 40, lambda o: "lower-qc-ops")
-register_lowering(
-    "npu", 50, lambda o: f"lower-npu{{static_shapes={o.static_shapes}}}" if o.static_shapes else "lower-npu"
-)
+register_lowering("npu", 50, lambda o: f"lower-npu{{cpu_isa={o.cpu_isa}"
+                  + (f",static_shapes={o.static_shapes}}}" if o.static_shapes else "}"))
 
 # issue 11 (fusion): the decoder fusions run on the portable forms, before the target's
 # lowering (W8A8 at 40, MatMulNBits at 50), which then turns each packed q/k/v and gate/up

@@ -26,6 +26,9 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="smoothing strength (recipes that smooth)")
     p.add_argument("--budget", type=float, default=None, help="average weight bits (mixed precision)")
     p.add_argument("--max-size", dest="max_size_mb", type=float, default=None, help="size budget in MB (mixed)")
+    p.add_argument("--cpu-isa", choices=["any", "vnni"], default=None,
+                   help="CPUs the integer GEMMs must be exact on: any (default; uint8 weights, u8×u8) | vnni "
+                   "(int8 weights, u8×s8: faster, but wrong on x86 CPUs without VNNI)")
     p.add_argument("--static-shapes", type=int, default=None, metavar="SEQ_LEN", help="npu: fix sequence length")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
                    help="cpu/cuda: skip the fusion passes (RMSNorm, rotary, attention, packed linears)")

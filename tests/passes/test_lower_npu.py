@@ -13,6 +13,7 @@ from qcompiler.errors import QCError, UnsupportedModelError
 from qcompiler.irutil import load_model, save_model
 from qcompiler.pipeline import PassContext, parse_pipeline, run_passes
 from qcompiler.quant.emit import read_dq_weight
+from qcompiler.quant.intgemm import unsafe_integer_gemms
 from qcompiler.quant.numerics import dequantize
 from qcompiler.runtime import DecoderRunner, make_session
 from qcompiler.spec import linear_info
@@ -130,5 +131,22 @@ def test_w8a8_portable_forms_are_npu_clean(synthetic_nokv_dir, tmp_path: Path) -
         apply_w8a8(model, kind=kind, outliers=outliers)
         ctx = PassContext()
         model, _ = run_passes(model, parse_pipeline(f"lower-npu{{static_shapes={len(WINDOW)}}}", ctx))
-        assert ctx.report["lower-npu"]["weights"] == {"int8 channel kept": 14}
+        # static QDQ MatMuls are fused by ORT into u8×s8 GEMMs: their weights are narrowed to
+        # [-63, 63] so that those are exact on every CPU; per-token ones have no integer GEMM
+        expect = "int8 channel → int8 in [-63, 63] (W8A8: exact on every CPU)" if kind == "static" \
+            else "int8 channel kept"
+        assert ctx.report["lower-npu"]["weights"] == {expect: 14}
+        assert unsafe_integer_gemms(model) == []
         assert_npu_clean(model, tmp_path / kind)
+
+
+def test_w8a8_npu_weights_full_range_only_for_vnni(synthetic_nokv_dir) -> None:
+    folder, _ = synthetic_nokv_dir
+    model = load_model(folder / "model.onnx")
+    run_passes(model, parse_pipeline("canonicalize"))
+    apply_w8a8(model, kind="static")
+    ctx = PassContext()
+    model, _ = run_passes(model, parse_pipeline("lower-npu{cpu_isa=vnni}", ctx))
+    assert ctx.report["lower-npu"]["weights"] == {"int8 channel kept": 14}
+    unsafe = unsafe_integer_gemms(model)
+    assert len(unsafe) == 14 and {g.op for g in unsafe} == {"QDQ MatMul"}

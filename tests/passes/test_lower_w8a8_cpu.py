@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from qcompiler.passes.canonicalize import Canonicalize
 from qcompiler.passes.lower_matmulnbits import LowerMatMulNBits
-from qcompiler.passes.lower_w8a8_cpu import LowerW8A8Cpu
+from qcompiler.passes.lower_w8a8_cpu import WEIGHT_FORMS, LowerW8A8Cpu
 
 from qcompiler.irutil import load_model, op_types
 from qcompiler.pipeline import PassContext, run_passes
@@ -29,12 +29,12 @@ def test_integer_gemm_gives_portable_logits(synthetic_dir, tmp_path: Path, kind:
     ops = op_types(model)
     assert ops.get("com.microsoft.MatMulIntegerToFloat") == 14
     assert "com.microsoft.MatMulNBits" not in ops and "DequantizeLinear" not in ops
-    assert ctx.report["lower-w8a8-cpu"] == {kind: 14}
+    assert ctx.report["lower-w8a8-cpu"] == {kind: 14, "weights": WEIGHT_FORMS["any"]}
     if kind == "per-token":
         assert "Round" in ops and ops.get("Cast", 0) >= 14  # q is computed in-graph, shifted by 128 and cast to uint8
     else:
         assert ops.get("QuantizeLinear") == 14
-        # int8 activations are re-quantized as uint8 (z + 128): MLAS's fast u8×s8 GEMM path
+        # int8 activations are re-quantized as uint8 (z + 128): MLAS has fast kernels for uint8 activations only
         for node in model.graph:
             if node.op_type == "MatMulIntegerToFloat":
                 assert node.inputs[0].producer().inputs[2].dtype == ir.DataType.UINT8
