@@ -132,7 +132,9 @@ def export(
 ) -> Path:
     """Export ``model_ref`` to ``out_dir`` (see module docstring); returns the folder."""
     out = Path(out_dir)
-    check_output_dir(out, force)
+    local = Path(model_ref).expanduser()
+    inputs = (local,) if local.exists() else ()
+    check_output_dir(out, force, inputs)
     src = resolve_source(model_ref)
     t0 = time.perf_counter()
     log.info("loading %s (%s)", model_ref, src.kind)
@@ -142,7 +144,7 @@ def export(
     task = "text-generation-with-past" if kv_cache else "text-generation"
     from optimum.exporters.onnx import onnx_export_from_model
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         raw = tmp / "_raw"
         log.info("exporting with optimum (%s)", task)
         try:

@@ -23,6 +23,7 @@ from qcompiler import __version__
 from qcompiler.artifact import (
     MODEL_FILE,
     atomic_output_dir,
+    check_not_overlapping,
     check_output_dir,
     copy_side_files,
     open_model_dir,
@@ -83,7 +84,10 @@ def quantize(
     t0 = time.perf_counter()
     src = open_model_dir(in_dir)
     out = Path(out_dir)
-    check_output_dir(out, force)
+    inputs = (src.path, options.calib)
+    check_output_dir(out, force, inputs)
+    if dump_ir is not None:
+        check_not_overlapping(dump_ir, (*inputs, out), what="--dump-ir folder")
     if recipe and get_recipe(recipe).needs_calibration and not options.calib:
         raise QCError(f"recipe '{recipe}' needs calibration data: pass --calib PATH")
     text = build_pipeline_text(recipe, passes, options)
@@ -91,7 +95,7 @@ def quantize(
     pass_list = parse_pipeline(text, context)
     log.info("pipeline: %s", pipeline_text(pass_list))
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         model = load_model(src.model_path)
         unknown = unknown_ops(model)
         if unknown:

@@ -90,7 +90,7 @@ def analyze(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Analy
     t_start = time.perf_counter()
     src = open_model_dir(model_dir)
     out = Path(out_dir)
-    check_output_dir(out, force)
+    check_output_dir(out, force, (src.path, cfg.calib))
     _probe_writable(out)
     read_text(cfg.calib)  # a missing or empty calibration text fails before any work
     if cfg.budget <= 0:
@@ -190,7 +190,7 @@ def analyze(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Analy
     report["timing"]["plots_s"] = round(time.perf_counter() - t0, 2)
     report["timing"]["total_s"] = round(time.perf_counter() - t_start, 2)
     try:
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force, (src.path, cfg.calib)) as tmp:
             write_json(tmp / "report.json", report)
             write_json(tmp / "report.schema.json", SCHEMA)
             (tmp / "report.html").write_text(page, encoding="utf-8")
