@@ -30,6 +30,7 @@ from qcompiler.artifact import (
     write_json,
 )
 from qcompiler.errors import QCError
+from qcompiler.finite import check_model_weights
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
 from qcompiler.pipeline import PassContext, parse_pipeline, pipeline_text, run_passes
@@ -97,6 +98,10 @@ def quantize(
 
     with atomic_output_dir(out, force, inputs) as tmp:
         model = load_model(src.model_path)
+        if any(getattr(p.config, "nonfinite", "error") == "skip" for p in pass_list):
+            log.warning("nonfinite=skip: linears with NaN/Inf weights stay float; the whole-model check is off")
+        else:
+            check_model_weights(model)  # any recipe: a NaN/Inf weight, bias or norm weight stops here
         unknown = unknown_ops(model)
         if unknown:
             log.warning(

@@ -51,6 +51,7 @@ from qcompiler.calibrate import CalibConfig, Calibrator, ObserverConfig, StatReq
 from qcompiler.calibrate.windows import load_windows
 from qcompiler.data import load_tokenizer, read_text
 from qcompiler.errors import OutputError, QCError
+from qcompiler.finite import check_model_weights
 from qcompiler.irutil import load_model
 from qcompiler.spec import Role
 
@@ -96,6 +97,7 @@ def analyze(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Analy
     if cfg.budget <= 0:
         raise QCError(f"--budget must be positive, got {cfg.budget:g}")
     model = load_model(src.model_path)
+    check_model_weights(model)
     sites = find_sites(model, cfg.lm_head)
     names = list(dict.fromkeys([cfg.reference, *cfg.candidates, *cfg.options, *cfg.curve]))
     cands = parse_candidates(names, cfg.sym, cfg.method, cfg.clip)

@@ -313,7 +313,7 @@ CASES: list[Case] = [
          3, "escapes the model folder"),
     # ---- weights
     Case("weight-nan", lambda w, m: quantize(_poisoned(m, w, np.nan), w),
-         3, "weight '/model/layers.1/mlp/up_proj.weight' of layers.1.up_proj holds 1 NaN/Inf value(s), the first at [3, 4]"),
+         3, "tensor '/model/layers.1/mlp/up_proj.weight' [64, 160] holds 1 NaN/Inf value(s), the first at [3, 4]"),
     Case("weight-inf", lambda w, m: quantize(_poisoned(m, w, -np.inf), w),
          3, "holds 1 NaN/Inf value(s)"),
     Case("weight-nan-skipped-by-option",
