@@ -33,6 +33,7 @@ from qcompiler.errors import QCError
 from qcompiler.finite import check_model_weights
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
+from qcompiler.option_use import applied_options
 from qcompiler.pipeline import PassContext, parse_pipeline, pipeline_text, run_passes
 from qcompiler.recipes import QuantizeOptions, get_recipe
 from qcompiler.targets import check_target, lowering_pipeline
@@ -129,7 +130,7 @@ def quantize(
             "recipe": recipe,
             "pipeline": pipeline_text(pass_list),
             "target": options.target,
-            "options": {k: v for k, v in asdict(options).items() if v is not None},
+            "options": applied_options(recipe, options),  # only what the pipeline read
             "scope": SCOPE_NOTE,
             "passes": [asdict(r) for r in records],
             "report": context.report,
