@@ -324,7 +324,7 @@ CASES: list[Case] = [
     Case("no-decoder-structure", lambda w, m: quantize(_plain_matmul(w, m), w),
          5, "no linear layer was recognized"),
     Case("no-matmul-at-all", lambda w, m: quantize(_no_matmul(w, m), w), 5, "the model has no MatMul/Gemm"),
-    Case("eval-not-a-decoder", _not_a_decoder, 2, "has no 'input_ids' input"),
+    Case("eval-not-a-decoder", _not_a_decoder, 5, "has no 'input_ids' input"),
     # ---- text (evaluation and calibration)
     Case("text-empty", eval_with_text(b""), 3, "holds no text (empty or whitespace only)"),
     Case("text-whitespace-only", eval_with_text(b" \n\t\n"), 3, "holds no text"),
