@@ -242,9 +242,10 @@ def atomic_output_dir(
     """
     out = Path(out)
     inputs = tuple(inputs)
+    check_not_overlapping(out, inputs)
+    remove_stale_partials(out)  # first: it may restore an output a killed run had moved aside
     check_output_dir(out, force, inputs)
     parent = out.resolve().parent
-    remove_stale_partials(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as e:

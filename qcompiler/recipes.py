@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from qcompiler.errors import InputError, QCError
+from qcompiler.errors import InputError, OptionError, QCError
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def load_options_toml(path: str | Path) -> dict[str, Any]:
     known = {f.name for f in fields(QuantizeOptions)}
     unknown = sorted(set(table) - known - {"recipe", "passes"})
     if unknown:
-        raise InputError(f"{p}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise OptionError(f"{p}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return dict(table)
 
 
