@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from qcompiler.calibrate import StatRequest
 from qcompiler.errors import CalibrationError, QCError
+from qcompiler.finite import require_finite
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.numerics import quantize_weight
@@ -167,7 +168,9 @@ class InsertQdq(QCPass):
     def _weight(self, graph: ir.Graph, node: ir.Node, key: str) -> None:
         spec = _weight_spec(node, self.config.weight_clip, key, self.config.weight_bits)
         w_val, _ = linear_weight(node)  # type: ignore[misc]
-        qw = quantize_weight(w_val.const_value.numpy(), spec)  # type: ignore[union-attr]
+        w = w_val.const_value.numpy()  # type: ignore[union-attr]
+        require_finite(w, f"insert-qdq: weight '{w_val.name}' of {key}")
+        qw = quantize_weight(w, spec)
         emit_int8_weight(graph, node, qw.q, qw.scale.reshape(-1), f"{key}.weight")
         set_weight_spec(node, spec)
 

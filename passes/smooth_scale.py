@@ -55,7 +55,7 @@ from qcompiler.passes.canonicalize import canonical_summary
 from tqdm import tqdm
 
 from qcompiler.calibrate import StatRequest
-from qcompiler.errors import CalibrationError
+from qcompiler.errors import CalibrationError, InputError
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.smoothing import group_error, smoothing_scales
 from qcompiler.spec import linear_info
@@ -170,8 +170,11 @@ class SmoothScale(QCPass):
                 wa = np.stack([tie(np.asarray(r, np.float64), up) for r in per_window.absmax]).astype(np.float32)
                 windows = (wa, row_window)
         w_max = tie(np.max([channel_absmax(w) for w in weights], axis=0).astype(np.float64), up)
-        candidates: list[tuple[float | None, np.ndarray | None]] = [
-            (al, smoothing_scales(a, w_max, al, cfg.pow2)) for al in cfg.alphas()]
+        try:
+            candidates: list[tuple[float | None, np.ndarray | None]] = [
+                (al, smoothing_scales(a, w_max, al, cfg.pow2)) for al in cfg.alphas()]
+        except ValueError as e:  # NaN/Inf in the statistics or the weights
+            raise InputError(f"smooth-scale: {g.key}: {e}") from None
         errs: dict[str, float] = {}
         best_alpha, best_s = candidates[0]
         if x is not None:

@@ -150,7 +150,7 @@ def run_anchor(name: str, model_dir: str | Path, out_dir: str | Path, settings: 
     if name not in ANCHORS:
         raise QCError(f"unknown anchor '{name}'; choices: {', '.join(ANCHORS)}")
     src = open_model_dir(model_dir)
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force, (src.path,)) as tmp:
         log.info("%s: quantizing %s", name, src.path)
         # ORT's quantizers write scratch models (uuid-named .onnx/.data, augmented models) into the
         # working folder: run them in a scratch folder so nothing is left where the user stands

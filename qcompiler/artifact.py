@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qcompiler import __version__
 from qcompiler.errors import InputError, OutputError, QCError
 
 log = logging.getLogger(__name__)
@@ -90,10 +92,16 @@ def open_model_dir(path: str | os.PathLike) -> ModelDir:
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer and config files; a failed write names the file being written."""
     for name in SIDE_FILES:
         f = src / name
         if f.is_file():
-            shutil.copy2(f, dst / name)
+            try:
+                shutil.copy2(f, dst / name)
+            except OSError as e:
+                if e.errno in _WRITE_ERRNOS:  # shutil names the source file in these errors
+                    raise OutputError(f"cannot write {dst / name}: {e.strerror or e}") from None
+                raise InputError(f"cannot read {f}: {e.strerror or e}") from None
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -119,12 +127,55 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj)}")
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Fail early (before any work) if ``out`` cannot be created."""
-    if out.exists() and not force:
-        raise OutputError(f"output folder {out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder")
+#: Written into every output folder qcompiler builds; ``--force`` replaces only folders holding it.
+MARKER = ".qcompiler-output"
+#: Files by which outputs of qcompiler versions before the marker are recognised.
+LEGACY_MARKERS = ("quantization.json", "qcompiler_export.json")
+
+
+def is_qcompiler_output(path: Path) -> bool:
+    """Whether ``path`` is a folder an earlier qcompiler run wrote (``--force`` may replace it)."""
+    return path.is_dir() and any((path / m).is_file() for m in (MARKER, *LEGACY_MARKERS))
+
+
+def check_not_overlapping(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str = "output folder") -> None:
+    """Refuse an output that is one of the inputs, contains one or lies inside one (symlinks resolved).
+
+    Replacing such an output (``--force``) or renaming a temporary folder onto it would
+    destroy the input; no option allows it.
+    """
+    o = Path(out).expanduser().resolve()
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        i = Path(given).expanduser().resolve()
+        if o == i:
+            raise OutputError(f"the {what} {out} is the input {given}; choose another {what}")
+        if i in o.parents:
+            raise OutputError(f"the {what} {out} is inside the input {given}; choose one outside it")
+        if o in i.parents:
+            raise OutputError(f"the {what} {out} contains the input {given}; choose one that does not hold it")
+
+
+def check_output_dir(out: Path, force: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Fail early (before any work) if ``out`` cannot or may not be created.
+
+    ``out`` may not be, contain or lie inside any of ``inputs``.  An existing ``out`` is
+    replaced only with ``force`` and only if qcompiler wrote it (its :data:`MARKER` file)
+    or it is an empty folder: ``--force`` never deletes a folder of the user's.
+    """
+    out = Path(out)
+    check_not_overlapping(out, inputs)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputError(f"{out} exists and is not a folder")
+        if not force:
+            raise OutputError(f"output folder {out} already exists; pass --force to replace it")
+        if not is_qcompiler_output(out) and any(out.iterdir()):
+            raise OutputError(
+                f"output folder {out} exists and was not written by qcompiler (no {MARKER} file); "
+                "--force only replaces qcompiler's own outputs: choose another folder or remove it yourself"
+            )
     parent = out.resolve().parent
     if not parent.exists():
         try:
@@ -136,23 +187,73 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise OutputError(f"cannot write into {parent}: {'read-only file system' if read_only else 'permission denied'}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove ``.OUT.partial-PID-*`` folders (and restore ``.OUT.old-PID``) of runs that were killed.
+
+    A run that dies without its clean-up (``kill -9``, a power cut) leaves its temporary
+    folder; the owning process id in the name tells a dead run from one in progress.
+    """
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        return
+    for p in sorted(parent.glob(f".{glob.escape(out.name)}.partial-*")):
+        pid = _owner_pid(p.name.rsplit(".partial-", 1)[1])
+        if pid is not None and not _pid_alive(pid):
+            log.info("removing %s, left by an earlier run (process %d) that was killed", p, pid)
+            shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(parent.glob(f".{glob.escape(out.name)}.old-*")):
+        pid = _owner_pid(p.name.rsplit(".old-", 1)[1])
+        if pid is None or _pid_alive(pid):
+            continue
+        if out.exists():
+            log.info("removing %s, the previous output an earlier killed run had already replaced", p)
+            shutil.rmtree(p, ignore_errors=True)
+        else:  # killed between moving the old output aside and moving the new one in
+            log.info("restoring %s from %s (an earlier run was killed while replacing it)", out, p)
+            os.replace(p, out)
+
+
+def _owner_pid(tail: str) -> int | None:
+    head = tail.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` only if the block succeeds.
 
     The temporary folder is a sibling of ``out`` (same file system, so the final
-    ``rename`` is atomic).  On any exception, Ctrl-C included, it is removed and
-    ``out`` is left as it was.  With ``force`` an existing ``out`` is replaced.
+    ``rename`` is atomic), named ``.OUT.partial-PID-*``; ones of earlier killed runs are
+    removed first.  On any exception, Ctrl-C included, it is removed and ``out`` is left
+    as it was.  With ``force`` an existing ``out`` that qcompiler wrote is replaced
+    (:func:`check_output_dir`; ``out`` may never be, hold or lie in one of ``inputs``).
     """
     out = Path(out)
-    check_output_dir(out, force)
+    inputs = tuple(inputs)
+    check_not_overlapping(out, inputs)
+    remove_stale_partials(out)  # first: it may restore an output a killed run had moved aside
+    check_output_dir(out, force, inputs)
     parent = out.resolve().parent
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise OutputError(f"cannot create a folder in {parent}: {e.strerror or e}") from None
     try:
         yield tmp
+        (tmp / MARKER).write_text(f"written by qcompiler {__version__}; 'qc ... --force' may replace this folder\n")
+        check_output_dir(out, force, inputs)  # the same rules again: out may have appeared meanwhile
         _commit(tmp, out, force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -255,7 +255,7 @@ def run_bench(
         options={k: v for k, v in asdict(options).items() if v is not None},
         environment=_environment(config),
     )
-    ctx = atomic_output_dir(out_dir, force) if out_dir is not None else _scratch_dir()
+    ctx = atomic_output_dir(out_dir, force, (src.path, text, calib)) if out_dir is not None else _scratch_dir()
     with ctx as root:
         work = Path(tempfile.mkdtemp(prefix="work-", dir=root))
         try:

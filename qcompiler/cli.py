@@ -3,8 +3,9 @@
 Each sub-command lives in ``qcompiler/commands/<name>.py`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
 Errors meant for the user (:class:`qcompiler.errors.QCError`) print one line,
-``qc: error: ...``, and exit non-zero; Ctrl-C exits 130 (SIGTERM 143) after the
-command's own clean-up (outputs are atomic, so nothing half-written is left).
+``qc: error: ...``, and exit with the code of its cause (``qcompiler.errors.EXIT_CODES``,
+the README's table); Ctrl-C exits 130 (SIGTERM 143) after the command's own clean-up
+(outputs are atomic, so nothing half-written is left).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import sys
 import threading
 
 from qcompiler import __version__
-from qcompiler.errors import QCError
+from qcompiler.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_IO,
+    EXIT_OUT_OF_MEMORY,
+    EXIT_TERMINATED,
+    QCError,
+)
 
 log = logging.getLogger("qcompiler")
 
@@ -76,17 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt as e:
         print("qc: interrupted; nothing was written to the output", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except MemoryError:
         print("qc: error: out of memory (try --max-memory, a smaller --calib-samples or --seq-len)", file=sys.stderr)
-        return 137
+        return EXIT_OUT_OF_MEMORY
     except OSError as e:
+        # in a failed copy the destination is filename2 (shutil names the source first)
+        target = e.filename2 or e.filename or "the output"
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"qc: error: disk full while writing {e.filename or 'the output'}", file=sys.stderr)
-            return 4
+            print(f"qc: error: disk full while writing {target}", file=sys.stderr)
+            return EXIT_IO
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.EFBIG):
-            print(f"qc: error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
-            return 4
+            print(f"qc: error: cannot write {target}: {e.strerror}", file=sys.stderr)
+            return EXIT_IO
         raise
     finally:
         if in_main_thread and previous is not None:

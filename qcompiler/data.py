@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompiler.errors import InputError
+from qcompiler.errors import InputError, OptionError
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -100,7 +100,7 @@ class Windows:
 def make_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> Windows:
     """Cut ``tokens`` (first ``max_tokens``) into windows of ``seq_len``; a short text makes one window."""
     if seq_len < 2:
-        raise InputError(f"--seq-len must be at least 2, got {seq_len}")
+        raise OptionError(f"--seq-len must be at least 2, got {seq_len}")
     t = tokens[:max_tokens] if max_tokens else tokens
     if len(t) < 2:
         raise InputError(f"the text has only {len(t)} token(s); at least 2 are needed")

@@ -10,6 +10,7 @@ The folder appears only when everything succeeded.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from qcompiler.artifact import MODEL_FILE, atomic_output_dir, check_output_dir, write_json
 from qcompiler.errors import InputError, QCError
+from qcompiler.gguf_check import check_gguf
 from qcompiler.irutil import load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ def resolve_source(ref: str) -> ModelSource:
                 if p.suffix == ".gguf":
                     raise InputError(f"{p} is not a GGUF file (bad magic bytes {magic!r})")
                 raise InputError(f"{p} is neither a model folder nor a .gguf file")
+            check_gguf(p)  # a truncated file is reported as such, not as a reshape error deep in the reader
             return ModelSource("gguf", str(p.parent), p.name)
         if (p / "config.json").is_file():
             return ModelSource("folder", str(p))
@@ -88,10 +91,34 @@ def refuse_pickle_checkpoints(folder: Path) -> None:
         )
 
 
+def refuse_remote_code(folder: Path) -> None:
+    """Refuse a folder whose config.json maps its classes to code shipped with it (``auto_map``).
+
+    transformers would either ask for ``trust_remote_code`` or, when ``model_type`` names a
+    built-in architecture, silently load the built-in class instead of the model's own code:
+    the export would then be of a different model than the one shipped.
+    """
+    cfg_path = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{cfg_path} is not readable JSON: {e}") from None
+    auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
+    if auto_map:
+        classes = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+        raise InputError(
+            f"{folder} ships its own model code (config.json auto_map: {classes}, model_type "
+            f"'{cfg.get('model_type')}'); qcompiler neither runs it nor substitutes a built-in class for it: "
+            "pass --trust-remote-code to run that code (trust_remote_code), or remove auto_map to use the built-in class"
+        )
+
+
 def load_hf_model(src: ModelSource, trust_remote_code: bool = False):
     """Load (model, tokenizer) in float32 with transformers (safetensors or GGUF weights only)."""
     if src.kind == "folder":
         refuse_pickle_checkpoints(Path(src.path))
+        if not trust_remote_code:
+            refuse_remote_code(Path(src.path))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,7 +143,7 @@ def load_hf_model(src: ModelSource, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src.path, **model_kwargs, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        what = f"{src.path}{' / ' + src.gguf_file if src.gguf_file else ''}"
+        what = Path(src.path) / src.gguf_file if src.gguf_file else src.path
         raise InputError(f"transformers cannot load {what}: {' '.join(str(e).split())}") from None  # one line
     model.eval()
     return model, tok
@@ -132,7 +159,9 @@ def export(
 ) -> Path:
     """Export ``model_ref`` to ``out_dir`` (see module docstring); returns the folder."""
     out = Path(out_dir)
-    check_output_dir(out, force)
+    local = Path(model_ref).expanduser()
+    inputs = (local,) if local.exists() else ()
+    check_output_dir(out, force, inputs)
     src = resolve_source(model_ref)
     t0 = time.perf_counter()
     log.info("loading %s (%s)", model_ref, src.kind)
@@ -142,7 +171,7 @@ def export(
     task = "text-generation-with-past" if kv_cache else "text-generation"
     from optimum.exporters.onnx import onnx_export_from_model
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         raw = tmp / "_raw"
         log.info("exporting with optimum (%s)", task)
         try:

@@ -40,6 +40,7 @@ EXTERNAL_DATA_NAME = "model.onnx_data"
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
     base = base_dir.resolve()
+    extents: dict[str, list[tuple[str, int, int]]] = {}  # location → [(tensor, offset, end)]
     for tensor in _iter_graph_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -71,13 +72,35 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
                 f"initializer '{tensor.name}': external-data length {length} is smaller than its "
                 f"shape {list(tensor.dims)} needs ({needed} bytes); the model file is corrupt"
             )
-        end = offset + (length if length is not None else (needed or 0))
-        size = path.stat().st_size
-        if end > size:
-            raise InputError(
-                f"external-data file '{location}' is truncated: initializer '{tensor.name}' needs "
-                f"bytes {offset}..{end} but the file has {size}"
-            )
+        end = offset + (length if length is not None else (needed or 0))  # type: ignore[operator]
+        extents.setdefault(location, []).append((tensor.name, offset, end))  # type: ignore[arg-type]
+    for location, spans in extents.items():
+        _check_extents(location, (base / location).stat().st_size, spans)
+
+
+def _check_extents(location: str, size: int, spans: list[tuple[str, int, int]]) -> None:
+    """Every tensor's bytes lie inside the file; else say whether the file is short or an offset wrong.
+
+    The tensors' byte ranges do not overlap (shared ranges counted once), so a file that
+    holds at least their total is complete and a range past its end is a wrong offset; a file
+    shorter than the total is truncated.
+    """
+    bad = [sp for sp in spans if sp[2] > size]
+    if not bad:
+        return
+    name, offset, end = bad[0]
+    total = sum(e - o for o, e in {(o, e) for _, o, e in spans})
+    if size >= total:
+        raise InputError(
+            f"initializer '{name}': external-data offset {offset} points past the end of '{location}' "
+            f"(bytes {offset}..{end}, the file has {size}, enough for all {len(spans)} tensors' {total} bytes): "
+            "the offset in model.onnx is wrong, the data file is complete"
+        )
+    raise InputError(
+        f"external-data file '{location}' is truncated: initializer '{name}' needs bytes {offset}..{end} "
+        f"but the file has {size} (the file is shorter than model.onnx's tensor table says: "
+        f"{max(e for _, _, e in spans)} bytes)"
+    )
 
 
 def _external_int(name: str, info: dict[str, str], key: str, default: int | None) -> int | None:

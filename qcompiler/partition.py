@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 
 from qcompiler.artifact import open_model_dir
-from qcompiler.errors import QCError
-from qcompiler.irutil import load_proto_header
+from qcompiler.errors import InputError, QCError
+from qcompiler.irutil import check_model_file, load_proto_header
 from qcompiler.op_support import PROVIDERS, table_verdict
 from qcompiler.targets import check_target
 
@@ -86,8 +86,9 @@ class PartitionReport:
 def _runtime_check(path: Path, target: str, provider: str, uses_qc: bool) -> PartitionReport:
     import onnxruntime as ort
 
-    from qcompiler.runtime import session_options
+    from qcompiler.runtime import ort_message, session_options
 
+    check_model_file(path)  # the same checks and messages as every other command, before ORT's own
     so = session_options(optimize=True)
     so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     extra = ""
@@ -105,7 +106,7 @@ def _runtime_check(path: Path, target: str, provider: str, uses_qc: bool) -> Par
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # ORT raises its own exception types
-        raise QCError(f"ONNX Runtime cannot create a {provider} session for {path}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"ONNX Runtime cannot create a {provider} session for {path}: {ort_message(e)}") from None
     total, missing = 0, []
     for sub in sess.get_provider_graph_assignment_info():
         for n in sub.get_nodes():

@@ -26,14 +26,17 @@ from qcompiler import __version__
 from qcompiler.artifact import (
     MODEL_FILE,
     atomic_output_dir,
+    check_not_overlapping,
     check_output_dir,
     copy_side_files,
     open_model_dir,
     write_json,
 )
 from qcompiler.errors import QCError
+from qcompiler.finite import check_model_weights
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
+from qcompiler.option_use import applied_options
 from qcompiler.pipeline import PassContext, parse_pipeline, pipeline_text, run_passes
 from qcompiler.quant.intgemm import integer_gemms
 from qcompiler.recipes import QuantizeOptions, get_recipe
@@ -103,7 +106,10 @@ def quantize(
     t0 = time.perf_counter()
     src = open_model_dir(in_dir)
     out = Path(out_dir)
-    check_output_dir(out, force)
+    inputs = (src.path, options.calib)
+    check_output_dir(out, force, inputs)
+    if dump_ir is not None:
+        check_not_overlapping(dump_ir, (*inputs, out), what="--dump-ir folder")
     if recipe and get_recipe(recipe).needs_calibration and not options.calib:
         raise QCError(f"recipe '{recipe}' needs calibration data: pass --calib PATH")
     text = build_pipeline_text(recipe, passes, options)
@@ -111,8 +117,12 @@ def quantize(
     pass_list = parse_pipeline(text, context)
     log.info("pipeline: %s", pipeline_text(pass_list))
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         model = load_model(src.model_path)
+        if any(getattr(p.config, "nonfinite", "error") == "skip" for p in pass_list):
+            log.warning("nonfinite=skip: linears with NaN/Inf weights stay float; the whole-model check is off")
+        else:
+            check_model_weights(model)  # any recipe: a NaN/Inf weight, bias or norm weight stops here
         unknown = unknown_ops(model)
         if unknown:
             log.warning(
@@ -141,7 +151,7 @@ def quantize(
             "recipe": recipe,
             "pipeline": pipeline_text(pass_list),
             "target": options.target,
-            "options": {k: v for k, v in asdict(options).items() if v is not None},
+            "options": applied_options(recipe, options),  # only what the pipeline read
             "scope": SCOPE_NOTE,
             "passes": [asdict(r) for r in records],
             "report": context.report,

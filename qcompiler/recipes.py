@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from qcompiler.errors import InputError, QCError
+from qcompiler.errors import InputError, OptionError, QCError
 from qcompiler.quant.intgemm import check_cpu_isa, int8_weight_bits
 
 
@@ -49,7 +49,7 @@ class QuantizeOptions:
         try:
             check_cpu_isa(self.cpu_isa)
         except ValueError as e:
-            raise QCError(f"--cpu-isa: {e}") from None
+            raise OptionError(f"--cpu-isa: {e}") from None
 
     def with_overrides(self, **kw: Any) -> QuantizeOptions:
         known = {f.name for f in fields(self)}
@@ -68,16 +68,30 @@ def load_options_toml(path: str | Path) -> dict[str, Any]:
     known = {f.name for f in fields(QuantizeOptions)}
     unknown = sorted(set(table) - known - {"recipe", "passes"})
     if unknown:
-        raise InputError(f"{p}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise OptionError(f"{p}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return dict(table)
+
+
+#: Options read by calibration (recipes that need data).
+CALIB_OPTIONS = frozenset({"calib", "calib_samples", "seq_len", "seed", "max_memory"})
+#: Options of weight-only recipes (``accuracy_level`` is the MatMulNBits lowering's, cpu/cuda).
+WEIGHT_ONLY_OPTIONS = frozenset({"group_size", "sym", "clip", "lm_head", "quantize_embeddings", "accuracy_level"})
+W8A8_OPTIONS = frozenset({"clip", "lm_head"})
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named pipeline.  ``options`` are the :class:`QuantizeOptions` fields its pipeline reads
+    (besides ``target``, the target's own and, with ``needs_calibration``, :data:`CALIB_OPTIONS`);
+    any other option given is an error (``qcompiler.option_use``).  ``bits`` is the weight width it
+    writes (``--bits`` may only repeat it); ``None`` for recipes that choose per linear."""
+
     name: str
     description: str
     build: Callable[[QuantizeOptions], str]
     needs_calibration: bool = False
+    options: frozenset[str] | None = None  # None: not declared (every option passes)
+    bits: int | None = None
 
 
 _RECIPES: dict[str, Recipe] = {}
@@ -123,10 +137,13 @@ register_recipe(
         "w4a16-rtn",
         "int4 weights (round to nearest, exact per-group min/max), float activations",
         _weight_only("rtn", 4),
+        options=WEIGHT_ONLY_OPTIONS,
+        bits=4,
     )
 )
 register_recipe(
-    Recipe("w8a16-rtn", "int8 weights (round to nearest), float activations", _weight_only("rtn", 8))
+    Recipe("w8a16-rtn", "int8 weights (round to nearest), float activations", _weight_only("rtn", 8),
+           options=WEIGHT_ONLY_OPTIONS, bits=8)
 )
 
 
@@ -163,18 +180,19 @@ register_recipe(Recipe(
     "w8a8-static",
     "W8A8 baseline: int8 per-channel weights, static per-tensor int8 activations from calibration min/max",
     lambda o: f"canonicalize,{_w8a8_qdq(o, 'static', ',method=minmax')}",
-    needs_calibration=True,
+    needs_calibration=True, options=W8A8_OPTIONS, bits=8,
 ))
 register_recipe(Recipe(
     "w8a8-dynamic",
     "W8A8: int8 per-channel weights, dynamic per-token int8 activations (no calibration)",
     lambda o: f"canonicalize,{_w8a8_qdq(o, 'per-token')}",
+    options=W8A8_OPTIONS, bits=8,
 ))
 register_recipe(Recipe(
     "w8a8-smooth",
     "W8A8 SmoothQuant: per-layer α search, scales folded into norms / v / up, per-token int8 activations",
     lambda o: f"canonicalize,{_w8a8_smooth('per-token', o)},{_w8a8_qdq(o, 'per-token')}",
-    needs_calibration=True,
+    needs_calibration=True, options=W8A8_OPTIONS | {"alpha"}, bits=8,
 ))
 register_recipe(Recipe(
     "w8a8-static-smooth",
@@ -183,13 +201,13 @@ register_recipe(Recipe(
     lambda o: (f"canonicalize,{_w8a8_smooth('static', o)},split-outliers{{budget=0.05}},"
                f"{_w8a8_qdq(o, 'static', ',method=minmax,dtype=uint8,sym=false')}"
                + ("" if o.target == "npu" else f",fold-zero-point{{cpu_isa={o.cpu_isa}}}")),
-    needs_calibration=True,
+    needs_calibration=True, options=W8A8_OPTIONS | {"alpha"}, bits=8,
 ))
 register_recipe(Recipe(
     "w8a8-int8mix",
     "LLM.int8: outlier input channels (|x| ≥ 6) through a float side MatMul, the rest per-token int8",
     lambda o: "canonicalize,mixed-decompose",
-    needs_calibration=True,
+    needs_calibration=True, options=frozenset(), bits=8,
 ))
 
 
@@ -214,6 +232,7 @@ register_recipe(
         "--max-size MB from measured sensitivities (round to nearest)",
         _mixed,
         needs_calibration=True,
+        options=WEIGHT_ONLY_OPTIONS | {"budget", "max_size_mb"},
     )
 )
 
@@ -232,6 +251,8 @@ register_recipe(
         "int4 weights, activation-aware scales (searched on --calib data, folded into norms/v/up) + clipping",
         _calibrated(lambda o: f"awq{{bits=4,group_size={o.group_size},sym={o.sym}}}"),
         needs_calibration=True,
+        options=WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"},  # AWQ searches its own clipping
+        bits=4,
     )
 )
 register_recipe(
@@ -240,6 +261,8 @@ register_recipe(
         "int4 weights, GPTQ (sequential layer by layer on --calib data, act-order, static groups)",
         _calibrated(lambda o: f"gptq{{bits=4,group_size={o.group_size},sym={o.sym},clip={o.clip}}}"),
         needs_calibration=True,
+        options=WEIGHT_ONLY_OPTIONS - {"lm_head"},
+        bits=4,
     )
 )
 register_recipe(
@@ -248,6 +271,8 @@ register_recipe(
         "int4 weights, AWQ scales and clipping, then GPTQ rounding with the same Hessians (--calib data)",
         _calibrated(lambda o: f"awq{{bits=4,group_size={o.group_size},sym={o.sym},gptq=true}}"),
         needs_calibration=True,
+        options=WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"},
+        bits=4,
     )
 )
 register_recipe(
@@ -255,5 +280,7 @@ register_recipe(
         "w4a16-hqq",
         "int4 weights, half-quadratic refinement of scales/zero points (no calibration data)",
         _weight_only("hqq", 4),
+        options=WEIGHT_ONLY_OPTIONS - {"clip"},  # HQQ keeps the exact range
+        bits=4,
     )
 )

@@ -19,11 +19,21 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qcompiler.errors import InputError, QCError
+from qcompiler.errors import InputError, UnsupportedModelError
+from qcompiler.irutil import check_model_file
 
 log = logging.getLogger(__name__)
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def ort_message(e: BaseException) -> str:
+    """ONNX Runtime's error text, first line, without its ``[ONNXRuntimeError] : 1 : FAIL :`` prefix."""
+    lines = str(e).strip().splitlines()
+    return _ORT_PREFIX.sub("", lines[0]) if lines else type(e).__name__
 
 
 def session_options(threads: int | None = None, optimize: bool = True, spin: bool = True) -> ort.SessionOptions:
@@ -67,6 +77,7 @@ def make_session(
         path = path / "model.onnx"
     if not path.is_file():
         raise InputError(f"no model at {path}")
+    check_model_file(path)  # the same checks and messages as every other command, before ORT's own
     so = session_options(threads, optimize, spin)
     if _uses_qc_domain(path):
         from qcompiler.ops import register_library  # raises a QCError naming the build command
@@ -75,7 +86,7 @@ def make_session(
     try:
         return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types
-        raise QCError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"ONNX Runtime cannot load {path}: {ort_message(e)}") from None
 
 
 def _uses_qc_domain(path: Path) -> bool:
@@ -104,9 +115,9 @@ class DecoderRunner:
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
         if "input_ids" not in self.inputs:
-            raise QCError("the model has no 'input_ids' input: not a decoder exported by optimum/qcompiler")
+            raise UnsupportedModelError("the model has no 'input_ids' input: not a decoder exported by optimum/qcompiler")
         if require_logits and "logits" not in self.output_names:
-            raise QCError("the model has no 'logits' output")
+            raise UnsupportedModelError("the model has no 'logits' output")
         self.past_names = sorted(
             (n for n in self.inputs if _PAST.match(n)), key=lambda n: (int(_PAST.match(n).group(1)), n)  # type: ignore[union-attr]
         )
@@ -115,7 +126,7 @@ class DecoderRunner:
             shape = self.inputs[self.past_names[0]].shape
             heads, head_dim = shape[1], shape[3]
             if not isinstance(heads, int) or not isinstance(head_dim, int):
-                raise QCError(f"cannot read KV-cache shape from input {self.past_names[0]}: {shape}")
+                raise UnsupportedModelError(f"cannot read KV-cache shape from input {self.past_names[0]}: {shape}")
             dt = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
             self.kv = KVSpec(len(self.past_names) // 2, heads, head_dim, np.dtype(dt))
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
@@ -147,7 +158,7 @@ class DecoderRunner:
                 if name == "use_cache_branch":
                     feeds[name] = np.array([past_len > 0])
                 else:
-                    raise QCError(f"don't know how to feed model input '{name}'")
+                    raise UnsupportedModelError(f"don't know how to feed model input '{name}'")
         return feeds
 
     def logits(self, ids: np.ndarray) -> np.ndarray:

@@ -62,10 +62,17 @@ def test_existing_output_needs_force(synthetic_dir, tmp_path: Path, capsys) -> N
     rc, err = run_cli(args, capsys)
     assert rc != 0 and "already exists; pass --force" in err
     assert (out / "keep.txt").read_text() == "user data"
+    # --force replaces only a folder qcompiler wrote: the user's folder stays as it is
+    rc, err = run_cli([*args, "--force"], capsys)
+    assert rc == 4 and "was not written by qcompiler" in err
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
     rc, _ = run_cli([*args, "--force"], capsys)
     assert rc == 0
     assert (out / "model.onnx").is_file() and (out / "quantization.json").is_file()
-    assert not (out / "keep.txt").exists()
+    assert (out / ".qcompiler-output").is_file()
+    rc, _ = run_cli([*args, "--force"], capsys)  # and so may qcompiler's own output
+    assert rc == 0
     _no_partials(tmp_path)
 
 

@@ -416,8 +416,8 @@ def test_names_from_the_model_never_become_paths(synthetic_dir, tmp_path: Path, 
     assert rc == 0, err
     new = {p for p in tmp_path.rglob("*")} - before
     assert all(p.is_relative_to(out) or p.is_relative_to(tmp_path / "work" / "ir") for p in new), sorted(new)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "model.onnx_data",
-                                                    "quantization.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".qcompiler-output", "config.json", "model.onnx",
+                                                    "model.onnx_data", "quantization.json", "tokenizer.json"]
     assert not Path("/tmp/abs-escaped_1").exists()
 
 

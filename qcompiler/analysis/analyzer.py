@@ -51,6 +51,7 @@ from qcompiler.calibrate import CalibConfig, Calibrator, ObserverConfig, StatReq
 from qcompiler.calibrate.windows import load_windows
 from qcompiler.data import load_tokenizer, read_text
 from qcompiler.errors import OutputError, QCError
+from qcompiler.finite import check_model_weights
 from qcompiler.irutil import load_model
 from qcompiler.spec import Role
 
@@ -90,12 +91,13 @@ def analyze(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Analy
     t_start = time.perf_counter()
     src = open_model_dir(model_dir)
     out = Path(out_dir)
-    check_output_dir(out, force)
+    check_output_dir(out, force, (src.path, cfg.calib))
     _probe_writable(out)
     read_text(cfg.calib)  # a missing or empty calibration text fails before any work
     if cfg.budget <= 0:
         raise QCError(f"--budget must be positive, got {cfg.budget:g}")
     model = load_model(src.model_path)
+    check_model_weights(model)
     sites = find_sites(model, cfg.lm_head)
     names = list(dict.fromkeys([cfg.reference, *cfg.candidates, *cfg.options, *cfg.curve]))
     cands = parse_candidates(names, cfg.sym, cfg.method, cfg.clip)
@@ -190,7 +192,7 @@ def analyze(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Analy
     report["timing"]["plots_s"] = round(time.perf_counter() - t0, 2)
     report["timing"]["total_s"] = round(time.perf_counter() - t_start, 2)
     try:
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force, (src.path, cfg.calib)) as tmp:
             write_json(tmp / "report.json", report)
             write_json(tmp / "report.schema.json", SCHEMA)
             (tmp / "report.html").write_text(page, encoding="utf-8")

@@ -13,7 +13,7 @@ from typing import Any
 
 from qcompiler.calibrate.observers import ObserverConfig, check_observers
 from qcompiler.calibrate.plan import parse_memory
-from qcompiler.errors import CalibrationError
+from qcompiler.errors import OptionError
 
 #: Bumped when what observers compute changes (part of the cache key).
 ENGINE_VERSION = 1
@@ -79,5 +79,5 @@ def merge_requests(requests: Sequence[StatRequest]) -> dict[str, tuple[str, ...]
         obs = wanted.setdefault(r.value, [])
         obs.extend(o for o in r.observers if o not in obs)
     if not wanted:
-        raise CalibrationError("no statistics were requested")
+        raise OptionError("no statistics were requested")
     return {v: tuple(o) for v, o in wanted.items()}

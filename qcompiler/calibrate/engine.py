@@ -43,6 +43,7 @@ import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from qcompiler.artifact import check_not_overlapping
 from qcompiler.calibrate.config import CalibConfig, StatRequest, config_hash, merge_requests
 from qcompiler.calibrate.graph import GraphIndex, model_fingerprint, open_session
 from qcompiler.calibrate.handoff import Handoff
@@ -64,7 +65,7 @@ from qcompiler.calibrate.plan import (
 )
 from qcompiler.calibrate.store import META, CalibrationStats, StatsKey, StatsStore, read_meta, stored_key
 from qcompiler.calibrate.windows import CalibWindows, load_windows
-from qcompiler.errors import CalibrationError, OutputError
+from qcompiler.errors import CalibrationError, OptionError, OutputError
 from qcompiler.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Calibrator:
 
     def __init__(self, model_dir: str | os.PathLike, config: CalibConfig) -> None:
         if not config.calib:
-            raise CalibrationError("calibration needs data: pass --calib PATH (a .txt, .jsonl or folder of .txt)")
+            raise OptionError("calibration needs data: pass --calib PATH (a .txt, .jsonl or folder of .txt)")
         self.model_dir = Path(model_dir)
         self.config = config
         self._windows: CalibWindows | None = None
@@ -178,17 +179,19 @@ class Calibrator:
         """
         t0 = time.perf_counter()
         out = Path(out)
+        check_not_overlapping(out, (self.model_dir, self.config.calib), what="statistics folder")
         partial = out.with_name(f".{out.name}.partial")
         key = self.key(model)
         wanted = merge_requests(requests)
         if out.exists():
             if not (out / META).is_file():
-                if not force:
-                    raise OutputError(f"{out} exists and is not a statistics folder; pass --force to replace it")
+                if not out.is_dir() or any(out.iterdir()):  # --force replaces statistics, never other folders
+                    raise OutputError(f"{out} exists and is not a statistics folder (no {META}); choose another "
+                                      "--out or remove it yourself (--force only replaces statistics)")
             else:
                 why = stored_key(read_meta(out)).mismatch(key)
                 if why and not force:
-                    raise CalibrationError(f"{out} holds statistics that cannot be reused: {why}; "
+                    raise OutputError(f"{out} holds statistics that cannot be reused: {why}; "
                                            "pass --force to replace them or choose another --out")
                 if not why:
                     stats = CalibrationStats(out)
@@ -287,7 +290,7 @@ class Calibrator:
             budget = default if roomy is None else min(default, roomy)
             try:
                 groups, est = plan_groups(planned, budget, obs_cfg, n, fixed, per_layer)
-            except CalibrationError:  # one layer alone needs more: use what the machine has
+            except OptionError:  # one layer alone needs more: use what the machine has
                 budget = roomy
                 groups, est = plan_groups(planned, budget, obs_cfg, n, fixed, per_layer)
         else:

@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from qcompiler.calibrate.graph import GraphIndex, find_values
 from qcompiler.calibrate.observers import OBSERVERS, ObserverConfig
-from qcompiler.errors import CalibrationError, QCError
+from qcompiler.errors import OptionError, QCError
 from qcompiler.irutil import linear_weight, topo_index
 from qcompiler.spec import linear_info
 
@@ -98,7 +98,7 @@ def describe_values(model: ir.Model, wanted: dict[str, tuple[str, ...]], seq_len
     for name, obs in wanted.items():
         v = values.get(name)
         if v is None:
-            raise CalibrationError(
+            raise OptionError(
                 f"no value named '{name}' in the model to calibrate (requests name values of the graph, "
                 "e.g. a linear's input)"
             )
@@ -190,7 +190,7 @@ def plan_groups(values: list[PlannedValue], budget: int | None, cfg: ObserverCon
         for piece in pieces:
             b = sum(v.bytes(cfg, windows) for v in piece) + lw
             if room is not None and b > room:
-                raise CalibrationError(
+                raise OptionError(
                     f"--max-memory {format_bytes(budget or 0)} is too small: the runtime and shared weights need "
                     f"{format_bytes(fixed)} and '{piece[0].name}' (layer {layer}) alone {format_bytes(b)} "
                     f"(at least {format_bytes(fixed + b)} in all)"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompiler.data import read_text, tokenize
-from qcompiler.errors import CalibrationError
+from qcompiler.errors import CalibrationError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ class CalibWindows:
 def sample_windows(tokens: np.ndarray, samples: int, seq_len: int, seed: int = 0, source: str = "") -> CalibWindows:
     """Draw ``samples`` windows of ``seq_len`` tokens from ``tokens`` (see module docstring)."""
     if samples < 1:
-        raise CalibrationError(f"--calib-samples must be at least 1, got {samples}")
+        raise OptionError(f"--calib-samples must be at least 1, got {samples}")
     if seq_len < 2:
-        raise CalibrationError(f"--seq-len must be at least 2, got {seq_len}")
+        raise OptionError(f"--seq-len must be at least 2, got {seq_len}")
     t = np.asarray(tokens, dtype=np.int64).reshape(-1)
     where = f"{source}: " if source else ""
     if len(t) < seq_len:

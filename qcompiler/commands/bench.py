@@ -50,15 +50,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qcompiler.bench import BenchConfig, run_bench
-    from qcompiler.commands.quantize import options_from_args
+    from qcompiler.bench import BenchConfig, resolve_rows, run_bench
+    from qcompiler.commands.quantize import options_and_explicit, options_from_args
+    from qcompiler.option_use import check_bench_options
 
     calib = args.calib
+    explicit = options_and_explicit(args)[1]  # before the bench's own defaults below
     if args.calib_samples is None:
         args.calib_samples = BENCH_CALIB_SAMPLES
     if args.budget is None and args.max_size_mb is None:
         args.budget = BENCH_BUDGET
     options = options_from_args(args)
+    rows = resolve_rows(args.recipes)
+    check_bench_options([n for n, kind in rows if kind == "recipe"], options, explicit,
+                        anchors=any(kind == "anchor" for _, kind in rows))
     config = BenchConfig(
         prefill_repeats=args.prefill_repeats,
         eval_tokens=args.eval_tokens,

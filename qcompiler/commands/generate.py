@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +70,23 @@ def prompt_ids(model_dir: Path, prompt: str, chat: bool = False) -> list[int]:
     return list(load_tokenizer(model_dir).encode(prompt, add_special_tokens=True).ids)
 
 
+def warn_past_context(config: dict, prompt_tokens: int, new_tokens: int) -> bool:
+    """Warn when the prompt (or prompt + new tokens) passes ``max_position_embeddings``; True if it did."""
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if not isinstance(limit, int) or limit <= 0:
+        return False
+    if prompt_tokens > limit:
+        log.warning("the prompt has %d tokens, more than the model's max_position_embeddings %d (config.json): "
+                    "positions past %d are outside what it was trained on; expect unreliable output",
+                    prompt_tokens, limit, limit)
+        return True
+    if prompt_tokens + new_tokens > limit:
+        log.warning("prompt %d + --max-new-tokens %d tokens pass the model's max_position_embeddings %d "
+                    "(config.json); tokens past position %d are unreliable", prompt_tokens, new_tokens, limit, limit)
+        return True
+    return False
+
+
 def stream_text(model_dir: Path, ids: Iterator[int]) -> Iterator[tuple[int, str]]:
     """``(id, text piece)`` for each id, the piece empty until a character is complete."""
     from tokenizers.decoders import DecodeStream
@@ -90,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
     ids = prompt_ids(md.path, args.prompt, args.chat)
+    warn_past_context(md.config, len(ids), args.max_new_tokens)
     runner = open_runner(md.path, threads=args.threads)
     eos = [] if args.ignore_eos else eos_ids(md.path)
     t0 = time.perf_counter()

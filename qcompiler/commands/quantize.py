@@ -35,7 +35,9 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML file with a [quantize] table of these options")
 
 
-def options_from_args(args: argparse.Namespace):
+def options_and_explicit(args: argparse.Namespace):
+    """``(QuantizeOptions, the option names the user set)`` from the command line and ``--config``."""
+    from qcompiler.option_use import explicit_options
     from qcompiler.recipes import QuantizeOptions, load_options_toml
 
     base: dict[str, object] = {}
@@ -46,7 +48,11 @@ def options_from_args(args: argparse.Namespace):
                 setattr(args, key, base[key])
             base.pop(key, None)
     opts = QuantizeOptions(**base)  # type: ignore[arg-type]
-    return opts.with_overrides(**vars(args))
+    return opts.with_overrides(**vars(args)), explicit_options(vars(args), base)
+
+
+def options_from_args(args: argparse.Namespace):
+    return options_and_explicit(args)[0]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,14 +73,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qcompiler.artifact import check_not_overlapping
+    from qcompiler.option_use import check_options
     from qcompiler.quantize import quantize
 
+    options, explicit = options_and_explicit(args)
+    check_not_overlapping(args.out_dir, (args.in_dir, options.calib, args.config))
+    if args.recipe and not args.passes:  # (both or neither: quantize() says so)
+        check_options(args.recipe, options, explicit)
+    elif args.passes and not args.recipe:
+        check_options(None, options, explicit)
     summary = quantize(
         args.in_dir,
         args.out_dir,
         recipe=args.recipe,
         passes=args.passes,
-        options=options_from_args(args),
+        options=options,
         force=args.force,
         dump_ir=args.dump_ir,
         genai=args.genai,

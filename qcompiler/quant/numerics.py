@@ -85,17 +85,19 @@ def scales_from_range(
     wmin: np.ndarray, wmax: np.ndarray, spec: QuantSpec
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Scale (and zero point) of each group from its (possibly clipped) range."""
+    if not (np.isfinite(wmin).all() and np.isfinite(wmax).all()):
+        raise ValueError("non-finite weight range (NaN/Inf in the weight)")
     if spec.symmetric:
         amax = np.maximum(np.abs(wmin), np.abs(wmax))
         scale = amax / float(spec.qmax)
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)  # an all-zero group; NaN stays NaN
         return scale, None
     # The grid must hold 0 (z is an integer in [qmin, qmax]): a group whose values all
     # have one sign gets its range widened to 0, else its far end would be clamped.
     wmin, wmax = np.minimum(wmin, 0.0), np.maximum(wmax, 0.0)
     span = wmax - wmin
     scale = (span / float(spec.qmax - spec.qmin)).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)  # an all-zero group
     zp = np.clip(np.round(-wmin / scale), spec.qmin, spec.qmax).astype(np.uint8)
     return scale, zp
 

@@ -22,9 +22,13 @@ def smoothing_scales(act_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float,
     """
     a = np.asarray(act_absmax, np.float64)
     w = np.asarray(w_absmax, np.float64)
+    for what, arr in (("activation abs-max statistics", a), ("weight abs-max", w)):
+        bad = np.flatnonzero(~np.isfinite(arr))
+        if bad.size:  # never let a fallback below turn a NaN into s = 1
+            raise ValueError(f"{what} hold NaN/Inf at channel {int(bad[0])}")
     s = np.power(np.maximum(a, _EPS), alpha) / np.power(np.maximum(w, _EPS), 1.0 - alpha)
-    s = np.where((a > 0) & (w > 0) & np.isfinite(s), s, 1.0)
-    s = np.clip(s, 2.0**-20, 2.0**20)
+    s = np.where((a > 0) & (w > 0), s, 1.0)
+    s = np.clip(s, 2.0**-20, 2.0**20)  # finite inputs: an overflow is +inf, clipped here
     return np.exp2(np.round(np.log2(s))) if pow2 else s
 
 

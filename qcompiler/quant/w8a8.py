@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import QCError
+from qcompiler.errors import CalibrationError, QCError
 from qcompiler.irutil import add_initializer, const_array, scalar_const
 
 QUANT_KEY = "qc.quant"
@@ -244,6 +244,8 @@ def static_qparams(lo: float, hi: float, dtype: str = "int8", symmetric: bool = 
     if (dtype, symmetric) not in _GRIDS:
         raise ValueError(f"activation dtype must be int8 or uint8, got {dtype}")
     qmin, qmax, fixed_z = _GRIDS[(dtype, symmetric)]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise CalibrationError(f"activation range [{lo}, {hi}] is not finite (NaN/Inf in the statistics)")
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if symmetric:
         scale = max(-lo, hi) / 127.0

@@ -178,12 +178,12 @@ def assert_same(a, b, requests: list[StatRequest]) -> None:
 
 
 def test_memory_bound_too_small_names_the_numbers(synthetic_dir, synthetic_text: Path, tmp_path: Path) -> None:
-    from qcompiler.errors import CalibrationError
+    from qcompiler.errors import OptionError  # a bad --max-memory (exit 2)
 
     model_dir, _ = synthetic_dir
     model = load_model(model_dir / "model.onnx")
     cal = calibrator(model_dir, synthetic_text, tmp_path, max_memory=50_000, overhead_bytes=0)
-    with pytest.raises(CalibrationError, match=r"--max-memory 48\.8 KiB is too small: .* alone"):
+    with pytest.raises(OptionError, match=r"--max-memory 48\.8 KiB is too small: .* alone"):
         cal(model, linear_requests(model, ("hessian",)))
 
 

@@ -11,7 +11,7 @@ from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
 
 from qcompiler.calibrate import CalibrationStats, StatRequest, linear_inputs, linear_requests, parse_memory
 from qcompiler.data import tokenize
-from qcompiler.errors import CalibrationError, InputError, QCError
+from qcompiler.errors import CalibrationError, InputError, OptionError, OutputError, QCError
 from qcompiler.irutil import load_model
 
 from .refs import reference_activations
@@ -40,11 +40,11 @@ def test_bad_requests(synthetic_nokv_dir, synthetic_text: Path, tmp_path: Path) 
     model_dir, _ = synthetic_nokv_dir
     model = load_model(model_dir / "model.onnx")
     cal = calibrator(model_dir, synthetic_text, tmp_path)
-    with pytest.raises(CalibrationError, match="no value named 'nope' in the model"):
+    with pytest.raises(OptionError, match="no value named 'nope' in the model"):
         cal(model, [StatRequest("nope", ("minmax",))])
     with pytest.raises(QCError, match="unknown observer 'median'; known: minmax"):
         StatRequest("x", ("median",))
-    with pytest.raises(CalibrationError, match="no statistics were requested"):
+    with pytest.raises(OptionError, match="no statistics were requested"):
         cal(model, [])
     int_value = next(n.outputs[0].name for n in model.graph if n.op_type == "Range")
     with pytest.raises(CalibrationError, match=f"value '{int_value}' is int64, not a floating-point activation"):
@@ -107,7 +107,7 @@ def test_statistics_of_another_model_are_refused(synthetic_nokv_dir, synthetic_t
     stats = cal.calibrate_into(a, linear_requests(a, ("minmax",)), out)
     b = load_model(other_dir / "model.onnx")
     cal_b = calibrator(other_dir, synthetic_text, tmp_path / "c")
-    with pytest.raises(CalibrationError, match=r"cannot be reused: they were computed for another model: "
+    with pytest.raises(OutputError, match=r"cannot be reused: they were computed for another model: "
                                                r"model hash [0-9a-f]{12} ≠ [0-9a-f]{12} of this run; pass --force"):
         cal_b.calibrate_into(b, linear_requests(b, ("minmax",)), out)
     other_hash = cal_b.key(b).model_hash
@@ -118,7 +118,7 @@ def test_statistics_of_another_model_are_refused(synthetic_nokv_dir, synthetic_t
     # the same model, other data: refused naming the data hash
     (tmp_path / "t2.txt").write_text(synthetic_text.read_text()[::-1])
     cal_c = calibrator(other_dir, tmp_path / "t2.txt", tmp_path / "c")
-    with pytest.raises(CalibrationError, match="other calibration data: data hash"):
+    with pytest.raises(OutputError, match="other calibration data: data hash"):
         cal_c.calibrate_into(b, linear_requests(b, ("minmax",)), out)
 
 

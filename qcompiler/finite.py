@@ -1,0 +1,62 @@
+"""NaN/Inf checks that name the tensor and the first bad index.
+
+A non-finite weight, bias, norm weight or statistic must stop quantization: a scale
+computed from it is NaN (or hidden as 1.0 by a fallback), and the quantized output
+would be silently wrong.  :func:`check_model_weights` runs once over a model's float
+initializers before any pass (``qc quantize``, ``qc analyze``), so every recipe stops
+the same way whichever pass would compute the scales; :func:`require_finite` is the
+same check for one array inside a pass.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+
+
+def nonfinite_summary(a: np.ndarray) -> str:
+    """``""`` if every value is finite, else e.g. ``"2 NaN/Inf value(s), the first at [3, 4]"``."""
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "fc":
+        arr = arr.astype(np.float32)  # bfloat16 and friends
+    finite = np.isfinite(arr)
+    if finite.all():
+        return ""
+    where = np.argwhere(~finite)
+    first = list(map(int, where[0])) if arr.ndim else []
+    return f"{len(where)} NaN/Inf value(s), the first at {first}"
+
+
+def require_finite(a: np.ndarray, what: str) -> None:
+    """Raise :class:`InputError` ``"<what> holds N NaN/Inf value(s), the first at [i, j]"``."""
+    bad = nonfinite_summary(a)
+    if bad:
+        raise InputError(f"{what} holds {bad}; refusing to quantize a model with non-finite values")
+
+
+def check_model_weights(model: ir.Model) -> int:
+    """Check every float initializer with more than one element (weights, biases, norm weights,
+    embeddings) for NaN/Inf, one tensor at a time; returns how many were checked.
+
+    Scalars are left out: a ``-inf`` scalar is a legitimate mask constant.
+    """
+    checked = 0
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype not in _FLOAT_TYPES or tensor.size <= 1:
+            continue
+        require_finite(tensor.numpy(), f"tensor '{name}' {list(tensor.shape.numpy())}")
+        release = getattr(tensor, "release", None)
+        if release is not None:  # drop the memory map: the passes read it again when they need it
+            release()
+        checked += 1
+    log.debug("checked %d float tensors for NaN/Inf", checked)
+    return checked
