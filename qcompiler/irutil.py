@@ -214,7 +214,11 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: str = EX
 
     def _release_written(tensor: ir.TensorProtocol, _info: object) -> None:
         while pending:
-            pending.pop().release()
+            done = pending.pop()
+            try:
+                done.release()
+            except BufferError:  # a numpy view of the mapping is still alive; it is unmapped when that goes
+                log.debug("save_model: %s is still referenced; not unmapped early", done.name)
         if isinstance(tensor, ir.ExternalTensor):
             pending.append(tensor)
 
@@ -224,7 +228,11 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: str = EX
         raise OutputError(f"cannot write {p}: {e.strerror or e}") from None
     finally:
         while pending:
-            pending.pop().release()
+            done = pending.pop()
+            try:
+                done.release()
+            except BufferError:  # a numpy view of the mapping is still alive; it is unmapped when that goes
+                log.debug("save_model: %s is still referenced; not unmapped early", done.name)
 
 
 # ----------------------------------------------------------------------------- spilling

@@ -40,6 +40,7 @@ class QuantizeOptions:
     max_size_mb: float | None = None
     static_shapes: int | None = None
     fuse: bool = True  # cpu/cuda: fuse norms, rotary, attention, packed linears (issue 11)
+    allow_partial: bool = False  # write a model whose unsupported decoder linears stay float (issue 23)
 
     def with_overrides(self, **kw: Any) -> QuantizeOptions:
         known = {f.name for f in fields(self)}
