@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 KEPT_FLOAT_KEY = "qc.kept_float"
 UNSUPPORTED = "unsupported pattern"
 LM_HEAD_CHOICE = "lm_head by choice (--lm-head quantizes an untied lm_head)"
+ROUTER_CHOICE = "mixture-of-experts router by choice (expert selection is sensitive; a few KB)"
 _INT_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4})
 _THROUGH = frozenset({"DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity"})
 
@@ -120,6 +121,9 @@ def measure(model: ir.Model) -> Coverage:
         role = info.key if info is not None else None
         reason = node.meta.get(KEPT_FLOAT_KEY) or node.metadata_props.get(KEPT_FLOAT_KEY)
         if reason is None:
+            if info is not None and info.role == Role.ROUTER:
+                cov.kept_float.append(KeptFloat(node.name or "?", role, ROUTER_CHOICE))
+                continue
             head = (info is not None and info.role == Role.LM_HEAD) or (info is None and _is_output_head(node, graph_outputs))
             reason = LM_HEAD_CHOICE if head else UNSUPPORTED
             role = "lm_head" if head else role
