@@ -36,6 +36,7 @@ KEPT_FLOAT_KEY = "qc.kept_float"
 UNSUPPORTED = "unsupported pattern"
 LM_HEAD_CHOICE = "lm_head by choice (--lm-head quantizes an untied lm_head)"
 ROUTER_CHOICE = "mixture-of-experts router by choice (expert selection is sensitive; a few KB)"
+LM_HEAD_TIED = "lm_head tied to the embedding (one tensor; --quantize-embeddings quantizes both)"
 _INT_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4})
 _THROUGH = frozenset({"DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity"})
 
@@ -125,7 +126,8 @@ def measure(model: ir.Model) -> Coverage:
                 cov.kept_float.append(KeptFloat(node.name or "?", role, ROUTER_CHOICE))
                 continue
             head = (info is not None and info.role == Role.LM_HEAD) or (info is None and _is_output_head(node, graph_outputs))
-            reason = LM_HEAD_CHOICE if head else UNSUPPORTED
+            tied = head and bool(linear_weight(node)[1])  # type: ignore[index]
+            reason = LM_HEAD_TIED if tied else LM_HEAD_CHOICE if head else UNSUPPORTED
             role = "lm_head" if head else role
         cov.kept_float.append(KeptFloat(node.name or "?", role, reason))
     return cov

@@ -128,3 +128,34 @@ def test_unsupported_pattern_exits_5_and_allow_partial_lists_it(recipe: str, tmp
     assert "/model/layers.0/mlp/down_proj/MatMul" in unsupported and len(unsupported) in (2, 3)
     assert all("/model/layers.0/mlp/" in n for n in unsupported)
     assert [k["role"] for k in kept if k["reason"] != "unsupported pattern"] == ["lm_head"]
+
+
+def test_tied_lm_head_is_a_transposed_view(tmp_path: Path) -> None:
+    """A folded copy ``W = Eᵀ`` of a tied embedding is re-tied: one initializer, a Transpose view."""
+    import onnx_ir as ir
+
+    from qcompiler.export import retie_lm_head
+    from qcompiler.irutil import linear_weight, load_model
+
+    model = load_model(family_export("gpt2") / "onnx" / "model.onnx")
+    head = next(n for n in model.graph if n.name == "/lm_head/MatMul")
+    table, transposed = linear_weight(head)
+    assert transposed  # the exporter wrote a view here; make it a copy, as for Gemma 3 270M
+    copy = ir.Value(name="lm_head_copy", shape=ir.Shape(list(reversed(list(table.shape)))), type=table.type)
+    copy.const_value = ir.tensor(table.const_value.numpy().T.copy(), name="lm_head_copy")
+    model.graph.register_initializer(copy)
+    head.replace_input_with(1, copy)
+    n_init = len(model.graph.initializers)
+    assert retie_lm_head(model)
+    assert linear_weight(head) == (table, True) and len(model.graph.initializers) == n_init - 1
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma"])
+def test_tied_weights_stay_tied_through_recipes(model_type: str, tmp_path: Path) -> None:
+    from qcompiler.irutil import load_model
+
+    summary = _quantize(model_type, "w8a8-dynamic", tmp_path / "q")
+    assert summary["kept_float"][0]["reason"].startswith("lm_head tied to the embedding")
+    model = load_model(tmp_path / "q" / "model.onnx")
+    big = [v for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.size >= 512 * 64]
+    assert len(big) == 1  # the embedding only: no transposed copy for the lm_head
