@@ -99,7 +99,7 @@ def _ort_symbolic_inference(model: ir.Model) -> bool:
     try:  # weights travel as typed inputs (onnx_ir's helper): no tensor data is serialized or read
         inferred = _c_api_utils.call_onnx_api(infer, model)
     except Exception as e:  # the tool raises bare Exceptions on ops it does not know
-        log.debug("symbolic shape inference failed (%s); using ONNX shape inference", e)
+        log.info("symbolic shape inference failed (%s); using ONNX shape inference", e)
         return False
     finally:
         silenced.setLevel(level)
@@ -183,13 +183,6 @@ def is_identity_cast(node: ir.Node) -> bool:
         return False
     src = node.inputs[0].dtype if node.inputs[0] is not None else None
     return src is not None and node.attributes.get_int("to", -1) == src.value
-
-
-def skip_identity(value: ir.Value | None) -> ir.Value | None:
-    """Walk up through identity casts."""
-    while value is not None and value.producer() is not None and is_identity_cast(value.producer()):
-        value = value.producer().inputs[0]
-    return value
 
 
 def region(output: ir.Value, leaves: Iterable[ir.Value]) -> list[ir.Node] | None:

@@ -30,7 +30,7 @@ from qcompiler.models.llama import RotaryMatch, match_rotary
 from qcompiler.irutil import MS_DOMAIN, ensure_opset
 from qcompiler.pipeline import QCPass, register_pass
 
-from ._fusion import cleanup, const, dims, infer_shapes, is_closed, new_node, record, replace_value
+from ._fusion import cleanup, const, infer_shapes, is_closed, new_node, record, replace_value
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,3 @@ class FuseRotary(QCPass):
         record(self.context, self.name, count)
         log.info("fuse-rotary: %d rotary subgraph(s) → RotaryEmbedding", count)
         return ir.passes.PassResult(model, modified=count > 0)
-
-
-def rotary_inputs(node: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value] | None:
-    """(x, positions, cos_cache, sin_cache) of a fused non-interleaved 4-D RotaryEmbedding."""
-    if node.op_type != "RotaryEmbedding" or node.domain != MS_DOMAIN or len(node.inputs) != 4:
-        return None
-    if node.attributes.get_int("interleaved", 0) or node.attributes.get_int("rotary_embedding_dim", 0):
-        return None
-    if node.attributes.get_int("is_packed_batching", 0) or node.attributes.get_float("scale", 1.0) != 1.0:
-        return None
-    if len(dims(node.inputs[0]) or []) != 4:
-        return None
-    x, pos, cos, sin = node.inputs
-    return x, pos, cos, sin  # type: ignore[return-value]

@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from qcompiler.coverage import mark_kept_float
 from qcompiler.errors import InputError, QCError, UnsupportedModelError
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.pipeline import QCPass, register_pass
@@ -79,7 +80,10 @@ def quantizable_linears(model: ir.Model, lm_head: bool = False, skip: frozenset[
     out = []
     for node in model.graph:
         info = linear_info(node)
-        if info is None or info.role not in roles or info.key in skip:
+        if info is None or info.role not in roles:
+            continue
+        if info.key in skip:
+            mark_kept_float(node, "user exclusion (skip)")
             continue
         found = linear_weight(node)
         if found is None:
@@ -87,6 +91,7 @@ def quantizable_linears(model: ir.Model, lm_head: bool = False, skip: frozenset[
         _, transposed = found
         if transposed:
             log.info("quantize-weights: %s has a tied (transposed) weight; left in float", info.key)
+            mark_kept_float(node, "tied to the embedding (quantize-embeddings quantizes both)")
             continue
         out.append(node)
     return out
@@ -128,6 +133,7 @@ class QuantizeWeights(QCPass):
                         "(pass option quantize-weights{nonfinite=skip} leaves such linears in float)"
                     )
                 log.warning("quantize-weights: %s; left in float (nonfinite=skip)", msg)
+                mark_kept_float(node, "NaN/Inf weight (nonfinite=skip)")
                 self.context.report.setdefault("nonfinite_weights", {})[info.key] = msg
                 continue
             try:

@@ -168,13 +168,6 @@ def load_plugins() -> None:
             raise QCError(f"cannot import plugin module '{mod}' named in ${PLUGINS_ENV}: {e}") from None
 
 
-def default_rows() -> list[str]:
-    from qcompiler.anchors import ANCHORS
-    from qcompiler.recipes import available_recipes
-
-    return [*available_recipes(), *ANCHORS]
-
-
 def resolve_rows(names: str | list[str] | None) -> list[tuple[str, str]]:
     """``[(name, kind)]`` for ``names`` (comma-separated or a list; ``all``, ``recipes``, ``anchors``)."""
     from qcompiler.anchors import ANCHORS

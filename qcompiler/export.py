@@ -178,8 +178,11 @@ def export(
             onnx_export_from_model(model, raw, task=task, opset=opset, do_validation=False)
         except (ValueError, KeyError, NotImplementedError) as e:
             raise QCError(f"optimum cannot export {model_ref}: {e}") from None
+        model_config = model.config
         del model
         graph = load_model(raw / MODEL_FILE)
+        if getattr(model_config, "tie_word_embeddings", False):
+            retie_lm_head(graph)
         save_model(graph, tmp / MODEL_FILE)
         del graph
         for f in raw.iterdir():
@@ -196,6 +199,42 @@ def export(
         )
     log.info("exported %s to %s in %.1fs", model_ref, out, time.perf_counter() - t0)
     return out
+
+
+def retie_lm_head(model) -> bool:
+    """Make a tied lm_head read the embedding through a ``Transpose`` view, not a second copy.
+
+    Exporters may constant-fold ``Eᵀ`` into a new ``[hidden, vocab]`` initializer (for Gemma 3
+    270M, 671 MB on top of the 671 MB embedding).  ``MatMul(x, W)`` with ``W == Eᵀ`` exactly, for
+    ``E`` the table of an embedding ``Gather``, becomes ``MatMul(x, Transpose(E))`` and ``W`` is
+    dropped.  Returns whether it rewired anything.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    from qcompiler.irutil import is_weight
+
+    graph = model.graph
+    tables = [n.inputs[0] for n in graph if n.op_type == "Gather" and is_weight(n.inputs[0])]
+    changed = False
+    for node in list(graph):
+        if node.op_type != "MatMul" or not is_weight(node.inputs[1]):
+            continue
+        w = node.inputs[1]
+        for e in tables:
+            if list(e.shape) != list(reversed(list(w.shape))) or e.dtype != w.dtype:  # type: ignore[arg-type]
+                continue
+            if not np.array_equal(w.const_value.numpy(), e.const_value.numpy().T):  # type: ignore[union-attr]
+                continue
+            t = ir.node("Transpose", [e], {"perm": [1, 0]}, name=f"{node.name}_tied_Transpose")
+            graph.insert_before(node, t)
+            node.replace_input_with(1, t.outputs[0])
+            if not w.uses() and w.name in graph.initializers:
+                del graph.initializers[w.name]
+            log.info("export: lm_head %s reads the embedding %s through Transpose (tied; copy dropped)", node.name, e.name)
+            changed = True
+            break
+    return changed
 
 
 def _drop_gguf_copy(folder: Path) -> None:

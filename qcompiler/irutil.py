@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -237,7 +237,11 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: str = EX
 
     def _release_written(tensor: ir.TensorProtocol, _info: object) -> None:
         while pending:
-            pending.pop().release()
+            done = pending.pop()
+            try:
+                done.release()
+            except BufferError:  # a numpy view of the mapping is still alive; it is unmapped when that goes
+                log.debug("save_model: %s is still referenced; not unmapped early", done.name)
         if isinstance(tensor, ir.ExternalTensor):
             pending.append(tensor)
 
@@ -247,7 +251,11 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: str = EX
         raise OutputError(f"cannot write {p}: {e.strerror or e}") from None
     finally:
         while pending:
-            pending.pop().release()
+            done = pending.pop()
+            try:
+                done.release()
+            except BufferError:  # a numpy view of the mapping is still alive; it is unmapped when that goes
+                log.debug("save_model: %s is still referenced; not unmapped early", done.name)
 
 
 # ----------------------------------------------------------------------------- spilling
@@ -352,15 +360,6 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def is_constant(value: ir.Value | None) -> bool:
-    if value is None:
-        return False
-    if value.const_value is not None:
-        return True
-    node = value.producer()
-    return node is not None and node.op_type == "Constant" and node.domain == ""
-
-
 def scalar_const(value: ir.Value | None) -> float | None:
     arr = const_array(value)
     if arr is None or arr.size != 1:
@@ -403,15 +402,6 @@ def linear_weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
 def is_linear(node: ir.Node) -> bool:
     """A ``MatMul``/``Gemm`` whose second input is a constant weight (possibly transposed)."""
     return linear_weight(node) is not None
-
-
-def single_consumer(value: ir.Value, op_type: str | None = None) -> ir.Node | None:
-    users = list(value.consumers())
-    if len(users) != 1:
-        return None
-    if op_type is not None and users[0].op_type != op_type:
-        return None
-    return users[0]
 
 
 def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
@@ -475,11 +465,6 @@ def op_types(model: ir.Model) -> dict[str, int]:
 def topo_index(graph: ir.Graph) -> dict[int, int]:
     """Position of each node (by id) in the graph's (topological) order."""
     return {id(n): i for i, n in enumerate(graph)}
-
-
-def nodes_of(model: ir.Model, ops: Iterable[str]) -> list[ir.Node]:
-    wanted = set(ops)
-    return [n for n in model.graph if n.op_type in wanted]
 
 
 @functools.cache

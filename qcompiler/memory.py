@@ -28,8 +28,3 @@ def peak_rss_mb() -> float:
     if kb is None:
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024.0
-
-
-def current_rss_mb() -> float:
-    kb = _status_kb("VmRSS")
-    return (kb or 0.0) / 1024.0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -140,7 +139,8 @@ def _tensor(proto: onnx.ModelProto, name: str, base: Path) -> np.ndarray | None:
         if t.name == name:
             try:
                 return onnx.numpy_helper.to_array(t, base_dir=str(base))
-            except Exception:
+            except (OSError, ValueError, TypeError) as e:  # external data missing or unreadable
+                log.warning("partition check: cannot read initializer %s: %s", name, e)
                 return None
     return None
 
@@ -200,10 +200,6 @@ def check_partition(model_dir: str | os.PathLike, target: str, use_table: bool =
                if provider not in available else "table requested")
         return _table_check(path, target, provider, why)
     return _runtime_check(path, target, provider, uses_qc)
-
-
-def summarize(report: PartitionReport) -> dict[str, int]:
-    return dict(Counter(f"{p.domain}.{p.op_type}" if p.domain else p.op_type for p in report.not_assigned))
 
 
 def onnx_full_check(model_dir: str | os.PathLike) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qcompiler import __version__
+from qcompiler import __version__, coverage
 from qcompiler.artifact import (
     MODEL_FILE,
     atomic_output_dir,
@@ -37,7 +37,7 @@ from qcompiler.finite import check_model_weights
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
 from qcompiler.option_use import applied_options
-from qcompiler.pipeline import PassContext, parse_pipeline, pipeline_text, run_passes
+from qcompiler.pipeline import PassContext, get_pass, parse_pipeline, pipeline_text, run_passes
 from qcompiler.quant.intgemm import integer_gemms
 from qcompiler.recipes import QuantizeOptions, get_recipe
 from qcompiler.targets import check_target, lowering_pipeline
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 SPILL_DIR = ".scratch"
 SCOPE_NOTE = (
-    "decoder linear layers (q/k/v/o, gate/up/down) are quantized; token embeddings, lm_head, "
-    "attention score MatMuls and the KV cache stay in float unless an option says otherwise"
+    "decoder linear layers are quantized, except those listed in kept_float with their reason; token "
+    "embeddings, attention score MatMuls and the KV cache stay in float unless an option says otherwise"
 )
 
 
@@ -123,6 +123,8 @@ def quantize(
             log.warning("nonfinite=skip: linears with NaN/Inf weights stay float; the whole-model check is off")
         else:
             check_model_weights(model)  # any recipe: a NaN/Inf weight, bias or norm weight stops here
+        family = coverage.model_type(src.path)
+        _preflight(model, family, options.allow_partial)
         unknown = unknown_ops(model)
         if unknown:
             log.warning(
@@ -136,6 +138,8 @@ def quantize(
         model, records = run_passes(model, pass_list, dump_ir=dump_ir)
         gemms = check_integer_gemms(model, options.cpu_isa)
         attach_spill(model.graph, None)
+        cov = coverage.measure(model)
+        coverage.enforce(cov, family, options.allow_partial)  # nothing is written on failure
         save_model(model, tmp / MODEL_FILE)
         del model
         spill.close()
@@ -153,6 +157,9 @@ def quantize(
             "target": options.target,
             "options": applied_options(recipe, options),  # only what the pipeline read
             "scope": SCOPE_NOTE,
+            "model_type": family,
+            "coverage": cov.to_dict(),
+            "kept_float": [k.to_dict() for k in cov.kept_float],
             "passes": [asdict(r) for r in records],
             "report": context.report,
             "unknown_ops": unknown,
@@ -161,5 +168,17 @@ def quantize(
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         write_json(tmp / "quantization.json", summary)
+    if cov.kept_float:
+        log.info("kept in float: %s", ", ".join(f"{k.role or k.node} ({k.reason})" for k in cov.kept_float[:6]))
     log.info("wrote %s in %.1fs (peak RSS %.0f MiB)", out, summary["wall_seconds"], summary["peak_rss_mb"])
     return summary
+
+
+def _preflight(model, family: str, allow_partial: bool) -> None:
+    """Refuse early (before any costly pass) a graph whose decoder linears canonicalize cannot place."""
+    if allow_partial:
+        return
+    get_pass("canonicalize")()(model)
+    bad = [k.node for k in coverage.measure(model).unsupported if k.role is None]  # no role: no pattern matched
+    if bad:
+        raise coverage.UnsupportedModelError(coverage.unsupported_message(family, bad, "decoder linear(s) not recognized"))

@@ -41,6 +41,7 @@ class QuantizeOptions:
     max_size_mb: float | None = None
     static_shapes: int | None = None
     fuse: bool = True  # cpu/cuda: fuse norms, rotary, attention, packed linears (issue 11)
+    allow_partial: bool = False  # write a model whose unsupported decoder linears stay float (issue 23)
     # CPUs the model must be exact on: "any" (u8×u8 integer GEMMs) or "vnni" (u8×s8, VNNI/AMX/ARM only);
     # see qcompiler/quant/intgemm.py
     cpu_isa: str = "any"

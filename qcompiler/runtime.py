@@ -60,7 +60,8 @@ def custom_op_library() -> str | None:
         return None
     try:
         return str(library_path())
-    except Exception:  # not built
+    except QCError as e:  # not built: the caller decides whether the model needs it
+        log.debug("custom-op library unavailable: %s", e)
         return None
 
 

@@ -32,6 +32,7 @@ class Role(enum.StrEnum):
     DOWN = "down_proj"
     QKV = "qkv_proj"  # fused q/k/v (one MatMul + Split)
     GATE_UP = "gate_up_proj"  # fused gate/up
+    ROUTER = "router"  # mixture-of-experts gate: token → expert scores (kept float)
     LM_HEAD = "lm_head"
 
 
@@ -40,14 +41,19 @@ DECODER_ROLES = (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN)
 
 @dataclass(frozen=True)
 class LinearInfo:
-    """Where a linear layer sits: decoder layer index (``-1`` for lm_head) and role."""
+    """Where a linear layer sits: decoder layer index (``-1`` for lm_head), role, and for a
+    mixture-of-experts MLP the expert index."""
 
     layer: int
     role: Role
+    expert: int | None = None
 
     @property
     def key(self) -> str:
-        return "lm_head" if self.role == Role.LM_HEAD else f"layers.{self.layer}.{self.role.value}"
+        if self.role == Role.LM_HEAD:
+            return "lm_head"
+        where = f"layers.{self.layer}." + (f"experts.{self.expert}." if self.expert is not None else "")
+        return where + self.role.value
 
 
 class Granularity(enum.StrEnum):
@@ -112,6 +118,8 @@ def set_linear_info(node: ir.Node, info: LinearInfo) -> None:
     node.meta[LINEAR_KEY] = info
     node.metadata_props["qc.layer"] = str(info.layer)
     node.metadata_props["qc.role"] = info.role.value
+    if info.expert is not None:
+        node.metadata_props["qc.expert"] = str(info.expert)
 
 
 def weight_spec(node: ir.Node) -> QuantSpec | None:
