@@ -74,14 +74,20 @@ def evaluate(
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     threads: int | None = None,
     progress: bool = True,
+    optimize: bool = True,
 ) -> EvalResult:
+    """Perplexity of ``model_dir`` on the text (and KL / top-1 against ``reference_dir``).
+
+    ``optimize=False`` runs the graph as written (``ORT_DISABLE_ALL``: no fusion, a QDQ graph's
+    reference semantics, what an NPU computes) instead of what ONNX Runtime's CPU provider fuses it into.
+    """
     md = open_model_dir(model_dir)
     ref_md = open_model_dir(reference_dir) if reference_dir is not None else None
     for folder in filter(None, (md, ref_md)):  # the same checks as qc quantize, before ONNX Runtime reads it
         check_model_file(folder.model_path)
     tokens = tokenize(md.path, read_text(text_path))
     win = make_windows(tokens, seq_len, max_tokens)
-    runner = open_runner(md.path, threads=threads)
+    runner = open_runner(md.path, threads=threads, optimize=optimize)
     ref_runner = open_runner(ref_md.path, threads=threads) if ref_md is not None else None
     return evaluate_windows(runner, win.ids, ref_runner, str(md.path), str(ref_md.path) if ref_md else None,
                             size_bytes=md.size_bytes(), progress=progress)

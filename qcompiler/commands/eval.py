@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text to use (default 8192)")
     p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="run the graph as written (no ORT fusions): a QDQ graph's reference semantics")
     p.set_defaults(func=run)
 
 
@@ -24,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from qcompiler.eval import evaluate
 
     res = evaluate(
-        args.model_dir, args.text, args.reference, seq_len=args.seq_len, max_tokens=args.max_tokens, threads=args.threads
+        args.model_dir, args.text, args.reference, seq_len=args.seq_len, max_tokens=args.max_tokens,
+        threads=args.threads, optimize=args.optimize,
     )
     print(json.dumps(res.to_dict(), indent=2))
     return 0
