@@ -9,7 +9,10 @@ o_proj ``o[B, S, N·H]``::
     P  = softmax(α_q q₄ · (α_k repeat(k₄))ᵀ · α_s + bias)      [NaN → 0 optional]
     o  = Reshape(Transpose₀₂₁₃(P · repeat(v₄)), [B, S, N·H])
 
-``repeat`` is repeat-kv (``Unsqueeze(·, 2) → Expand → Reshape``: kv head ``j`` serves
+q/k norms (Qwen3, OLMo2's per-projection norm is outside the block, Gemma3) — an RMSNorm
+over ``H`` on ``q₄``/``k₄`` before or after the transpose, identity casts around it —
+are part of the match (``q_norm``/``k_norm``): the fused form applies them to
+``Reshape(q, [B, S, N, H])`` before the rotary.  ``repeat`` is repeat-kv (``Unsqueeze(·, 2) → Expand → Reshape``: kv head ``j`` serves
 query heads ``j·R … j·R+R−1``, ``R = N/KV``), the identity when ``N = KV``.  The
 scalars ``α`` multiply into one softmax scale.  Every shape fact (heads, head size,
 that reshapes keep batch and sequence) is checked from ONNX shape inference; the
@@ -49,6 +52,10 @@ class AttentionMatch:
     present_v: ir.Value | None = None
     rotary_q: ir.Node | None = None  # fused 4-D RotaryEmbedding on q₄ / k₄
     rotary_k: ir.Node | None = None
+    q_norm: ir.Node | None = None  # per-head RMSNorm over H (SimplifiedLayerNormalization), before rotary
+    k_norm: ir.Node | None = None
+    q_gamma: np.ndarray | None = None  # the norms' weights, with a trailing constant scale folded in
+    k_gamma: np.ndarray | None = None
     nodes: list[ir.Node] = field(default_factory=list)
     tags: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
@@ -109,11 +116,88 @@ def _last_dim(v: ir.Value) -> int | None:
     return None
 
 
-def _split_heads(v: ir.Value, m: AttentionMatch, tag: str) -> tuple[ir.Value, int, int]:
-    """``v == Transpose₀₂₁₃(Reshape(x, [B, S, n, H]))``: return (x, n, H)."""
+def _identity_cast(node: ir.Node | None) -> bool:
+    if node is None or node.domain != "" or node.op_type not in ("Cast", "Identity"):
+        return False
+    src = node.inputs[0].dtype if node.inputs[0] is not None else None
+    return node.op_type == "Identity" or (src is not None and node.attributes.get_int("to", -1) == src.value)
+
+
+def _through_casts(v: ir.Value, m: AttentionMatch, tag: tuple[str, ...]) -> ir.Value:
+    """Step back over identity ``Cast``/``Identity`` nodes (torch's float32 round trips)."""
+    while _identity_cast(v.producer()):
+        node = v.producer()
+        m.nodes.append(node)  # type: ignore[arg-type]
+        m.tags[id(v)] = tag
+        v = node.inputs[0]  # type: ignore[union-attr,assignment]
+    return v
+
+
+def _const_vector(v: ir.Value | None) -> np.ndarray | None:
+    """A constant 1-D tensor, also behind an ``Identity`` (tied weights shared by the exporter)."""
+    node = v.producer() if v is not None else None
+    if node is not None and node.op_type == "Identity" and node.domain == "":
+        v = node.inputs[0]
+    arr = const_array(v) if v is not None else None
+    return arr if arr is not None and arr.ndim == 1 else None
+
+
+def _head_norm(v: ir.Value, m: AttentionMatch,
+               tag: tuple[str, ...]) -> tuple[ir.Value, ir.Node | None, np.ndarray | None]:
+    """``v == c ⊙ RMSNorm_γ(u)`` over the head axis (a q/k norm; ``c`` optional, casts looked
+    through): (u, norm, c·γ), else (v, None, None).  ``c`` is how a norm whose weight the
+    exporter shares through an ``Identity`` (Qwen3), or Gemma's ``1 + w``, reaches the graph."""
+    u = _through_casts(v, m, tag)
+    node = u.producer()
+    scale, mul, other = None, None, None
+    if node is not None and node.op_type == "Mul" and node.domain == "":
+        for i in (0, 1):
+            c = _const_vector(node.inputs[i])
+            inner = node.inputs[1 - i]
+            if c is None or inner is None:
+                continue
+            p = inner.producer()
+            while _identity_cast(p):
+                inner = p.inputs[0]  # type: ignore[union-attr]
+                p = inner.producer() if inner is not None else None
+            if p is not None and p.op_type == "SimplifiedLayerNormalization" and p.domain == "":
+                scale, mul, other = c, node, node.inputs[1 - i]
+                break
+    if mul is not None:
+        m.nodes.append(mul)
+        m.tags[id(u)] = tag
+        u = _through_casts(other, m, tag)  # type: ignore[arg-type]
+    node = u.producer()
+    if node is None or node.op_type != "SimplifiedLayerNormalization" or node.domain != "":
+        _need(mul is None, "q/k norm scale without its norm")
+        return u, None, None
+    _need(node.attributes.get_int("axis", -1) in (-1, 3), "q/k norm over the head axis")
+    _need(not any(o.uses() for o in node.outputs[1:]), "q/k norm statistics unused")
+    gamma = const_array(node.inputs[1])
+    _need(gamma is not None and gamma.ndim == 1, "q/k norm weight constant")
+    if scale is not None:
+        _need(scale.shape == gamma.shape, "q/k norm scale per head channel")  # type: ignore[union-attr]
+        gamma = (gamma.astype(np.float64) * scale).astype(gamma.dtype)  # type: ignore[union-attr]
+    m.nodes.append(node)
+    m.tags[id(u)] = tag
+    return _through_casts(node.inputs[0], m, tag), node, gamma  # type: ignore[arg-type]
+
+
+def _split_heads(v: ir.Value, m: AttentionMatch, tag: str) -> tuple[ir.Value, int, int, ir.Node | None]:
+    """``v == Transpose₀₂₁₃(Reshape(x, [B, S, n, H]))``, a per-head norm before or after the
+    transpose allowed: return (x, n, H, norm); the norm's weight goes to ``m.q_gamma/k_gamma``."""
+    v, norm, gamma = _head_norm(v, m, ("B", tag, "S", "H"))
     tr = _prod(v, "Transpose")
     _need(_perm(tr) == [0, 2, 1, 3], "heads transpose perm")
-    rs = _prod(tr.inputs[0], "Reshape")
+    inner = tr.inputs[0]
+    if norm is None:
+        inner, norm, gamma = _head_norm(inner, m, ("B", "S", tag, "H"))  # type: ignore[arg-type]
+    if norm is not None:  # v never has one (checked by the caller)
+        if tag == "N":
+            m.q_gamma = gamma
+        else:
+            m.k_gamma = gamma
+    rs = _prod(inner, "Reshape")
     x = rs.inputs[0]
     od, xd = dims(rs.outputs[0]), dims(x)
     _need(od is not None and xd is not None and len(od) == 4 and len(xd) == 3, "heads reshape rank")
@@ -126,10 +210,11 @@ def _split_heads(v: ir.Value, m: AttentionMatch, tag: str) -> tuple[ir.Value, in
     m.nodes += [tr, rs]
     m.tags[id(rs.outputs[0])] = ("B", "S", tag, "H")
     m.tags[id(tr.outputs[0])] = ("B", tag, "S", "H")
-    return x, n, head  # type: ignore[return-value]
+    return x, n, head, norm  # type: ignore[return-value]
 
 
 def _rotary(v: ir.Value, m: AttentionMatch, tag: str) -> tuple[ir.Value, ir.Node | None]:
+    v = _through_casts(v, m, ("B", tag, "S", "H"))
     node = v.producer()
     if node is None or node.op_type != "RotaryEmbedding" or node.domain != MS:
         return v, None
@@ -241,14 +326,15 @@ def _match(softmax: ir.Node) -> AttentionMatch:
     k_rep, k_factor2 = _peel_scale(tr_k.inputs[0], m)  # type: ignore[arg-type]
     m.scale = s_factor * q_factor * k_factor * k_factor2
     q4r, m.rotary_q = _rotary(q4, m, "N")
-    m.q, m.heads, m.head_size = _split_heads(q4r, m, "N")
+    m.q, m.heads, m.head_size, m.q_norm = _split_heads(q4r, m, "N")
     k_all = _repeat_kv(k_rep, m, m.heads)
     k_new, m.past_k, present_k = _cache_concat(k_all, m)
     k4r, m.rotary_k = _rotary(k_new, m, "KV")
-    m.k, m.kv_heads, hk = _split_heads(k4r, m, "KV")
+    m.k, m.kv_heads, hk, m.k_norm = _split_heads(k4r, m, "KV")
     v_all = _repeat_kv(pv.inputs[1], m, m.heads)  # type: ignore[arg-type]
     v_new, m.past_v, present_v = _cache_concat(v_all, m)
-    m.v, kv_v, hv = _split_heads(v_new, m, "KV")
+    m.v, kv_v, hv, v_norm = _split_heads(v_new, m, "KV")
+    _need(v_norm is None, "no norm on v")
     _need(hk == hv == m.head_size and kv_v == m.kv_heads and m.heads % m.kv_heads == 0, "head layout")
     _need((m.past_k is None) == (m.past_v is None), "both or neither of k/v cached")
     _need((m.rotary_k is None) == (m.rotary_q is None), "rotary on both q and k")

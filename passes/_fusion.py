@@ -10,10 +10,8 @@ where a fact a fusion needs is unknown the fusion is skipped, never guessed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -46,8 +44,10 @@ def infer_shapes(model: ir.Model) -> None:
     """
     if model.graph.meta.get(SHAPES_KEY) == _fingerprint(model.graph):
         return
-    if not _ort_symbolic_inference(model):
-        _propagate_main_path(model.graph)
+    outcome = _ort_symbolic_inference(model)
+    if outcome != "complete":
+        _propagate_main_path(model.graph)  # fills only what is still unknown
+    if outcome == "failed":
         common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
     shapes_current(model)
 
@@ -80,27 +80,54 @@ def _symbolic_shape_inference_class() -> type | None:
     return getattr(module, "SymbolicShapeInference", None)
 
 
-def _ort_symbolic_inference(model: ir.Model) -> bool:
+def _contrib_aware(cls: type) -> type:
+    """ORT's inference plus the integer linears its dispatcher lacks (it stops at the first unknown op).
+
+    ``MatMulIntegerToFloat(A, B, a_scale, …)`` and ``DynamicQuantizeMatMul(A, B, …)`` have
+    MatMul's shape; the output takes ``a_scale``'s float type (resp. ``A``'s).
+    """
+
+    class ContribAware(cls):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.dispatcher_.setdefault("MatMulIntegerToFloat", self._infer_matmul_to_float)
+            self.dispatcher_.setdefault("DynamicQuantizeMatMul", self._infer_matmul_to_float)
+
+        def _infer_matmul_to_float(self, node: object) -> None:
+            typed = node.input[2] if node.op_type == "MatMulIntegerToFloat" else node.input[0]  # type: ignore[attr-defined]
+            vi = self.known_vi_.get(typed)
+            self._compute_matmul_shape(node, vi.type.tensor_type.elem_type if vi is not None else None)
+
+    return ContribAware
+
+
+def _ort_symbolic_inference(model: ir.Model) -> str:
+    """Symbolic inference: "complete", "partial" (it stopped early; what it found is kept) or "failed"."""
     import onnx
 
-    SymbolicShapeInference = _symbolic_shape_inference_class()
-    if SymbolicShapeInference is None:
-        return False
+    base = _symbolic_shape_inference_class()
+    if base is None:
+        return "failed"
+    inference = _contrib_aware(base)
     silenced = logging.getLogger("qcompiler_ort_symbolic_shape_infer")  # its module name here
     level = silenced.level
     silenced.setLevel(logging.ERROR)
+    complete = [False]
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
-        # on incomplete inference the tool saves 'sym_shape_infer_temp.onnx' into the working
-        # folder: run it in a scratch folder so qc never leaves files where the user stands
-        with tempfile.TemporaryDirectory(prefix="qc-shape-infer-") as scratch, contextlib.chdir(scratch):
-            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+        # the tool's own infer_shapes, minus the scratch file it saves when incomplete
+        ssi = inference(2**31 - 1, True, False, 0)
+        ssi._preprocess(proto)
+        while ssi.run_:
+            complete[0] = ssi._infer_impl()
+        ssi._update_output_from_vi()
+        return ssi.out_mp_
 
     try:  # weights travel as typed inputs (onnx_ir's helper): no tensor data is serialized or read
         inferred = _c_api_utils.call_onnx_api(infer, model)
     except Exception as e:  # the tool raises bare Exceptions on ops it does not know
         log.info("symbolic shape inference failed (%s); using ONNX shape inference", e)
-        return False
+        return "failed"
     finally:
         silenced.setLevel(level)
     found: dict[str, onnx.ValueInfoProto] = {v.name: v for v in inferred.graph.value_info}
@@ -115,7 +142,10 @@ def _ort_symbolic_inference(model: ir.Model) -> bool:
             if tt.HasField("shape"):
                 out.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                       for d in tt.shape.dim])
-    return True
+    if not complete[0]:
+        log.info("symbolic shape inference stopped early; its partial shapes are kept")
+        return "partial"
+    return "complete"
 
 
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Sigmoid", "Tanh", "Relu",
@@ -145,7 +175,13 @@ def _propagate_main_path(graph: ir.Graph) -> None:
         known = [dims(i) for i in ins]
         shape: list[Dim] | None = None
         dtype = None
-        if op == "Gather" and len(ins) == 2 and known[0] is not None and known[1] is not None and len(known[0]) == 2:
+        if op in ("QuantizeLinear", "DequantizeLinear") and known and known[0] is not None:
+            shape = known[0]  # elementwise (blocked scales too): x's shape
+            if op == "DequantizeLinear":
+                dtype = ins[1].dtype if len(ins) > 1 else ir.DataType.FLOAT
+            else:
+                dtype = ins[2].dtype if len(ins) > 2 else ir.DataType.UINT8
+        elif op == "Gather" and len(ins) == 2 and known[0] is not None and known[1] is not None and len(known[0]) == 2:
             if node.attributes.get_int("axis", 0) == 0:
                 shape, dtype = [*known[1], known[0][1]], ins[0].dtype
         elif op in _ELEMENTWISE:

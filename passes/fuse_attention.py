@@ -167,6 +167,20 @@ def _shape_readers(m: AttentionMatch, interior: set[int]) -> list[tuple[ir.Node,
     return readers
 
 
+def _head_normed(b: _Builder, x: ir.Value, norm: ir.Node | None, gamma: np.ndarray | None, heads: int, size: int,
+                 tag: str) -> ir.Value:
+    """``x[B, S, n·H]`` with the block's q/k norm (weight ``gamma``) applied per head (over ``H``), else ``x``."""
+    if norm is None or gamma is None:
+        return x
+    split = b("Reshape", [x, b.const(f"heads_{heads}x{size}", np.array([0, 0, heads, size], np.int64))],
+              f"{tag}_norm_heads").outputs[0]
+    eps = norm.attributes.get_float("epsilon", 1e-5)
+    normed = b("SimplifiedLayerNormalization", [split, b.const(f"{tag}_norm_weight_{id(gamma)}", gamma)], f"{tag}_norm", axis=-1, epsilon=eps,
+               stash_type=norm.attributes.get_int("stash_type", 1)).outputs[0]
+    return b("Reshape", [normed, b.const(f"flat_{heads * size}", np.array([0, 0, heads * size], np.int64))],
+             f"{tag}_norm_flat").outputs[0]
+
+
 @register_pass
 class FuseAttention(QCPass):
     """Decoder attention blocks → com.microsoft.GroupQueryAttention (see module docstring)."""
@@ -212,11 +226,12 @@ class FuseAttention(QCPass):
         lens = _lengths(b, m, shared)
         for reader, tag in readers:
             replace_value(graph, reader.outputs[0], _shape_of(b, m, tag, reader, lens))
-        q, k = m.q, m.k
+        q = _head_normed(b, m.q, m.q_norm, m.q_gamma, m.heads, m.head_size, "q")
+        k = _head_normed(b, m.k, m.k_norm, m.k_gamma, m.kv_heads, m.head_size, "k")
         if m.rotary_q is not None and m.rotary_k is not None:
-            q = b("RotaryEmbedding", [m.q, *m.rotary_q.inputs[1:]], "rotary_q", domain=MS_DOMAIN,
+            q = b("RotaryEmbedding", [q, *m.rotary_q.inputs[1:]], "rotary_q", domain=MS_DOMAIN,
                   num_heads=m.heads, interleaved=0).outputs[0]
-            k = b("RotaryEmbedding", [m.k, *m.rotary_k.inputs[1:]], "rotary_k", domain=MS_DOMAIN,
+            k = b("RotaryEmbedding", [k, *m.rotary_k.inputs[1:]], "rotary_k", domain=MS_DOMAIN,
                   num_heads=m.kv_heads, interleaved=0).outputs[0]
         bias = _finite_bias(b, m, lens, shared)
         cached = m.past_k is not None

@@ -4,10 +4,14 @@
 
 with ``s`` taken from the fused op's fourth output (``input_skip_bias_sum``) for every
 other reader of the residual stream (the next residual Add).  Run after
-``fuse-rmsnorm``.  Identity Casts between the Add and the norm (torch's export casts
-the residual to float32 inside each norm, a no-op for float32 models) are looked
-through.  The fusion requires ``a`` and ``b`` to have the same known shape, rank 2 or 3
-(no broadcasting), since the kernel adds them element for element.
+``fuse-rmsnorm``.  Written as one onnxscript rewrite rule (pattern, check, replacement):
+an identity ``Cast`` between the Add and the norm (torch's export casts the residual to
+float32 inside each norm, a no-op for float32 models) is part of the pattern, which
+onnxscript's own ``ort_fusions.skip_normalization`` rule lacks (it also insists on rank 3
+and on γ's dims, which this check covers in the same way).  The check requires ``a``
+and ``b`` to have the same known shape, rank 2 or 3 (no broadcasting: the kernel adds
+element for element), the norm over the last axis, float32 statistics, and γ of the sum's
+type.
 """
 
 from __future__ import annotations
@@ -15,32 +19,65 @@ from __future__ import annotations
 import logging
 
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 from qcompiler.irutil import MS_DOMAIN, ensure_opset
 from qcompiler.pipeline import QCPass, register_pass
 
-from ._fusion import cleanup, dims, infer_shapes, is_identity_cast, new_node, record, replace_value, same_dim
+from ._fusion import cleanup, dims, infer_shapes, record, same_dim
 
 log = logging.getLogger(__name__)
-
-
-def _residual_add(norm: ir.Node) -> tuple[ir.Node, list[ir.Node]] | None:
-    """The Add feeding ``norm`` (through identity casts) and those casts."""
-    casts: list[ir.Node] = []
-    v = norm.inputs[0]
-    while v is not None and v.producer() is not None and is_identity_cast(v.producer()):
-        casts.append(v.producer())
-        v = v.producer().inputs[0]
-    add = v.producer() if v is not None else None
-    if add is None or add.op_type != "Add" or add.domain != "":
-        return None
-    return add, casts
 
 
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
     da, db = dims(a), dims(b)
     return (da is not None and db is not None and len(da) == len(db) and len(da) in (2, 3)
             and all(same_dim(x, y) for x, y in zip(da, db)))
+
+
+class SkipRMSNorm(pattern.RewriteRuleClassBase):
+    """``RMSNorm(a + b)`` → ``SkipSimplifiedLayerNormalization(a, b)``, with or without an identity Cast."""
+
+    def __init__(self, name: str, cast: bool) -> None:
+        super().__init__(name, remove_nodes=True)
+        self._cast = cast
+
+    def pattern(self, op, a, b, gamma, to):  # type: ignore[no-untyped-def]
+        s = op.Add(a, b, _outputs=["s"])
+        x = op.Cast(s, to=to, _outputs=["x"]) if self._cast else s
+        y = op.SimplifiedLayerNormalization(x, gamma, _allow_other_attributes=True, _outputs=["y"])
+        return (y, s, x) if self._cast else (y, s)  # the identity Cast's readers get the sum too
+
+    def check(self, context, a, b, gamma, s, y, **_) -> pattern.MatchResult:  # type: ignore[no-untyped-def]
+        result = pattern.MatchResult()
+        norm = y.producer()
+        if self._cast:
+            cast = norm.inputs[0].producer()
+            if cast.attributes.get_int("to", -1) != (s.dtype.value if s.dtype is not None else -2):
+                return result.fail("the Cast changes precision")
+        if a.const_value is not None or b.const_value is not None:
+            return result.fail("a constant operand (a bias, not a residual)")
+        if not _same_shape(a, b):
+            return result.fail("the residual operands' shapes are not known equal")
+        if norm.attributes.get_int("axis", -1) not in (-1, len(dims(a) or []) - 1):
+            return result.fail("the norm is not over the last axis")
+        if norm.attributes.get_int("stash_type", 1) != 1:
+            return result.fail("statistics not in float32")
+        if len(norm.outputs) > 1 and any(o.uses() for o in norm.outputs[1:]):
+            return result.fail("the norm's statistics are read")
+        if s.dtype != gamma.dtype:
+            return result.fail("γ and the sum differ in type")
+        return result
+
+    def rewrite(self, op, a, b, gamma, y, **_):  # type: ignore[no-untyped-def]
+        eps = y.producer().attributes.get_float("epsilon", 1e-5)
+        normed, _mean, _inv, total = op.SkipSimplifiedLayerNormalization(
+            a, b, gamma, epsilon=eps, _outputs=4, _domain=MS_DOMAIN)
+        return (normed, total, total) if self._cast else (normed, total)
+
+
+RULES = pattern.RewriteRuleSet([SkipRMSNorm.rule("skip-rmsnorm-cast", cast=True),
+                                SkipRMSNorm.rule("skip-rmsnorm", cast=False)])
 
 
 @register_pass
@@ -50,41 +87,8 @@ class FuseSkipRMSNorm(QCPass):
     name = "fuse-skip-rmsnorm"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
         infer_shapes(model)
-        count = 0
-        for norm in list(graph):
-            if norm.op_type != "SimplifiedLayerNormalization" or norm.domain != "" or (len(norm.outputs) > 1 and any(
-                o.uses() for o in norm.outputs[1:]
-            )):
-                continue
-            found = _residual_add(norm)
-            if found is None:
-                continue
-            add, casts = found
-            a, b = add.inputs
-            if a is None or b is None or a.const_value is not None or b.const_value is not None:
-                continue
-            if not _same_shape(a, b):
-                log.info("fuse-skip-rmsnorm: %s left unfused: the residual operands' shapes are not known equal",
-                         add.name)
-                continue
-            if norm.attributes.get_int("axis", -1) not in (-1, len(dims(a) or []) - 1):
-                continue
-            if add.outputs[0].dtype != norm.inputs[1].dtype:
-                continue
-            eps = norm.attributes.get_float("epsilon", 1e-5)
-            fused = new_node(
-                graph, "SkipSimplifiedLayerNormalization", [a, b, norm.inputs[1]],
-                f"{add.name}_SkipSimplifiedLayerNorm", attributes={"epsilon": eps}, domain=MS_DOMAIN,
-                output_names=[f"{norm.name}_out", None, None, f"{add.name}_sum"],
-            )
-            graph.insert_before(norm, fused)
-            replace_value(graph, norm.outputs[0], fused.outputs[0])
-            for c in casts:
-                replace_value(graph, c.outputs[0], fused.outputs[3])
-            replace_value(graph, add.outputs[0], fused.outputs[3])
-            count += 1
+        count = RULES.apply_to_model(model)
         if count:
             ensure_opset(model, MS_DOMAIN, 1)
             cleanup(model)

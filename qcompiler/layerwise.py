@@ -43,6 +43,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
+from qcompiler.canonical import canonical_summary
 from qcompiler.errors import QCError, UnsupportedModelError
 from qcompiler.irutil import topo_index
 from qcompiler.spec import Role, linear_info
@@ -94,8 +95,6 @@ def _residual_add(linear: ir.Node) -> tuple[ir.Node, ir.Value]:
 
 def find_decoder_layers(model: ir.Model) -> list[DecoderLayer]:
     """The decoder layers of a canonicalized model, in order (see the module docstring)."""
-    from qcompiler.passes.canonicalize import canonical_summary
-
     summary = canonical_summary(model)
     by_layer: dict[int, dict[Role, ir.Node]] = {}
     for node in summary.linears.values():

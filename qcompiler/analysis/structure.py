@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.canonical import canonical_summary
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import linear_weight
 from qcompiler.spec import DECODER_ROLES, Role, linear_info
@@ -114,8 +115,6 @@ def _through_casts(value: ir.Value) -> ir.Value:
 
 def find_sites(model: ir.Model, lm_head: bool = False) -> ModelSites:
     """Linear sites and residual values of a (canonicalized, if not yet) decoder."""
-    from qcompiler.passes.canonicalize import canonical_summary
-
     summary = canonical_summary(model)
     roles = set(DECODER_ROLES) | {Role.QKV, Role.GATE_UP} | ({Role.LM_HEAD} if lm_head else set())
     linears: dict[str, LinearSite] = {}

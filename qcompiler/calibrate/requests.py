@@ -13,13 +13,12 @@ import onnx
 import onnx_ir as ir
 
 from qcompiler.calibrate.config import StatRequest
+from qcompiler.canonical import canonical_summary
 from qcompiler.spec import DECODER_ROLES, Role, linear_info
 
 
 def linear_inputs(model: ir.Model, roles: Iterable[Role] = DECODER_ROLES) -> dict[str, list[str]]:
     """``{input value name: [linear keys reading it]}`` in graph order (canonicalizes if needed)."""
-    from qcompiler.passes.canonicalize import canonical_summary
-
     canonical_summary(model)
     wanted = set(roles)
     found: dict[str, list[str]] = {}

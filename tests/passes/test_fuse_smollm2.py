@@ -42,3 +42,24 @@ def test_nokv_export_fused(smollm2_nokv: Path, tmp_path: Path) -> None:
     fused = run(smollm2_nokv, ALL_FUSIONS)
     _check_counts(fused)
     assert_same_decoder(runner(smollm2_nokv, tmp_path, threads=2), runner(fused, tmp_path / "fused", threads=2), IDS)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8a8-smooth", "w8a8-static-smooth", "w8a8-int8mix"])
+def test_every_w8a8_recipe_fused(recipe: str, smollm2_kv: Path, calib_text: Path, tmp_path: Path) -> None:
+    """Smoothed and static W8A8 graphs (MatMulIntegerToFloat before the fusions run) fuse like the float one."""
+    import onnx
+
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions, available_recipes
+
+    calibrated = available_recipes()[recipe].needs_calibration
+    # int8mix's outlier MatMuls may stay float on this little calibration (the coverage
+    # contract's business, tested elsewhere): allow_partial lets the fusion counts be checked
+    opts = (QuantizeOptions(calib=str(calib_text), calib_samples=4, seq_len=64, allow_partial=recipe == "w8a8-int8mix")
+            if calibrated else QuantizeOptions())
+    summary = quantize(smollm2_kv, tmp_path / "q", recipe=recipe, options=opts)
+    fusion = summary["report"]["fusion"]
+    assert (fusion["fuse-attention"], fusion["fuse-skip-rmsnorm"], fusion["fuse-rotary"]) == (LAYERS, 2 * LAYERS,
+                                                                                              2 * LAYERS), fusion
+    ops = [n.op_type for n in onnx.load(tmp_path / "q" / "model.onnx", load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == LAYERS and ops.count("Softmax") == 0
