@@ -130,8 +130,8 @@ def _member(node: ir.Node) -> _Member | None:
         shared = tuple(id(node.inputs[i]) if i < len(node.inputs) and node.inputs[i] is not None else None
                        for i in range(len(node.inputs)) if i not in col_slots)
         pieces = {1: (b[0].T.copy(), b[1])}
-        scalars = []  # a scalar (the uint8 weights' zero point 128) stays scalar if all members agree:
-        for i in col_slots[1:]:  # MLAS's per-column zero-point path is 2.7× slower
+        scalars = []  # a scalar (the uint8 weights' zero point 128) stays scalar if all members agree
+        for i in col_slots[1:]:
             v = _optional(node, i)
             if v is None:
                 continue

@@ -9,7 +9,7 @@ at M = 1 (decode) and M = 512 (prefill), times ``MatMulIntegerToFloat`` with
 * ``u8×s8``  int8 weights, full range (what qcompiler wrote before; saturates without VNNI),
 * ``u8×s7``  int8 weights in [−64, 63] (ONNX Runtime's ``reduce_range``),
 * ``u8×u8``  uint8 weights ``W_q + 128`` with zero point 128 (qcompiler's default, ``--cpu-isa any``),
-* ``u8×u8 per-column zp``  the same with a per-column zero point (what packing must avoid),
+* ``u8×u8 per-column zp``  the same with a per-column zero point (packing keeps it scalar),
 * ``s8×s8``  int8 activations and weights,
 
 and a float32 ``MatMul`` for scale, and reports each form's relative error on random

@@ -9,7 +9,8 @@ products is summed into a *saturating* int16::
 and ``2·255·127 = 64770 > 32767``, so a full-range u8×s8 product is wrong on those CPUs
 (AMD Zen 2/3, Intel before Ice Lake / Alder Lake, many cloud VMs) and exact on VNNI ones
 (``vpdpbusd`` accumulates in int32).  Exact everywhere, for the cost measured on this
-project's AVX2 machine (AMD EPYC, no VNNI; M×K×N = 512×576×1536, one thread, ORT 1.32):
+project's AVX2 machine (AMD EPYC, no VNNI; M×K×N = 512×576×1536, one thread, ORT 1.32, an
+idle moment; ``tools/bench_intgemm.py`` repeats it, under load u8×u8 measured 1.2× u8×s8):
 
 =================  =========================================  ===========  ========
 A × B              where it is exact                           M=512        M=1
@@ -25,9 +26,9 @@ stored shifted, ``W_u = W_q + 128`` with a scalar zero point 128, which is exact
 
     (A − z_a)·(W_u − 128) = (A − z_a)·W_q
 
-so the weights keep all 8 bits (no accuracy cost) for 1.35× the u8s8 time in prefill and
-the same time in decode; ``s8 × s8`` is 6× slower and 7-bit weights cost accuracy.  A
-per-column zero point is avoided (MLAS's per-column path measured 2.7× slower).  With
+so the weights keep all 8 bits (no accuracy cost) for 1.2–1.35× the u8s8 time in prefill and
+about the same in decode; ``s8 × s8`` is 5–6× slower and 7-bit weights cost accuracy.  The
+zero point stays one scalar (also when q/k/v and gate/up are packed).  With
 ``cpu_isa="vnni"`` the user declares the model will only run on VNNI/AMX/ARM CPUs and gets
 the int8 weights (u8 × s8) as they are; ``quantization.json`` records it.
 
