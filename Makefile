@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 .PHONY: install demo test lint
 
 $(VPY):
-	$(PY) -m venv $(VENV)
+	$(PY) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PY) -m venv' failed: on Debian/Ubuntu run 'apt-get install python3-venv' (or pass PY=/path/to/python3.11)"; exit 1; }
 	$(VPY) -m pip install -q --upgrade pip
 
 # Reinstalled only when the dependency list changes (the editable install follows the source).
