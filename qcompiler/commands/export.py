@@ -17,6 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: optimum's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    p.add_argument("--keep-gguf-quant", action="store_true",
+                   help="GGUF input: carry its quantized blocks into MatMulNBits/GatherBlockQuantized exactly "
+                   "(no float round-trip); quantization.json lists each tensor")
+    p.add_argument("--allow-requant", action="store_true",
+                   help="with --keep-gguf-quant: re-quantize (RTN int4 g32) tensor types with no exact form "
+                   "instead of failing")
     p.set_defaults(func=run)
 
 
@@ -30,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         trust_remote_code=args.trust_remote_code,
         opset=args.opset,
+        keep_gguf_quant=args.keep_gguf_quant or args.allow_requant,
+        allow_requant=args.allow_requant,
     )
     print(out)
     return 0

@@ -1,0 +1,134 @@
+"""``qc export --keep-gguf-quant``: every supported GGUF type carried exactly into MatMulNBits / GatherBlockQuantized."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from qcompiler.errors import QCError
+from qcompiler.export import export
+from qcompiler.gguf_transcode import REQUANT_FORM, read_gguf, row_permutation
+from qcompiler.irutil import load_model
+from qcompiler.quant import gguf_blocks as gb
+from qcompiler.quant.packing import unpack_matmulnbits
+from tests.gguf_util import quantize_tensor, write_tiny_llama
+from tests.helpers import WINDOW, rel_err, run_logits
+
+T = GGMLQuantizationType
+TYPES = list(gb.FORMS)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_decode_equals_gguf_py(qtype: GGMLQuantizationType) -> None:
+    rng = np.random.default_rng(int(qtype))
+    w = rng.standard_normal((8, 512)).astype(np.float32)
+    raw = quantize_tensor(w, qtype, rng)
+    ref = quants.dequantize(raw, qtype)
+    blocks = gb.decode(raw, qtype, (8, 512))
+    assert np.array_equal(blocks.dequantize(), ref)  # bit for bit in fp32
+    assert blocks.u.dtype == np.uint8 and (blocks.offset is not None) == gb.FORMS[qtype].has_offset
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_pack_rows_is_matmulnbits_layout(qtype: GGMLQuantizationType) -> None:
+    rng = np.random.default_rng(1)
+    raw = quantize_tensor(rng.standard_normal((6, 256)).astype(np.float32), qtype, rng)
+    blocks = gb.decode(raw, qtype, (6, 256))
+    packed, scales, zps = gb.pack_rows(blocks)
+    form = blocks.form
+    w = unpack_matmulnbits(packed, scales, zps, 256, 6, form.bits, form.block).T  # [N, K]
+    if blocks.offset is not None:
+        w = w + np.repeat(blocks.offset, form.block, axis=1)
+    assert np.array_equal(w, blocks.dequantize())
+
+
+def test_row_permutation_undoes_llama_cpp() -> None:
+    meta = {"arch": "llama", "n_head": 4, "n_kv": 2}
+    rows = np.arange(128)
+    permuted = rows.reshape(2, 2, 32).swapaxes(1, 2).reshape(128)  # llama.cpp's permute for 2 kv heads
+    assert np.array_equal(permuted[row_permutation("blk.0.attn_k.weight", meta, 128)], rows)
+    assert row_permutation("blk.0.attn_v.weight", meta, 128) is None
+
+
+def _onnx_weight(init: dict, base: str, n: int, k: int, form: gb.BlockForm) -> np.ndarray:
+    """The weight ``W[N, K]`` the exported initializers hold, dequantized in numpy."""
+    zp = init.get(f"{base}.zero_points")
+    w = unpack_matmulnbits(init[f"{base}.qweight"], init[f"{base}.scales"], zp, k, n, form.bits, form.block).T
+    if f"{base}.offsets" in init:
+        w = w + np.repeat(init[f"{base}.offsets"].T, form.block, axis=1)
+    return w
+
+
+def _export_pair(tmp: Path, qtype: GGMLQuantizationType, **kw) -> tuple[Path, Path, Path]:
+    g = write_tiny_llama(tmp / f"tiny-{qtype.name}.gguf", qtype, **kw)
+    flt = export(str(g), tmp / "float")
+    native = export(str(g), tmp / "native", keep_gguf_quant=True)
+    return g, flt, native
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_export_keeps_gguf_blocks_exactly(tmp_path: Path, qtype: GGMLQuantizationType) -> None:
+    g, flt, native = _export_pair(tmp_path, qtype)
+    report = json.loads((native / "quantization.json").read_text())
+    assert report["exact"] and not report["not_in_graph"]
+    assert report["types"][qtype.name]["tensors"] == 15  # 2 layers × 7 linears + the embedding
+    model = load_model(native / "model.onnx")
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == 15 and ops.count("GatherBlockQuantized") == 1
+    # the tied lm_head reads the embedding's very initializers: one copy of the table
+    emb = [n for n in model.graph if any(v is not None and v.name == "token_embd.qweight" for v in n.inputs)]
+    assert {n.op_type for n in emb} == {"MatMulNBits", "Reshape"}
+    init = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
+    assert not any(v.dtype == np.float32 and v.ndim == 2 and v.size >= 256 * 256 for k, v in init.items()
+                   if not k.endswith((".offsets", ".offset_rows")))  # no float weight left
+    meta, weights = read_gguf(g)
+    form = gb.FORMS[qtype]
+    for w in weights:
+        ref = quants.dequantize(w.raw, w.qtype).reshape(w.shape)
+        perm = row_permutation(w.name, meta, w.shape[0])
+        ref = ref if perm is None else ref[perm]
+        got = _onnx_weight(init, w.name.removesuffix(".weight"), *w.shape, form)
+        assert np.array_equal(got, ref), w.name  # the ONNX weights are gguf-py's, bit for bit
+    ids = WINDOW[None, :]
+    a, b = run_logits(flt, ids), run_logits(native, ids)
+    assert rel_err(a, b) < 1e-4  # same weights; only the accumulation order differs
+
+
+def test_untied_lm_head_and_mixed_types(tmp_path: Path) -> None:
+    _g, flt, native = _export_pair(tmp_path, T.Q4_1, embed_type=T.Q8_0, tied=False)
+    report = json.loads((native / "quantization.json").read_text())
+    assert report["types"]["Q8_0"]["tensors"] == 1 and report["types"]["Q4_1"]["tensors"] == 15
+    assert report["tensors"]["output.weight"]["users"]
+    ids = WINDOW[None, :]
+    assert rel_err(run_logits(flt, ids), run_logits(native, ids)) < 1e-4
+
+
+def test_unsupported_type_is_an_error_or_requantized(tmp_path: Path) -> None:
+    assert GGML_QUANT_SIZES[T.TQ2_0][0] == 256
+    g = write_tiny_llama(tmp_path / "tq.gguf", T.TQ2_0, embed_type=T.Q8_0)
+    with pytest.raises(QCError, match=r"TQ2_0.*--allow-requant"):
+        export(str(g), tmp_path / "x", keep_gguf_quant=True)
+    assert not (tmp_path / "x").exists()
+    out = export(str(g), tmp_path / "rq", keep_gguf_quant=True, allow_requant=True)
+    report = json.loads((out / "quantization.json").read_text())
+    assert not report["exact"] and not report["types"]["TQ2_0"]["exact"]
+    assert "requantized" in report["tensors"]["blk.0.attn_q.weight"]
+    assert report["types"]["Q8_0"]["exact"]
+    model = load_model(out / "model.onnx")
+    init = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
+    _meta, weights = read_gguf(g)
+    w = next(w for w in weights if w.name == "blk.0.ffn_up.weight")
+    ref = quants.dequantize(w.raw, w.qtype).reshape(w.shape)
+    got = _onnx_weight(init, "blk.0.ffn_up", *w.shape, REQUANT_FORM)
+    step = np.repeat(init["blk.0.ffn_up.scales"].reshape(w.shape[0], -1), 32, axis=1)
+    assert np.all(np.abs(got - ref) <= step / 2 * (1 + 1e-5))  # RTN: within half a step
+    assert np.isfinite(run_logits(out, WINDOW[None, :])).all()
+
+
+def test_keep_gguf_quant_needs_a_gguf(tmp_path: Path) -> None:
+    with pytest.raises(QCError, match=r"need a \.gguf"):
+        export(str(tmp_path), tmp_path / "out", keep_gguf_quant=True)
