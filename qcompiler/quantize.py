@@ -11,6 +11,7 @@ place at the end.  Large tensors the passes create are spilled to that scratch
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -150,6 +151,8 @@ def quantize(
             "wall_seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
+        if (src.path / "quantization.json").is_file():  # e.g. a --keep-gguf-quant export: what it already carries
+            summary["source_quantization"] = json.loads((src.path / "quantization.json").read_text())
         write_json(tmp / "quantization.json", summary)
     log.info("wrote %s in %.1fs (peak RSS %.0f MiB)", out, summary["wall_seconds"], summary["peak_rss_mb"])
     return summary
