@@ -132,3 +132,18 @@ def test_unsupported_type_is_an_error_or_requantized(tmp_path: Path) -> None:
 def test_keep_gguf_quant_needs_a_gguf(tmp_path: Path) -> None:
     with pytest.raises(QCError, match=r"need a \.gguf"):
         export(str(tmp_path), tmp_path / "out", keep_gguf_quant=True)
+
+
+def test_native_model_takes_the_cpu_fusions(tmp_path: Path) -> None:
+    """``qc quantize --passes canonicalize`` on a transcoded folder: fusions apply, numbers stay, the GGUF record stays."""
+    from qcompiler.quantize import quantize
+
+    g = write_tiny_llama(tmp_path / "tiny.gguf", T.Q4_K, embed_type=T.Q8_0)
+    native = export(str(g), tmp_path / "native", keep_gguf_quant=True)
+    summary = quantize(native, tmp_path / "fused", passes="canonicalize")
+    assert summary["source_quantization"]["types"]["Q4_K"]["tensors"] == 14
+    ops = [n.op_type for n in load_model(tmp_path / "fused" / "model.onnx").graph]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 4
+    assert ops.count("MatMulNBits") == 2 * 4 + 1  # per layer qkv, o, gate_up, down (packed); the lm_head
+    ids = WINDOW[None, :]
+    assert rel_err(run_logits(native, ids), run_logits(tmp_path / "fused", ids)) < 1e-4
