@@ -213,11 +213,8 @@ class Transcoder:
             entry.update(onnx="not in the graph", users=[])
             self.report[w.name] = entry
             return
-        packed, scales, zps = gb.pack_rows(blocks)
         base = w.name.removesuffix(".weight")
-        b_val = add_initializer(self.graph, f"{base}.qweight", packed)
-        s_val = add_initializer(self.graph, f"{base}.scales", scales)
-        z_val = add_initializer(self.graph, f"{base}.zero_points", zps) if zps is not None else None
+        planes = [_PlaneValues.add(self.graph, base, p) for p in gb.pack_planes(blocks)]
         offsets = blocks.offset
         if offsets is not None and not np.any(offsets):
             offsets = None
@@ -225,32 +222,39 @@ class Transcoder:
             if offsets is not None else None
         n, k = blocks.shape
         for mm in found.matmuls:
-            self._matmul(mm, b_val, s_val, z_val, o_val, blocks.form, k, n)
+            self._matmul(mm, planes, o_val, blocks.form.block, k, n)
             entry["users"].append(mm.name or "MatMul")
         for g in found.gathers:
-            self._gather(g, b_val, s_val, z_val, o_val, blocks.form, k, n, base)
+            self._gather(g, planes, o_val, blocks.form.block, k, n, base)
             entry["users"].append(g.name or "Gather")
         self.report[w.name] = entry
 
     @staticmethod
     def _describe(form: gb.BlockForm) -> str:
-        zp = "" if form.zero_point == 2 ** (form.bits - 1) else f", zero point {form.zero_point}"
-        return (f"MatMulNBits/GatherBlockQuantized {form.bits}-bit, block {form.block}{zp}"
-                + (", + per-block offset correction" if form.has_offset else ""))
+        if form.bits == 8:
+            what = f"8-bit grid as two 4-bit planes (16s·(hi − 8) + s·lo), block {form.block}"
+        else:
+            zp = "" if form.zero_point == 8 else f", zero point {form.zero_point}"
+            what = f"4-bit, block {form.block}{zp}"
+        return f"MatMulNBits/GatherBlockQuantized {what}" + (", + per-block offset correction" if form.has_offset else "")
 
-    def _matmul(self, mm: ir.Node, b_val: ir.Value, s_val: ir.Value, z_val: ir.Value | None,
-                o_val: ir.Value | None, form: gb.BlockForm, k: int, n: int) -> None:
-        x = mm.inputs[0]
-        ins = [x, b_val, s_val] + ([z_val] if z_val is not None else [])
-        nbits = ir.node("MatMulNBits", ins, domain=MS_DOMAIN, name=(mm.name or "linear") + "_gguf",
-                        attributes={"K": k, "N": n, "bits": form.bits, "block_size": form.block,
-                                    "accuracy_level": self.accuracy_level})
-        nodes = [nbits]
+    def _matmul(self, mm: ir.Node, planes: list[_PlaneValues], o_val: ir.Value | None, block: int, k: int,
+                n: int) -> None:
+        x, name = mm.inputs[0], mm.name or "linear"
+        nodes: list[ir.Node] = []
+        for p in planes:
+            nodes.append(ir.node("MatMulNBits", [x, *p.inputs()], domain=MS_DOMAIN, name=f"{name}_gguf{p.suffix}",
+                                 attributes={"K": k, "N": n, "bits": 4, "block_size": block,
+                                             "accuracy_level": self.accuracy_level}))
+        terms = [nd.outputs[0] for nd in nodes]
         if o_val is not None:
-            corr = ir.node("MatMul", [self._block_sums(x, form.block), o_val], name=(mm.name or "linear") + "_offset")
+            corr = ir.node("MatMul", [self._block_sums(x, block), o_val], name=f"{name}_offset")
             corr.metadata_props[OFFSET_MARK] = "1"
-            nodes += [corr, ir.node("Add", [nbits.outputs[0], corr.outputs[0]], name=(mm.name or "linear") + "_add")]
-        _take_over(self.graph, mm, nodes)
+            nodes.append(corr)
+            terms.append(corr.outputs[0])
+        for i, t in enumerate(terms[1:]):
+            nodes.append(ir.node("Add", [nodes[-1].outputs[0] if i else terms[0], t], name=f"{name}_add{i}"))
+        _take_over(self.graph, mm, nodes, terms)
         transpose = mm.inputs[1].producer() if mm.inputs[1] is not None else None
         self.graph.remove(mm, safe=True)
         if transpose is not None and transpose.op_type == "Transpose" and not transpose.outputs[0].uses():
@@ -275,34 +279,73 @@ class Transcoder:
         self._bsums[key] = rsum.outputs[0]
         return rsum.outputs[0]
 
-    def _gather(self, g: ir.Node, b_val: ir.Value, s_val: ir.Value, z_val: ir.Value | None,
-                o_val: ir.Value | None, form: gb.BlockForm, k: int, n: int, base: str) -> None:
+    def _gather(self, g: ir.Node, planes: list[_PlaneValues], o_val: ir.Value | None, block: int, k: int, n: int,
+                base: str) -> None:
+        """Rows of the same initializers the lm_head reads: ``Σ_planes GatherBlockQuantized`` (+ the row's offsets)."""
         rows = add_initializer(self.graph, f"{base}.rows_shape", np.array([n, -1], np.int64))
-        srcs = [b_val, s_val] + ([z_val] if z_val is not None else [])
-        reshaped = [ir.node("Reshape", [v, rows], name=f"{base}_rows_{i}") for i, v in enumerate(srcs)]
         ids = g.inputs[1]
-        ins = [reshaped[0].outputs[0], ids, reshaped[1].outputs[0]] + ([reshaped[2].outputs[0]] if z_val else [])
-        gbq = ir.node("GatherBlockQuantized", ins, domain=MS_DOMAIN, name=(g.name or base) + "_gguf",
-                      attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": form.block, "bits": form.bits})
-        nodes = [*reshaped, gbq]
+        rank = len(ids.shape) if ids.shape is not None else 2
+        row_shape = add_initializer(self.graph, f"{base}.row_shape", np.array([0] * rank + [k], np.int64))
+        nodes: list[ir.Node] = []
+        terms: list[ir.Value] = []
+        for p in planes:
+            reshaped = [ir.node("Reshape", [v, rows], name=f"{base}{p.suffix}_rows_{i}") for i, v in enumerate(p.inputs())]
+            zp = [reshaped[2].outputs[0]] if len(reshaped) > 2 else []
+            gbq = ir.node("GatherBlockQuantized", [reshaped[0].outputs[0], ids, reshaped[1].outputs[0], *zp],
+                          domain=MS_DOMAIN, name=f"{g.name or base}_gguf{p.suffix}",
+                          attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 4})
+            # ORT's symbolic shape inference (which the fusions use) takes a 4-bit GatherBlockQuantized row for
+            # K/2 values (packed bytes): a Reshape to [..., K] states the true shape
+            fix = ir.node("Reshape", [gbq.outputs[0], row_shape], name=f"{g.name or base}_gguf{p.suffix}_shape")
+            nodes += [*reshaped, gbq, fix]
+            terms.append(fix.outputs[0])
         if o_val is not None:
-            # row v gets offsets[v, j] on each value of its block j: Gather(Oᵀ, ids) → [..., K/b, 1] → expand → [..., K]
-            o_rows = add_initializer(self.graph, f"{base}.offset_rows", np.ascontiguousarray(o_val.const_value.numpy().T))
-            one = add_initializer(self.graph, f"{base}.expand", np.array([1, form.block], np.int64))
-            flat = add_initializer(self.graph, f"{base}.flat", np.array([0, 0, -1], np.int64))
-            og = ir.node("Gather", [o_rows, ids], attributes={"axis": 0}, name=f"{base}_offset_rows")
-            un = ir.node("Unsqueeze", [og.outputs[0], add_initializer(self.graph, f"{base}.ax", np.array([-1], np.int64))])
-            ex = ir.node("Expand", [un.outputs[0], one])
+            # row v gets O[j, v] on each value of its block j: Gather(O, ids, axis=1) [K/b, …ids] → […ids, K/b]
+            # → […, K/b, 1] → expand to […, K/b, b] → […, K]; O is the lm_head's correction matrix, not a copy
+            og = ir.node("Gather", [o_val, ids], attributes={"axis": 1}, name=f"{base}_offset_rows")
+            tr = ir.node("Transpose", [og.outputs[0]], attributes={"perm": [*range(1, rank + 1), 0]})
+            ax = add_initializer(self.graph, f"{base}.ax", np.array([-1], np.int64))
+            un = ir.node("Unsqueeze", [tr.outputs[0], ax])
+            ex = ir.node("Expand", [un.outputs[0], add_initializer(self.graph, f"{base}.expand",
+                                                                     np.array([1, block], np.int64))])
+            flat = add_initializer(self.graph, f"{base}.flat", np.array([0] * rank + [-1], np.int64))
             fl = ir.node("Reshape", [ex.outputs[0], flat])
-            nodes += [og, un, ex, fl, ir.node("Add", [gbq.outputs[0], fl.outputs[0]], name=f"{base}_offset_add")]
-        _take_over(self.graph, g, nodes)
+            nodes += [og, tr, un, ex, fl]
+            terms.append(fl.outputs[0])
+        for i, t in enumerate(terms[1:]):
+            nodes.append(ir.node("Add", [nodes[-1].outputs[0] if i else terms[0], t], name=f"{base}_gather_add{i}"))
+        _take_over(self.graph, g, nodes, terms)
         self.graph.remove(g, safe=True)
 
 
-def _take_over(graph: ir.Graph, old: ir.Node, nodes: list[ir.Node]) -> None:
-    """Insert ``nodes`` before ``old``; the last one's output takes ``old``'s name, users and type."""
+@dataclass(frozen=True)
+class _PlaneValues:
+    """The initializers of one plane (``gb.Plane``) in the graph."""
+
+    suffix: str
+    b: ir.Value
+    s: ir.Value
+    z: ir.Value | None
+
+    @staticmethod
+    def add(graph: ir.Graph, base: str, p: gb.Plane) -> _PlaneValues:
+        b = add_initializer(graph, f"{base}{p.suffix}.qweight", p.packed)
+        s = add_initializer(graph, f"{base}{p.suffix}.scales", p.scales)
+        z = add_initializer(graph, f"{base}{p.suffix}.zero_points", p.zero_points) if p.zero_points is not None else None
+        return _PlaneValues(p.suffix, b, s, z)
+
+    def inputs(self) -> list[ir.Value]:
+        return [self.b, self.s] + ([self.z] if self.z is not None else [])
+
+
+def _take_over(graph: ir.Graph, old: ir.Node, nodes: list[ir.Node], terms: list[ir.Value]) -> None:
+    """Insert ``nodes`` before ``old``; the last one's output takes ``old``'s name, users and type, and the
+    ``terms`` summed into it (and the partial sums) its shape and type (shape inference does not see
+    through contrib ops, and the fusions compare residual shapes)."""
     graph.insert_before(old, nodes)
     new_out, old_out = nodes[-1].outputs[0], old.outputs[0]
+    for v in [*terms, *(n.outputs[0] for n in nodes if n.op_type == "Add")]:
+        v.shape, v.type = old_out.shape, old_out.type
     old_out.replace_all_uses_with(new_out, replace_graph_outputs=True)
     name, old_out.name = old_out.name, None
     new_out.name = name

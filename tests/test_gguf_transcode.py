@@ -34,15 +34,15 @@ def test_decode_equals_gguf_py(qtype: GGMLQuantizationType) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_pack_rows_is_matmulnbits_layout(qtype: GGMLQuantizationType) -> None:
+def test_planes_are_the_matmulnbits_layout_and_sum_exactly(qtype: GGMLQuantizationType) -> None:
     rng = np.random.default_rng(1)
     raw = quantize_tensor(rng.standard_normal((6, 256)).astype(np.float32), qtype, rng)
     blocks = gb.decode(raw, qtype, (6, 256))
-    packed, scales, zps = gb.pack_rows(blocks)
-    form = blocks.form
-    w = unpack_matmulnbits(packed, scales, zps, 256, 6, form.bits, form.block).T  # [N, K]
+    planes = gb.pack_planes(blocks)
+    assert len(planes) == (2 if blocks.form.bits == 8 else 1)
+    w = sum(unpack_matmulnbits(p.packed, p.scales, p.zero_points, 256, 6, 4, blocks.form.block).T for p in planes)
     if blocks.offset is not None:
-        w = w + np.repeat(blocks.offset, form.block, axis=1)
+        w = w + np.repeat(blocks.offset, blocks.form.block, axis=1)
     assert np.array_equal(w, blocks.dequantize())
 
 
@@ -55,9 +55,12 @@ def test_row_permutation_undoes_llama_cpp() -> None:
 
 
 def _onnx_weight(init: dict, base: str, n: int, k: int, form: gb.BlockForm) -> np.ndarray:
-    """The weight ``W[N, K]`` the exported initializers hold, dequantized in numpy."""
-    zp = init.get(f"{base}.zero_points")
-    w = unpack_matmulnbits(init[f"{base}.qweight"], init[f"{base}.scales"], zp, k, n, form.bits, form.block).T
+    """The weight ``W[N, K]`` the exported initializers hold (the sum of its 4-bit planes, + offsets), in numpy."""
+    w = np.zeros((n, k), np.float32)
+    for suffix in ([".hi", ".lo"] if form.bits == 8 else [""]):
+        zp = init.get(f"{base}{suffix}.zero_points")
+        w = w + unpack_matmulnbits(init[f"{base}{suffix}.qweight"], init[f"{base}{suffix}.scales"], zp, k, n, 4,
+                                   form.block).T
     if f"{base}.offsets" in init:
         w = w + np.repeat(init[f"{base}.offsets"].T, form.block, axis=1)
     return w
@@ -78,9 +81,11 @@ def test_export_keeps_gguf_blocks_exactly(tmp_path: Path, qtype: GGMLQuantizatio
     assert report["types"][qtype.name]["tensors"] == 15  # 2 layers × 7 linears + the embedding
     model = load_model(native / "model.onnx")
     ops = [n.op_type for n in model.graph]
-    assert ops.count("MatMulNBits") == 15 and ops.count("GatherBlockQuantized") == 1
+    planes = 2 if gb.FORMS[qtype].bits == 8 else 1
+    assert ops.count("MatMulNBits") == 15 * planes and ops.count("GatherBlockQuantized") == planes
     # the tied lm_head reads the embedding's very initializers: one copy of the table
-    emb = [n for n in model.graph if any(v is not None and v.name == "token_embd.qweight" for v in n.inputs)]
+    first = "token_embd.hi.qweight" if planes == 2 else "token_embd.qweight"
+    emb = [n for n in model.graph if any(v is not None and v.name == first for v in n.inputs)]
     assert {n.op_type for n in emb} == {"MatMulNBits", "Reshape"}
     init = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
     assert not any(v.dtype == np.float32 and v.ndim == 2 and v.size >= 256 * 256 for k, v in init.items()
@@ -130,6 +135,7 @@ def test_unsupported_type_is_an_error_or_requantized(tmp_path: Path) -> None:
 
 
 def test_keep_gguf_quant_needs_a_gguf(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")  # a Hugging Face folder, not a GGUF file
     with pytest.raises(QCError, match=r"need a \.gguf"):
         export(str(tmp_path), tmp_path / "out", keep_gguf_quant=True)
 
@@ -143,7 +149,8 @@ def test_native_model_takes_the_cpu_fusions(tmp_path: Path) -> None:
     summary = quantize(native, tmp_path / "fused", passes="canonicalize")
     assert summary["source_quantization"]["types"]["Q4_K"]["tensors"] == 14
     ops = [n.op_type for n in load_model(tmp_path / "fused" / "model.onnx").graph]
-    assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 4
-    assert ops.count("MatMulNBits") == 2 * 4 + 1  # per layer qkv, o, gate_up, down (packed); the lm_head
+    # 4 residual Adds + the Add of the embedding's two Q8_0 planes, which skip-RMSNorm takes as a residual too
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 5
+    assert ops.count("MatMulNBits") == 2 * 4 + 2  # per layer qkv, o, gate_up, down (packed); the Q8_0 lm_head's 2 planes
     ids = WINDOW[None, :]
     assert rel_err(run_logits(native, ids), run_logits(tmp_path / "fused", ids)) < 1e-4

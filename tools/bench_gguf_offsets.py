@@ -25,7 +25,8 @@ from qcompiler.quant import gguf_blocks as gb
 
 
 def _model(k: int, n: int, kind: str, blocks: gb.IntBlocks, w: np.ndarray) -> bytes:
-    packed, scales, zps = gb.pack_rows(blocks)
+    plane = gb.pack_planes(blocks)[0]
+    packed, scales, zps = plane.packed, plane.scales, plane.zero_points
     nb = k // 32
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, n])

@@ -27,7 +27,8 @@ gguf-py's dequantization exactly in fp32.  Zero points are chosen so that 8-bit 
 never need a zero-point tensor (``z = 128`` is MatMulNBits' default), nor 4-bit types
 with a signed grid (``z = 8``); only the unsigned 4-bit grids (Q4_1, Q4_K) store ``z = 0``.
 A type whose values need 5 or 6 bits widens to 8 (MatMulNBits has 2/4/8 bits; its 2-bit
-path has no fast CPU kernel), at the size cost listed by :func:`onnx_bits_per_weight`.
+path has no fast CPU kernel), and an 8-bit grid is carried as two exact 4-bit planes
+(:func:`pack_planes`), at the size cost listed by :func:`onnx_bits_per_weight`.
 """
 
 from __future__ import annotations
@@ -105,9 +106,12 @@ def gguf_bits_per_weight(qtype: GGMLQuantizationType) -> float:
 
 
 def onnx_bits_per_weight(form: BlockForm) -> float:
-    """Bits per weight in the ONNX form: values, fp32 scales, packed zero points if stored, fp32 offsets."""
-    zp = form.bits / form.block if form.zero_point != 2 ** (form.bits - 1) else 0.0
-    return form.bits + 32 / form.block + zp + (32 / form.block if form.has_offset else 0.0)
+    """Bits per weight in the ONNX form: 4-bit values, fp32 scales and packed zero points where stored,
+    per plane (:func:`pack_planes`), and fp32 offsets."""
+    if form.bits == 8:  # hi plane (scales), lo plane (scales, zero points 0)
+        return 8 + 2 * 32 / form.block + 4 / form.block + (32 / form.block if form.has_offset else 0.0)
+    zp = 4 / form.block if form.zero_point != 8 else 0.0
+    return 4 + 32 / form.block + zp + (32 / form.block if form.has_offset else 0.0)
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -248,22 +252,44 @@ def decode(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int])
     )
 
 
-def pack_rows(blocks: IntBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """MatMulNBits' ``B[N, K/block, block·bits/8]``, ``scales[N·K/block]`` and packed ``zero_points`` (or None).
+@dataclass(frozen=True)
+class Plane:
+    """One 4-bit MatMulNBits weight: ``B[N, K/block, block/2]``, ``scales[N·K/block]``, packed ``zero_points`` or None
+    (the implicit 8); ``suffix`` names it (``""``, ``".hi"``, ``".lo"``)."""
 
-    Row n of ``B`` is output channel n (``W = Ŵᵀ`` in ``Y = X·W``), the layout
-    GatherBlockQuantized reads as ``data[N, K·bits/8]``.
+    suffix: str
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+
+
+def _nibble_plane(suffix: str, u4: np.ndarray, scale: np.ndarray, zero_point: int, block: int) -> Plane:
+    n, k = u4.shape
+    nb = k // block
+    u = u4.reshape(n, nb, block)
+    packed = ((u[..., 0::2] & 0x0F) | (u[..., 1::2] << 4)).astype(np.uint8)
+    zps = None if zero_point == 8 else np.full(n * -(-nb // 2), zero_point * 0x11, dtype=np.uint8)
+    return Plane(suffix, packed, np.ascontiguousarray(scale, dtype=np.float32).reshape(-1), zps)
+
+
+def pack_planes(blocks: IntBlocks) -> list[Plane]:
+    """The blocks as 4-bit MatMulNBits weights whose sum is ``s·(u − z)`` exactly.
+
+    4-bit forms are one plane.  8-bit forms (``z = 128``) are two, because ONNX Runtime 1.32's
+    8-bit MatMulNBits has no fast fp32 path on CPU (``accuracy_level`` 0–3 dequantize the whole
+    weight on every call: ~0.5 s for SmolLM2's 49152 × 576 lm_head vs ~10 ms at 4 bits)::
+
+        s·(u − 128) = 16s·(hi − 8) + s·(lo − 0),   hi = u >> 4, lo = u & 15
+
+    Both products are exact (``16s`` is ``s`` times a power of two; ``s·int`` with |int| < 2⁸
+    needs at most 19 of fp32's 24 mantissa bits for an fp16-derived ``s``), and so is their sum,
+    an integer multiple of ``s`` of the same size.  Row n of each ``B`` is output channel n: the
+    layout GatherBlockQuantized reads as ``data[N, K/2]``.
     """
-    n, k = blocks.shape
     form = blocks.form
-    nb = k // form.block
-    u = blocks.u.reshape(n, nb, form.block)
-    packed = ((u[..., 0::2] & 0x0F) | (u[..., 1::2] << 4)).astype(np.uint8) if form.bits == 4 else u.copy()
-    scales = blocks.scale.reshape(-1).copy()
-    zps = None
-    if form.zero_point != 2 ** (form.bits - 1):
-        if form.bits == 4:
-            zps = np.full((n, -(-nb // 2)), form.zero_point * 0x11, dtype=np.uint8).reshape(-1)
-        else:
-            zps = np.full(n * nb, form.zero_point, dtype=np.uint8)
-    return packed, scales, zps
+    if form.bits == 4:
+        return [_nibble_plane("", blocks.u, blocks.scale, form.zero_point, form.block)]
+    if form.zero_point != 128:
+        raise ValueError(f"8-bit blocks with zero point {form.zero_point} have no two-plane form")
+    return [_nibble_plane(".hi", blocks.u >> 4, blocks.scale * np.float32(16), 8, form.block),
+            _nibble_plane(".lo", blocks.u & 0x0F, blocks.scale, 0, form.block)]
