@@ -26,8 +26,8 @@ bit for bit, and adding ``o`` is its one further rounding: the decoded blocks re
 gguf-py's dequantization exactly in fp32.  Zero points are chosen so that 8-bit types
 never need a zero-point tensor (``z = 128`` is MatMulNBits' default), nor 4-bit types
 with a signed grid (``z = 8``); only the unsigned 4-bit grids (Q4_1, Q4_K) store ``z = 0``.
-A type whose values need 5 or 6 bits widens to 8 (MatMulNBits has 2/4/8 bits; its 2-bit
-path has no fast CPU kernel), and an 8-bit grid is carried as two exact 4-bit planes
+A type whose values need 5 or 6 bits widens to 8 (MatMulNBits has 2/4/8 bits), 2- and 3-bit
+grids widen to 4 (the width whose fast CPU kernel was measured), and an 8-bit grid is carried as two exact 4-bit planes
 (:func:`pack_planes`), at the size cost listed by :func:`onnx_bits_per_weight`.
 """
 
