@@ -9,6 +9,8 @@ tensor's own blocks (``qcompiler.quant.gguf_blocks``), with no second rounding:
   ``MatMul(X, Transpose(E))`` → ``MatMulNBits`` reading the very same ``B``/``s``/``z``
   (MatMulNBits' ``[N, blocks, blob]`` with N = vocabulary is GatherBlockQuantized's
   ``[V, H·bits/8]``);
+* an 8-bit grid is two 4-bit planes, ``s·(u − 128) = 16s·(hi − 8) + s·lo`` (``gb.pack_planes``):
+  two MatMulNBits (GatherBlockQuantized) whose outputs are added;
 * a type with a float minimum per block (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K:
   ``Ŵ[k, n] = s·(u − z) + o[k/b, n]``) adds the exact correction
 
@@ -147,7 +149,7 @@ def _graph_weights(graph: ir.Graph) -> dict[str, _Users]:
     return found
 
 
-def _requant(w: np.ndarray, name: str) -> gb.IntBlocks:
+def _requant(w: np.ndarray) -> gb.IntBlocks:
     """RTN uint4, groups of 32 along K, minimum as offset (exact min/max): the ``--allow-requant`` fallback."""
     n, k = w.shape
     g = w.reshape(n, k // 32, 32)
@@ -199,7 +201,7 @@ class Transcoder:
             ref = gguf.quants.dequantize(w.raw, w.qtype).reshape(w.shape)
             if perm is not None:
                 ref = ref[perm]
-            blocks = _requant(ref, w.name)
+            blocks = _requant(ref)
         found = users.pop(_key(ref), None)
         del ref
         entry: dict[str, Any] = {"gguf_type": w.qtype.name, "exact": exact,
@@ -364,12 +366,16 @@ def transcode(model: ir.Model, gguf_path: str | Path, allow_requant: bool = Fals
                                                 "onnx_bits_per_weight": v["onnx_bits_per_weight"]})
         row["tensors"] += 1
     missing = [k for k, v in quantized.items() if not v["users"]]
+    left = [n.name for n in model.graph if n.op_type == "MatMul" and linear_weight(n) is not None]
+    if left:
+        log.warning("%d linear(s) kept a float weight no GGUF tensor matched, e.g. %s", len(left), left[0])
     return {
         "recipe": "gguf-native",
         "source_gguf": str(gguf_path),
-        "exact": all(v["exact"] for v in quantized.values()),
+        "exact": all(v["exact"] for v in quantized.values()) and not missing,
         "types": table,
         "tensors": tensors,
         "not_in_graph": missing,
         "kept_float": [k for k, v in tensors.items() if v["gguf_type"] in _FLOAT_TYPES],
+        "float_linears_in_graph": left,
     }
