@@ -131,11 +131,13 @@ def export(
     opset: int | None = None,
     keep_gguf_quant: bool = False,
     allow_requant: bool = False,
+    accuracy_level: int = 0,
 ) -> Path:
     """Export ``model_ref`` to ``out_dir`` (see module docstring); returns the folder.
 
     With ``keep_gguf_quant`` (a .gguf source only) the quantized GGUF tensors are carried into the
-    graph as they are (``qcompiler.gguf_transcode``) and ``quantization.json`` lists each one.
+    graph as they are (``qcompiler.gguf_transcode``) and ``quantization.json`` lists each one;
+    ``accuracy_level`` is their MatMulNBits' (4: int8 activations, as llama.cpp computes).
     """
     out = Path(out_dir)
     check_output_dir(out, force)
@@ -163,7 +165,8 @@ def export(
         if keep_gguf_quant:
             from qcompiler.gguf_transcode import transcode
 
-            gguf_report = transcode(graph, Path(src.path) / str(src.gguf_file), allow_requant=allow_requant)
+            gguf_report = transcode(graph, Path(src.path) / str(src.gguf_file), allow_requant=allow_requant,
+                                    accuracy_level=accuracy_level)
         save_model(graph, tmp / MODEL_FILE)
         del graph
         for f in raw.iterdir():

@@ -206,8 +206,9 @@ class Transcoder:
         del ref
         entry: dict[str, Any] = {"gguf_type": w.qtype.name, "exact": exact,
                                  "gguf_bits_per_weight": round(gb.gguf_bits_per_weight(w.qtype), 4),
-                                 "onnx_bits_per_weight": round(gb.onnx_bits_per_weight(blocks.form), 4),
-                                 "onnx": self._describe(blocks.form), "users": []}
+                                 "onnx_bits_per_weight": round(gb.onnx_bits_per_weight(
+                                     blocks.form, split_8bit=self.accuracy_level != 4), 4),
+                                 "onnx": self._describe(blocks.form, self.accuracy_level), "users": []}
         if not exact:
             entry["requantized"] = "dequantized by gguf-py, then RTN uint4 g32 (min/max)"
         if found is None:
@@ -216,7 +217,8 @@ class Transcoder:
             self.report[w.name] = entry
             return
         base = w.name.removesuffix(".weight")
-        planes = [_PlaneValues.add(self.graph, base, p) for p in gb.pack_planes(blocks)]
+        planes = [_PlaneValues.add(self.graph, base, p)
+                  for p in gb.pack_planes(blocks, split_8bit=self.accuracy_level != 4)]
         offsets = blocks.offset
         if offsets is not None and not np.any(offsets):
             offsets = None
@@ -232,8 +234,10 @@ class Transcoder:
         self.report[w.name] = entry
 
     @staticmethod
-    def _describe(form: gb.BlockForm) -> str:
-        if form.bits == 8:
+    def _describe(form: gb.BlockForm, accuracy_level: int) -> str:
+        if form.bits == 8 and accuracy_level == 4:
+            what = f"8-bit, block {form.block}, accuracy_level 4 (int8 activations)"
+        elif form.bits == 8:
             what = f"8-bit grid as two 4-bit planes (16s·(hi − 8) + s·lo), block {form.block}"
         else:
             zp = "" if form.zero_point == 8 else f", zero point {form.zero_point}"
@@ -246,7 +250,7 @@ class Transcoder:
         nodes: list[ir.Node] = []
         for p in planes:
             nodes.append(ir.node("MatMulNBits", [x, *p.inputs()], domain=MS_DOMAIN, name=f"{name}_gguf{p.suffix}",
-                                 attributes={"K": k, "N": n, "bits": 4, "block_size": block,
+                                 attributes={"K": k, "N": n, "bits": p.bits, "block_size": block,
                                              "accuracy_level": self.accuracy_level}))
         terms = [nd.outputs[0] for nd in nodes]
         if o_val is not None:
@@ -295,7 +299,7 @@ class Transcoder:
             zp = [reshaped[2].outputs[0]] if len(reshaped) > 2 else []
             gbq = ir.node("GatherBlockQuantized", [reshaped[0].outputs[0], ids, reshaped[1].outputs[0], *zp],
                           domain=MS_DOMAIN, name=f"{g.name or base}_gguf{p.suffix}",
-                          attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 4})
+                          attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": p.bits})
             # ORT's symbolic shape inference (which the fusions use) takes a 4-bit GatherBlockQuantized row for
             # K/2 values (packed bytes): a Reshape to [..., K] states the true shape
             fix = ir.node("Reshape", [gbq.outputs[0], row_shape], name=f"{g.name or base}_gguf{p.suffix}_shape")
@@ -328,13 +332,14 @@ class _PlaneValues:
     b: ir.Value
     s: ir.Value
     z: ir.Value | None
+    bits: int
 
     @staticmethod
     def add(graph: ir.Graph, base: str, p: gb.Plane) -> _PlaneValues:
         b = add_initializer(graph, f"{base}{p.suffix}.qweight", p.packed)
         s = add_initializer(graph, f"{base}{p.suffix}.scales", p.scales)
         z = add_initializer(graph, f"{base}{p.suffix}.zero_points", p.zero_points) if p.zero_points is not None else None
-        return _PlaneValues(p.suffix, b, s, z)
+        return _PlaneValues(p.suffix, b, s, z, p.bits)
 
     def inputs(self) -> list[ir.Value]:
         return [self.b, self.s] + ([self.z] if self.z is not None else [])
@@ -354,10 +359,12 @@ def _take_over(graph: ir.Graph, old: ir.Node, nodes: list[ir.Node], terms: list[
     new_out.shape, new_out.type = old_out.shape, old_out.type
 
 
-def transcode(model: ir.Model, gguf_path: str | Path, allow_requant: bool = False) -> dict[str, Any]:
+def transcode(model: ir.Model, gguf_path: str | Path, allow_requant: bool = False,
+              accuracy_level: int = 0) -> dict[str, Any]:
     """Replace the GGUF-quantized weights of ``model`` (exported from ``gguf_path``) in place; returns the report
-    written to ``quantization.json``."""
-    tensors = Transcoder(model, allow_requant).run(gguf_path)
+    written to ``quantization.json``.  ``accuracy_level`` is MatMulNBits' (4: int8 activations, and 8-bit grids
+    as one 8-bit plane, for which ONNX Runtime's kernel is fast only at that level)."""
+    tensors = Transcoder(model, allow_requant, accuracy_level).run(gguf_path)
     quantized = {k: v for k, v in tensors.items() if v["gguf_type"] not in _FLOAT_TYPES}
     table: dict[str, dict[str, Any]] = {}
     for v in quantized.values():
@@ -371,6 +378,7 @@ def transcode(model: ir.Model, gguf_path: str | Path, allow_requant: bool = Fals
         log.warning("%d linear(s) kept a float weight no GGUF tensor matched, e.g. %s", len(left), left[0])
     return {
         "recipe": "gguf-native",
+        "accuracy_level": accuracy_level,
         "source_gguf": str(gguf_path),
         "exact": all(v["exact"] for v in quantized.values()) and not missing,
         "types": table,

@@ -105,9 +105,11 @@ def gguf_bits_per_weight(qtype: GGMLQuantizationType) -> float:
     return 8 * size / block
 
 
-def onnx_bits_per_weight(form: BlockForm) -> float:
-    """Bits per weight in the ONNX form: 4-bit values, fp32 scales and packed zero points where stored,
+def onnx_bits_per_weight(form: BlockForm, split_8bit: bool = True) -> float:
+    """Bits per weight in the ONNX form: values, fp32 scales and packed zero points where stored,
     per plane (:func:`pack_planes`), and fp32 offsets."""
+    if form.bits == 8 and not split_8bit:
+        return 8 + 32 / form.block + (32 / form.block if form.has_offset else 0.0)
     if form.bits == 8:  # hi plane (scales), lo plane (scales, zero points 0)
         return 8 + 2 * 32 / form.block + 4 / form.block + (32 / form.block if form.has_offset else 0.0)
     zp = 4 / form.block if form.zero_point != 8 else 0.0
@@ -254,13 +256,14 @@ def decode(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int])
 
 @dataclass(frozen=True)
 class Plane:
-    """One 4-bit MatMulNBits weight: ``B[N, K/block, block/2]``, ``scales[N·K/block]``, packed ``zero_points`` or None
-    (the implicit 8); ``suffix`` names it (``""``, ``".hi"``, ``".lo"``)."""
+    """One MatMulNBits weight: ``B[N, K/block, block·bits/8]``, ``scales[N·K/block]``, packed ``zero_points`` or
+    None (the implicit ``2^(bits−1)``); ``suffix`` names it (``""``, ``".hi"``, ``".lo"``)."""
 
     suffix: str
     packed: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray | None
+    bits: int = 4
 
 
 def _nibble_plane(suffix: str, u4: np.ndarray, scale: np.ndarray, zero_point: int, block: int) -> Plane:
@@ -272,8 +275,11 @@ def _nibble_plane(suffix: str, u4: np.ndarray, scale: np.ndarray, zero_point: in
     return Plane(suffix, packed, np.ascontiguousarray(scale, dtype=np.float32).reshape(-1), zps)
 
 
-def pack_planes(blocks: IntBlocks) -> list[Plane]:
-    """The blocks as 4-bit MatMulNBits weights whose sum is ``s·(u − z)`` exactly.
+def pack_planes(blocks: IntBlocks, split_8bit: bool = True) -> list[Plane]:
+    """The blocks as MatMulNBits weights whose sum is ``s·(u − z)`` exactly.
+
+    ``split_8bit=False`` keeps an 8-bit grid as one 8-bit plane (``z = 128`` implicit): the form
+    for ``accuracy_level=4``, where ONNX Runtime's 8-bit kernel is fast (int8 activations).
 
     4-bit forms are one plane.  8-bit forms (``z = 128``) are two, because ONNX Runtime 1.32's
     8-bit MatMulNBits has no fast fp32 path on CPU (``accuracy_level`` 0–3 dequantize the whole
@@ -289,6 +295,9 @@ def pack_planes(blocks: IntBlocks) -> list[Plane]:
     form = blocks.form
     if form.bits == 4:
         return [_nibble_plane("", blocks.u, blocks.scale, form.zero_point, form.block)]
+    if not split_8bit:
+        return [Plane("", blocks.u.reshape(blocks.u.shape[0], -1, form.block).copy(),
+                      blocks.scale.reshape(-1).copy(), None, bits=8)]
     if form.zero_point != 128:
         raise ValueError(f"8-bit blocks with zero point {form.zero_point} have no two-plane form")
     return [_nibble_plane(".hi", blocks.u >> 4, blocks.scale * np.float32(16), 8, form.block),
