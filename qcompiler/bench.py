@@ -55,6 +55,8 @@ from qcompiler.recipes import QuantizeOptions
 log = logging.getLogger(__name__)
 
 REFERENCE = "fp32"
+#: a bench row that is a model folder built elsewhere: ``dir:PATH`` (evaluated and timed, not compiled)
+FOLDER_PREFIX = "dir:"
 PLUGINS_ENV = "QC_PLUGINS"
 
 
@@ -180,8 +182,13 @@ def resolve_rows(names: str | list[str] | None) -> list[tuple[str, str]]:
     if isinstance(names, str):
         names = [names]
     wanted: list[str] = []
+    folders: list[str] = []
     for item in names:
         for name in filter(None, (n.strip() for n in item.split(","))):
+            if name.startswith(FOLDER_PREFIX):  # a model folder built elsewhere (e.g. qc export --keep-gguf-quant)
+                open_model_dir(name[len(FOLDER_PREFIX):])
+                folders.append(name)
+                continue
             expand = {"all": [*recipes, *ANCHORS], "recipes": list(recipes), "anchors": list(ANCHORS)}.get(name, [name])
             wanted.extend(n for n in expand if n not in wanted and n != REFERENCE)
     unknown = [n for n in wanted if n not in recipes and n not in ANCHORS]
@@ -190,13 +197,15 @@ def resolve_rows(names: str | list[str] | None) -> list[tuple[str, str]]:
             f"unknown recipe/anchor {', '.join(repr(n) for n in unknown)}; "
             f"choices: {', '.join([*recipes, *ANCHORS])} (or all, recipes, anchors)"
         )
-    return [(n, "recipe" if n in recipes else "anchor") for n in wanted]
+    return [(n, "recipe" if n in recipes else "anchor") for n in wanted] + [(f, "folder") for f in folders]
 
 
 def _describe(name: str, kind: str) -> tuple[str, bool]:
     """(description, needs calibration) of a row."""
     if kind == "reference":
         return "float model (reference)", False
+    if kind == "folder":
+        return f"model folder {name[len(FOLDER_PREFIX):]} (built elsewhere)", False
     if kind == "anchor":
         from qcompiler.anchors import ANCHORS
 
@@ -318,6 +327,9 @@ def _run_row_process(
 ) -> BenchRow:
     """Run one row in a child process and read its result; any failure becomes a failed row."""
     description, needs_calib = _describe(name, kind)
+    folder = Path(name[len(FOLDER_PREFIX):]).resolve() if kind == "folder" else None
+    if folder is not None:
+        name = folder.name
     row = BenchRow(name=name, kind=kind, description=description, loadavg=round(os.getloadavg()[0], 2))
     if needs_calib and not options.calib:
         row.status, row.error = "skipped", "needs calibration data (--calib)"
@@ -327,7 +339,7 @@ def _run_row_process(
         "name": name,
         "kind": kind,
         "model_dir": str(model_dir.resolve()),
-        "out_dir": str(model_dir.resolve()) if kind == "reference" else str(models / name),
+        "out_dir": str(model_dir.resolve()) if kind == "reference" else str(folder or models / name),
         "text": str(Path(text).resolve()),
         "options": asdict(options),
         "config": asdict(config),
@@ -371,7 +383,9 @@ def _run_row_process(
         for k, v in data.items():
             if k in known and k not in ("name", "kind", "description", "status", "error", "loadavg", "row_wall_s"):
                 setattr(row, k, v)
-        if kind != "reference":
+        if kind == "folder":
+            row.model_dir = str(folder)
+        elif kind != "reference":
             if config.keep_models:
                 row.model_dir = f"models/{name}"  # relative to the output folder
             else:
@@ -500,7 +514,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "anchor":
         settings = AnchorSettings(opts.bits, opts.group_size, opts.calib, opts.calib_samples, opts.seq_len)
         run_anchor(name, src, out, settings, force=True)
-    if kind != "reference":
+    if kind not in ("reference", "folder"):
         res["compile_s"] = round(time.perf_counter() - t0, 2)
         res["compile_cpu_s"] = round(_self_cpu_s() - cpu0, 2)
         res["compile_peak_rss_mb"] = round(peak_rss_mb(), 1)

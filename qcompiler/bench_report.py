@@ -80,6 +80,7 @@ def plot(result: BenchResult, path: Path) -> None:
         "reference": {"marker": "*", "color": "black", "label": "float"},
         "recipe": {"marker": "o", "color": "tab:blue", "label": "qcompiler"},
         "anchor": {"marker": "s", "facecolors": "none", "edgecolors": "tab:orange", "label": "ONNX Runtime"},
+        "folder": {"marker": "D", "color": "tab:green", "label": "model folder (dir:)"},
     }
     seen: set[str] = set()
     ok = [r for r in result.rows if r.ok and r.perplexity is not None and r.size_bytes is not None]

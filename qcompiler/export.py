@@ -156,13 +156,23 @@ def export(
     force: bool = False,
     trust_remote_code: bool = False,
     opset: int | None = None,
+    keep_gguf_quant: bool = False,
+    allow_requant: bool = False,
+    accuracy_level: int = 0,
 ) -> Path:
-    """Export ``model_ref`` to ``out_dir`` (see module docstring); returns the folder."""
+    """Export ``model_ref`` to ``out_dir`` (see module docstring); returns the folder.
+
+    With ``keep_gguf_quant`` (a .gguf source only) the quantized GGUF tensors are carried into the
+    graph as they are (``qcompiler.gguf_transcode``) and ``quantization.json`` lists each one;
+    ``accuracy_level`` is their MatMulNBits' (4: int8 activations, as llama.cpp computes).
+    """
     out = Path(out_dir)
     local = Path(model_ref).expanduser()
     inputs = (local,) if local.exists() else ()
     check_output_dir(out, force, inputs)
     src = resolve_source(model_ref)
+    if (keep_gguf_quant or allow_requant) and src.kind != "gguf":
+        raise InputError("--keep-gguf-quant / --allow-requant need a .gguf file as the model")
     t0 = time.perf_counter()
     log.info("loading %s (%s)", model_ref, src.kind)
     model, tok = load_hf_model(src, trust_remote_code)
@@ -181,8 +191,14 @@ def export(
         model_config = model.config
         del model
         graph = load_model(raw / MODEL_FILE)
+        gguf_report = None
+        if keep_gguf_quant:
+            from qcompiler.gguf_transcode import transcode
+
+            gguf_report = transcode(graph, Path(src.path) / str(src.gguf_file), allow_requant=allow_requant,
+                                    accuracy_level=accuracy_level)
         if getattr(model_config, "tie_word_embeddings", False):
-            retie_lm_head(graph)
+            retie_lm_head(graph)  # after transcoding: a GGUF head already shares the embedding's blocks
         save_model(graph, tmp / MODEL_FILE)
         del graph
         for f in raw.iterdir():
@@ -195,8 +211,12 @@ def export(
         raw.rmdir()
         write_json(
             tmp / "qcompiler_export.json",
-            {"source": model_ref, "source_kind": src.kind, "kv_cache": kv_cache, "task": task},
+            {"source": model_ref, "source_kind": src.kind, "kv_cache": kv_cache, "task": task,
+             "keep_gguf_quant": keep_gguf_quant},
         )
+        if gguf_report is not None:
+            write_json(tmp / "quantization.json", {"source": model_ref, **gguf_report,
+                                                   "wall_seconds": round(time.perf_counter() - t0, 2)})
     log.info("exported %s to %s in %.1fs", model_ref, out, time.perf_counter() - t0)
     return out
 

@@ -32,6 +32,8 @@ MIN_OPSET, MAX_OPSET = 14, 23
 QUANT_OPSET = 21
 MS_DOMAIN = "com.microsoft"
 QC_DOMAIN = "qcompiler"
+#: node metadata of the GGUF offset-correction MatMul (see ``linear_weight``)
+GGUF_OFFSET_MARK = "qcompiler.gguf_offset"
 EXTERNAL_DATA_NAME = "model.onnx_data"
 
 
@@ -380,8 +382,10 @@ def linear_weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
 
     ``MatMul(X, W)`` gives ``(W, False)``; ``MatMul(X, Transpose(E))`` — how exporters
     write an lm_head tied to the embedding ``E[vocab, hidden]`` — gives ``(E, True)``.
+    A MatMul marked ``qcompiler.gguf_offset`` (the exact per-block offset correction of a
+    GGUF-transcoded linear, ``qcompiler.gguf_transcode``) is part of that linear, not one.
     """
-    if node.domain != "" or len(node.inputs) < 2:
+    if node.domain != "" or len(node.inputs) < 2 or GGUF_OFFSET_MARK in node.metadata_props:
         return None
     if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) != 0):
         return None

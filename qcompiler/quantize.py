@@ -11,6 +11,7 @@ place at the end.  Large tensors the passes create are spilled to that scratch
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -167,6 +168,8 @@ def quantize(
             "wall_seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
+        if (src.path / "quantization.json").is_file():  # e.g. a --keep-gguf-quant export: what it already carries
+            summary["source_quantization"] = json.loads((src.path / "quantization.json").read_text())
         write_json(tmp / "quantization.json", summary)
     if cov.kept_float:
         log.info("kept in float: %s", ", ".join(f"{k.role or k.node} ({k.reason})" for k in cov.kept_float[:6]))

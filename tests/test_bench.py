@@ -150,3 +150,21 @@ def test_measure_speed_and_cached_logits(synthetic_dir, synthetic_nokv_dir, tmp_
     np.testing.assert_array_equal(cached.logits(windows[1]), runner.logits(windows[1]))
     with pytest.raises(QCError):
         cached.logits(prompt[:20] + 1)
+
+
+def test_a_model_folder_built_elsewhere_is_a_row(synthetic_dir, synthetic_text: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model, _ = synthetic_dir
+    copy = tmp_path / "prebuilt"
+    shutil.copytree(model, copy)
+    assert resolve_rows(f"w4a16-rtn,dir:{copy}") == [("w4a16-rtn", "recipe"), (f"dir:{copy}", "folder")]
+    with pytest.raises(QCError):
+        resolve_rows(f"dir:{tmp_path / 'missing'}")
+    rc = main(["bench", str(model), "--text", str(synthetic_text), "--out", str(tmp_path / "b"),
+               "--recipes", f"dir:{copy}", "--no-speed", *SMALL])
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
+    assert rows["prebuilt"]["status"] == "ok" and rows["prebuilt"]["kind"] == "folder"
+    assert rows["prebuilt"]["kl"] < 1e-6 and rows["prebuilt"]["compile_s"] is None  # the same model, nothing compiled
+    assert copy.is_dir()  # a folder row is read, never removed

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--recipes",
         default="all",
         help="comma-separated recipes and anchors (ort-rtn, ort-hqq, ort-dynamic, ort-static), "
-        "or all | recipes | anchors (default: all)",
+        "or all | recipes | anchors (default: all); dir:PATH adds a model folder built elsewhere (e.g. by "
+        "qc export --keep-gguf-quant), evaluated and timed like the others",
     )
     p.add_argument("--out", default=None, help="report folder (default: bench-<model folder name>)")
     p.add_argument("--force", action="store_true", help="replace the report folder if it exists")

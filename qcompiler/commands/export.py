@@ -17,6 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: optimum's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    p.add_argument("--keep-gguf-quant", action="store_true",
+                   help="GGUF input: carry its quantized blocks into MatMulNBits/GatherBlockQuantized exactly "
+                   "(no float round-trip); quantization.json lists each tensor")
+    p.add_argument("--allow-requant", action="store_true",
+                   help="with --keep-gguf-quant: re-quantize (RTN int4 g32) tensor types with no exact form "
+                   "instead of failing")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
+                   help="with --keep-gguf-quant: MatMulNBits accuracy_level (4: int8 activations, as llama.cpp "
+                   "computes; fast 8-bit kernels, so Q8_0/Q5/Q6_K stay one 8-bit tensor); default 0 (fp32)")
     p.set_defaults(func=run)
 
 
@@ -30,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         trust_remote_code=args.trust_remote_code,
         opset=args.opset,
+        keep_gguf_quant=args.keep_gguf_quant or args.allow_requant,
+        allow_requant=args.allow_requant,
+        accuracy_level=args.accuracy_level,
     )
     print(out)
     return 0
