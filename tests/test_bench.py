@@ -162,7 +162,7 @@ def test_a_model_folder_built_elsewhere_is_a_row(synthetic_dir, synthetic_text: 
     with pytest.raises(QCError):
         resolve_rows(f"dir:{tmp_path / 'missing'}")
     rc = main(["bench", str(model), "--text", str(synthetic_text), "--out", str(tmp_path / "b"),
-               "--recipes", f"dir:{copy}", "--no-speed", *SMALL])
+               "--recipes", f"dir:{copy}", "--no-speed", *SMALL[:8]])  # no quantization options: nothing compiles
     assert rc == 0
     rows = {r["name"]: r for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
     assert rows["prebuilt"]["status"] == "ok" and rows["prebuilt"]["kind"] == "folder"

@@ -135,9 +135,11 @@ def test_unsupported_type_is_an_error_or_requantized(tmp_path: Path) -> None:
 
 
 def test_keep_gguf_quant_needs_a_gguf(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{}")  # a Hugging Face folder, not a GGUF file
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")  # a Hugging Face folder, not a GGUF file
     with pytest.raises(QCError, match=r"need a \.gguf"):
-        export(str(tmp_path), tmp_path / "out", keep_gguf_quant=True)
+        export(str(src), tmp_path / "out", keep_gguf_quant=True)
 
 
 def test_native_model_takes_the_cpu_fusions(tmp_path: Path) -> None:
