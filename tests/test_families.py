@@ -5,7 +5,7 @@ Each family (``qcompiler.families``) is built from its tiny config (2 layers, hi
 (``conftest.family_export``) and checked: the export's logits equal transformers',
 canonicalize finds exactly the family's roles in every layer, and ``w4a16-rtn`` /
 ``w8a8-dynamic`` quantize every decoder linear (only lm_head is kept float) with a bounded
-logit error.  A graph with an unsupported pattern exits 5 and writes nothing.
+logit error (W8A8: top-1 agreement with the float graph except at near-ties).  A graph with an unsupported pattern exits 5 and writes nothing.
 """
 
 from __future__ import annotations
@@ -80,12 +80,22 @@ def test_every_decoder_linear_quantized(model_type: str, recipe: str, tmp_path: 
     assert json.loads((tmp_path / "q" / "quantization.json").read_text())["kept_float"] == summary["kept_float"]
     float_logits = _runner(family_export(model_type) / "onnx").logits(IDS)
     q_logits = _runner(tmp_path / "q").logits(IDS)
-    # random tiny models have flat logits (top-1 gap ~0.05 of a 0.16 spread), so top-1 agreement is
-    # noisy: the bound is on the logit error relative to the centred float logits (measured 0.01-0.23)
     centred = float_logits - float_logits.mean(-1, keepdims=True)
     rel = float(np.linalg.norm(q_logits - float_logits) / np.linalg.norm(centred))
-    agree = float((float_logits.argmax(-1) == q_logits.argmax(-1)).mean())
-    assert 1e-4 < rel < 0.35 and agree >= 0.4, (rel, agree)
+    if recipe == "w4a16-rtn":  # int4 g32 on random weights (measured rel 0.009-0.19): the logit error only
+        assert 1e-4 < rel < 0.3, rel
+        return
+    # W8A8 (exact u8×u8 integer GEMMs on every CPU) measured rel 0.001-0.022 and top-1 agreement
+    # 0.917-1.0 on all 18 families.  The few disagreements (gemma2 2/24, phi 2/24, olmo2 and
+    # gemma3_text 1/24) are near-ties of a random tiny model, not a pass bug: the float top-2 gap
+    # there is 0.0004-0.0036, 0.2-2.2% of the row's logit spread, below the rows' max error
+    # ~0.01 (gemma2/gemma3 soft-capped, phi: the flattest logits of all families).
+    assert 1e-4 < rel < 0.05, rel
+    f_top, q_top = float_logits.argmax(-1), q_logits.argmax(-1)
+    assert float((f_top == q_top).mean()) >= 0.9, (f_top, q_top)
+    rows = np.flatnonzero(f_top != q_top)
+    gaps = float_logits[rows, f_top[rows]] - float_logits[rows, q_top[rows]]
+    assert np.all(gaps < 0.05 * float_logits[rows].std(-1)), gaps  # disagree only at near-ties
 
 
 def _hide_mlp(src: Path, dst: Path) -> Path:
