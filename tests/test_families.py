@@ -169,3 +169,17 @@ def test_tied_weights_stay_tied_through_recipes(model_type: str, tmp_path: Path)
     model = load_model(tmp_path / "q" / "model.onnx")
     big = [v for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.size >= 512 * 64]
     assert len(big) == 1  # the embedding only: no transposed copy for the lm_head
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_layerwise_finds_the_residual_chain(model_type: str) -> None:
+    """AWQ/GPTQ run layer by layer: h_{i+1} is found after post-norms (gemma2/3, olmo2),
+    parallel blocks (falcon, phi, cohere, gpt_neox) and OPT's ``[B·T, H]`` view of the MLP,
+    and layer 1 reads layer 0's output."""
+    from qcompiler.irutil import load_model
+    from qcompiler.layerwise import find_decoder_layers
+
+    layers = find_decoder_layers(load_model(family_export(model_type) / "onnx" / "model.onnx"))
+    assert [layer.index for layer in layers] == [0, 1]
+    assert layers[1].input is layers[0].output
+    assert layers[0].input.producer().op_type in ("Gather", "Mul", "Add")  # the embedding (scaled, + positions)
