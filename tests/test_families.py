@@ -2,10 +2,13 @@
 
 Each family (``qcompiler.families``) is built from its tiny config (2 layers, hidden 64,
 4 heads / 2 KV heads where the family has GQA, no download), exported once per machine
-(``conftest.family_export``) and checked: the export's logits equal transformers',
-canonicalize finds exactly the family's roles in every layer, and ``w4a16-rtn`` /
-``w8a8-dynamic`` quantize every decoder linear (only lm_head is kept float) with a bounded
-logit error (W8A8: top-1 agreement with the float graph except at near-ties).  A graph with an unsupported pattern exits 5 and writes nothing.
+(``conftest.family_export``) and checked: the export's logits and greedy generation (ONNX
+Runtime with its KV cache) equal transformers', canonicalize finds exactly the family's
+roles in every layer, ``w4a16-rtn`` / ``w8a8-dynamic`` quantize every decoder linear (only
+lm_head is kept float) with a bounded logit error (W8A8: top-1 agreement with the float
+graph except at near-ties), and layer-wise running finds each layer's residual stream.
+A graph with an unsupported pattern exits 5 and writes nothing.  ``tools/family_table.py``
+writes the whole table (docs/families.md).
 """
 
 from __future__ import annotations
@@ -40,6 +43,22 @@ def test_export_matches_transformers(model_type: str) -> None:
         ref = hf(torch.tensor(IDS)[None]).logits[0].numpy()
     got = _runner(base / "onnx").logits(IDS)
     np.testing.assert_allclose(got, ref, atol=4e-5 + 1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_greedy_generation_equals_transformers(model_type: str) -> None:
+    """``DecoderRunner.generate`` (ONNX Runtime, KV cache) gives transformers' greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = family_export(model_type)
+    hf = AutoModelForCausalLM.from_pretrained(base / "hf", dtype=torch.float32).eval()
+    prompt = [int(t) for t in IDS[:8]]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+    want = [int(t) for t in out[0, len(prompt):]]
+    assert list(_runner(base / "onnx").generate(prompt, 6)) == want
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
