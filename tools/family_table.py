@@ -16,6 +16,7 @@ checked; each cell is ``yes``, ``refused (exit N): message`` (a clear :class:`QC
   float), with the relative logit error ``‖Δ‖/‖centred float logits‖`` on 24 tokens; for
   the smoothing recipes also where each group's scale went (``norm``, a previous linear,
   or an explicit ``Mul``);
+* ``analyze`` — ``qc analyze`` (per-linear sensitivities, the budgeted plan) writes its report;
 * ``fused attention`` — GroupQueryAttention nodes in the w4a16-rtn cpu model = layers;
 * ``generate`` — greedy ``DecoderRunner.generate`` (KV cache) on the float export gives
   transformers' ``generate(do_sample=False)`` tokens (8 new tokens after 8 prompt tokens).
@@ -44,7 +45,7 @@ log = logging.getLogger("family_table")
 IDS = np.random.default_rng(7).integers(0, VOCAB, 24)
 RECIPES = {"w4a16-rtn": "w4a16-rtn", "w8a8-dynamic": "w8a8-dynamic", "w8a8-smooth": "w8a8-smooth",
            "w8a8-static-smooth": "w8a8-static-smooth", "awq": "w4a16-awq", "gptq": "w4a16-gptq", "mixed": "mixed"}
-COLUMNS = ("export", *RECIPES, "fused attention", "generate")
+COLUMNS = ("export", *RECIPES, "analyze", "fused attention", "generate")
 
 
 def calib_text(folder: Path) -> Path:
@@ -139,6 +140,20 @@ def check_recipe(base: Path, column: str, work: Path, calib: Path) -> tuple[str,
     return f"yes (rel {rel:.3f}{extra})", out
 
 
+def check_analyze(base: Path, work: Path, calib: Path) -> str:
+    from qcompiler.analysis import AnalyzeConfig, MeasureConfig, analyze
+
+    fast = MeasureConfig(samples=4, seq_len=64, rows=128, block_windows=2, block_seq_len=64, progress=False)
+    cfg = AnalyzeConfig(calib=str(calib), cache_dir=str(work / "cache"), measure=fast, budget=5.0,
+                        pareto_budgets=(5.0,), e2e_top=2, e2e_windows=2, e2e_seq_len=64)
+    try:
+        report = analyze(base / "onnx", work / "analysis", cfg)
+    except QCError as e:
+        return f"refused (exit {e.exit_code}): {str(e).splitlines()[0]}"
+    n = len(report.get("linears", report.get("layers", [])))
+    return f"yes ({n} linears)" if n else "yes"
+
+
 def fused_attention(model_dir: Path | None, layers: int) -> str:
     import onnx
 
@@ -161,6 +176,12 @@ def family_row(model_type: str, columns: list[str], calib: Path) -> dict[str, st
             if col in RECIPES:
                 row[col], out = check_recipe(base, col, Path(tmp), calib)
                 rtn_dir = out if col == "w4a16-rtn" else rtn_dir
+            elif col == "analyze":
+                try:
+                    row[col] = check_analyze(base, Path(tmp), calib)
+                except Exception as e:
+                    log.exception("%s: %s", model_type, col)
+                    row[col] = f"no: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             elif col == "fused attention":
                 if rtn_dir is None:
                     _, rtn_dir = check_recipe(base, "w4a16-rtn", Path(tmp), calib)
