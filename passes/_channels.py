@@ -476,17 +476,21 @@ def _set_private(graph: ir.Graph, node: ir.Node, slot: int, arr: np.ndarray, tag
     node.replace_input_with(slot, add_initializer(graph, f"{tag}_{value.name}", arr))  # type: ignore[union-attr]
 
 
+def scale_affine(graph: ir.Graph, site: AffineSite, d: np.ndarray, tag: str) -> None:
+    """``X = γ ⊙ z (+ β)`` → ``X ⊙ d``: ``γ ← γ ⊙ d`` (``w ← (1 + w) ⊙ d − 1``), ``β ← β ⊙ d``."""
+    d = np.asarray(d, np.float64)
+    scale = _const(site.node.inputs[site.scale_slot]).astype(np.float64)  # type: ignore[union-attr]
+    _set_private(graph, site.node, site.scale_slot, (1.0 + scale) * d - 1.0 if site.one_plus else scale * d, tag)
+    if site.shift_node is not None:
+        shift = _const(site.shift_node.inputs[site.shift_slot]).astype(np.float64)  # type: ignore[union-attr]
+        _set_private(graph, site.shift_node, site.shift_slot, shift * d, tag)
+
+
 def apply_input_scale(graph: ir.Graph, group: LinearGroup, up: Upstream, d: np.ndarray, tag: str) -> None:
     """Multiply ``group.x``'s channels by ``d`` upstream (the group's weights are not touched)."""
     d = np.asarray(d, np.float64)
     if up.kind == "norm":
-        site: AffineSite = up.norm  # type: ignore[assignment]
-        scale = _const(site.node.inputs[site.scale_slot])
-        scaled = (1.0 + scale.astype(np.float64)) * d - 1.0 if site.one_plus else scale * d  # type: ignore[union-attr]
-        _set_private(graph, site.node, site.scale_slot, scaled, tag)
-        if site.shift_node is not None:
-            _set_private(graph, site.shift_node, site.shift_slot,
-                         _const(site.shift_node.inputs[site.shift_slot]) * d, tag)  # type: ignore[operator]
+        scale_affine(graph, up.norm, d, tag)  # type: ignore[arg-type]
         return
     if up.kind == "linear":
         cols = np.ones(LinearGroup.weight(up.prev).shape[1], np.float64)  # type: ignore[arg-type]
