@@ -133,7 +133,7 @@ class Upstream:
     reason: str = ""
     norm: AffineSite | None = None
     prev: ir.Node | None = None  # the previous linear (kind == "linear")
-    prev_bias: ir.Value | None = None  # a constant bias added to its output
+    prev_bias: ir.Node | None = None  # the Add of a constant bias to its output
     colmap: np.ndarray | None = None  # input channel c of the group ← column colmap[c] of prev
     ties: dict[int, list[int]] = field(default_factory=dict)
 
@@ -293,7 +293,7 @@ def _skip_bias(value: ir.Value) -> tuple[ir.Value, ir.Value | None, ir.Node | No
         for i in (0, 1):
             b, y = node.inputs[1 - i], node.inputs[i]
             prod = y.producer() if y is not None else None
-            if b is not None and b.const_value is not None and prod is not None and is_linear(prod):
+            if b is not None and _const(b) is not None and prod is not None and is_linear(prod):
                 return y, b, node  # type: ignore[return-value]
     return value, None, None
 
@@ -304,7 +304,8 @@ def _only_feeds(value: ir.Value, node: ir.Node) -> bool:
     return len(readers) == 1 and readers[0] is node
 
 
-def _prev_linear(value: ir.Value, role: Role) -> tuple[ir.Node, ir.Value | None] | None:
+def _prev_linear(value: ir.Value, role: Role) -> tuple[ir.Node, ir.Node | None] | None:
+    """The ``role`` linear producing ``value`` (through a constant bias ``Add``, returned too)."""
     y, bias, add = _skip_bias(value)
     prev = y.producer()
     info = linear_info(prev) if prev is not None else None
@@ -315,11 +316,11 @@ def _prev_linear(value: ir.Value, role: Role) -> tuple[ir.Node, ir.Value | None]
         return None
     if add is not None and not _only_feeds(y, add):
         return None
-    if bias is not None and (len(bias.uses()) != 1 or bias.const_value.size != found[0].shape[1]):  # type: ignore[union-attr]
-        return None  # a shared or broadcast bias cannot take per-column factors
+    if bias is not None and _const(bias).size != found[0].shape[1]:  # type: ignore[union-attr]
+        return None  # a broadcast bias cannot take per-column factors (a shared one gets a private copy)
     if len(found[0].uses()) != 1:
         return None
-    return prev, bias
+    return prev, add
 
 
 def _up_to_down(group: LinearGroup) -> Upstream:
@@ -333,12 +334,12 @@ def _up_to_down(group: LinearGroup) -> Upstream:
         found = _prev_linear(src, Role.UP)
         if found is None:
             continue
-        up, bias = found
-        out = bias.uses()[0].node.outputs[0] if bias is not None else up.outputs[0]
+        up, add = found
+        out = add.outputs[0] if add is not None else up.outputs[0]
         if not _only_feeds(out, prod) or prod.inputs[1 - i] is src:
             continue
         k = group.channels
-        return Upstream("linear", prev=up, prev_bias=bias, colmap=np.arange(k))
+        return Upstream("linear", prev=up, prev_bias=add, colmap=np.arange(k))
     return Upstream("mul", "the down_proj input is not act(gate) ⊙ up with up_proj feeding only the product")
 
 
@@ -459,11 +460,6 @@ def set_weight(graph: ir.Graph, node: ir.Node, w: np.ndarray) -> None:
     node.replace_input_with(1, new)
 
 
-def _set_const(value: ir.Value, arr: np.ndarray) -> None:
-    arr = np.ascontiguousarray(arr, dtype=value.const_value.numpy().dtype)  # type: ignore[union-attr]
-    value.const_value = ir.tensor(arr, name=value.name)
-
-
 def _set_private(graph: ir.Graph, node: ir.Node, slot: int, arr: np.ndarray, tag: str) -> None:
     """Give ``node``'s constant input ``slot`` the values ``arr``: in place when the initializer is
     read by this node only, else as a new initializer of its own (the others keep the old values)."""
@@ -499,8 +495,10 @@ def apply_input_scale(graph: ir.Graph, group: LinearGroup, up: Upstream, d: np.n
             raise ValueError("channel factors differ inside a tie set")
         set_weight(graph, up.prev, LinearGroup.weight(up.prev) * cols[None, :])  # type: ignore[arg-type]
         if up.prev_bias is not None:
-            b = up.prev_bias.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
-            _set_const(up.prev_bias, b * cols.reshape(b.shape))
+            add = up.prev_bias
+            slot = next(i for i in (0, 1) if add.inputs[i] is not None and _const(add.inputs[i]) is not None)
+            b = _const(add.inputs[slot]).astype(np.float64)  # type: ignore[union-attr]
+            _set_private(graph, add, slot, b * cols.reshape(b.shape), f"{tag}_bias")
         return
     dv = add_initializer(graph, f"{tag}_channel_scale", d.astype(np.float32))
     mul = ir.node("Mul", [group.x, dv], name=f"{tag}_channel_scale_Mul")
