@@ -223,6 +223,8 @@ def test_scale_folding_keeps_float_logits(model_type: str, passes: str, tmp_path
     from qcompiler.recipes import QuantizeOptions
     from tests.helpers import run_logits
 
+    if "awq" in passes and FAMILIES[model_type].moe:
+        pytest.skip("awq refuses a mixture of experts (test_layerwise_finds_the_residual_chain)")
     folder = family_export(model_type) / "onnx"
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(["the model", "graph norm", "scale weight", "token"] * 300))
