@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qcompiler.errors import InputError, UnsupportedModelError
+from qcompiler.errors import InputError, QCError, UnsupportedModelError
 from qcompiler.irutil import check_model_file
 
 log = logging.getLogger(__name__)
