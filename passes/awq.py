@@ -10,7 +10,10 @@ MLP RMSNorm, o after v, down after up)::
 quantized, so salient input channels get a finer grid.  ``diag(s)⁻¹`` is folded into
 what produces X, so the graph computes the same function before rounding:
 
-* RMSNorm → q/k/v, gate/up: ``γ ← γ / s`` (``x̂ = γ ⊙ x/rms(x)`` is linear in γ);
+* norm → q/k/v, gate/up: ``γ ← γ / s`` (``x̂ = γ ⊙ x/rms(x)`` is linear in γ), with a LayerNorm
+  also ``β ← β / s``, Gemma's ``(1 + w)`` as ``w ← (1 + w)/s − 1`` (``passes/_channels.py``,
+  ``affine_site``: any ``X = γ ⊙ z (+ β)`` read only by the group; a parallel block's one norm
+  feeding attention and MLP is one group);
 * v → o: ``W_v[:, j] ← W_v[:, j] / s_j``; attention is linear in V per channel
   (``softmax(q·kᵀ)·V``), so o's input channel c scales by ``1/s_{m(c)}``, m(c) being the
   v channel feeding it (with grouped-query attention several o channels share one v
@@ -42,12 +45,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from qcompiler.passes.canonicalize import canonical_summary
+from qcompiler.models.llama import match_rmsnorm
+from qcompiler.passes._channels import AffineSite, affine_site, scale_affine
 from qcompiler.passes.quantize_weights import QuantizeWeightsConfig, quantizable_linears
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from qcompiler.irutil import QUANT_OPSET, add_initializer, ensure_opset, linear_weight
+from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.layerwise import DecoderLayer, LayerwiseRunner
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.awq import clip_ratios, quadratic_error, search_scales
@@ -96,7 +100,7 @@ class ScaleGroup:
 
     members: list[ir.Node]
     x: ir.Value
-    norm: object | None = None  # RMSNormMatch
+    norm: AffineSite | None = None  # X = γ ⊙ z (+ β): where 1/s folds
     prev: ir.Node | None = None
     channel_map: np.ndarray | None = None  # x channel → prev output column
 
@@ -157,23 +161,23 @@ class AWQ(QCPass):
 
     def _groups(self, model: ir.Model, layer: DecoderLayer, wanted: set[int]) -> list[ScaleGroup]:
         lin = layer.linears
-        norms = canonical_summary(model).norms
         groups: list[ScaleGroup] = []
-        for roles, prev_role in (((Role.Q, Role.K, Role.V, Role.QKV), None), ((Role.O,), Role.V),
+        taken: set[int] = set()
+        for roles, prev_role in (((Role.Q, Role.K, Role.V, Role.QKV, Role.GATE, Role.UP, Role.GATE_UP), None),
+                                 ((Role.Q, Role.K, Role.V, Role.QKV), None), ((Role.O,), Role.V),
                                  ((Role.GATE, Role.UP, Role.GATE_UP), None), ((Role.DOWN,), Role.UP)):
             members = [lin[r] for r in roles if r in lin]
-            if not members or not any(id(m) in wanted for m in members):
+            if not members or not any(id(m) in wanted for m in members) or any(id(m) in taken for m in members):
                 continue
             x = members[0].inputs[0]
             if any(m.inputs[0] is not x for m in members):
-                continue
+                continue  # (a parallel block's shared norm is the first, widest group)
+            taken |= {id(m) for m in members}
             group = ScaleGroup(members, x)
             if prev_role is None:
-                norm = norms.get(linear_info(members[0]).key)
-                users = {id(u) for u in x.consumers()}
-                if norm is not None and norm.gamma is not None and norm.gamma.const_value is not None \
-                        and norm.output is x and users == {id(m) for m in members}:
-                    group.norm = norm
+                users = {id(u) for u in x.consumers() if u.op_type not in ("Shape", "Size")}
+                if users == {id(m) for m in members}:
+                    group.norm = affine_site(x, int(_weight(members[0]).shape[0]))
             elif self.config.fold_prev_linear and prev_role in lin:
                 prev = lin[prev_role]
                 if len(_weight(prev).uses()) == 1:
@@ -223,13 +227,8 @@ class AWQ(QCPass):
         for m, wm in zip(g.members, ws):
             _set_weight(_weight(m), wm * s[:, None])
         if g.norm is not None:
-            gamma = g.norm.gamma
-            new = add_initializer(model.graph, f"{gamma.name}_awq", gamma.const_value.numpy().astype(np.float32) / s)
-            mul = g.norm.mul
-            mul.replace_input_with(list(mul.inputs).index(gamma), new)
-            if not gamma.uses() and gamma.name in model.graph.initializers:
-                del model.graph.initializers[gamma.name]
-            folded = "rmsnorm"
+            scale_affine(model.graph, g.norm, 1.0 / s, f"awq_{key.split('+')[0]}")
+            folded = g.norm.form if g.norm.form != "mul" else "rmsnorm" if match_rmsnorm(g.x) else "norm"
         else:
             prev_w = _weight(g.prev)
             pw = prev_w.const_value.numpy().astype(np.float32)

@@ -35,7 +35,7 @@ from qcompiler.passes._channels import LinearGroup, linear_groups
 from tqdm import tqdm
 
 from qcompiler.calibrate import StatRequest
-from qcompiler.coverage import mark_kept_float
+from qcompiler.coverage import OUTLIER_SIDE, mark_kept_float
 from qcompiler.errors import CalibrationError
 from qcompiler.irutil import QUANT_OPSET, add_initializer, ensure_opset
 from qcompiler.ops.emit import emit_outlier_split
@@ -208,7 +208,7 @@ def _float_split(graph: ir.Graph, node: ir.Node, w: np.ndarray, idx: np.ndarray,
                    name=f"{base}_outlier_MatMul")
     main = ir.node("MatMul", [mask.outputs[0], add_initializer(graph, f"{base}_w_inlier", wz)], name=f"{base}_MatMul")
     add = ir.node("Add", [main.outputs[0], side.outputs[0]], name=f"{base}_outlier_Add")
-    mark_kept_float(side, "outlier input channels (LLM.int8 float side product)")
+    mark_kept_float(side, OUTLIER_SIDE)
     main.meta.update(node.meta)
     main.metadata_props.update(node.metadata_props)
     graph.insert_before(node, [mask, gather, side, main, add])

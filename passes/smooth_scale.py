@@ -4,10 +4,13 @@ For a group of linears reading ``X[T, K]`` (q/k/v, gate/up, o, down) and any ``s
 
     Y = X·W = (X·diag(s)⁻¹)·(diag(s)·W)
 
-``diag(s)⁻¹`` folds upstream of X (``passes/_channels.py``: into the RMSNorm weight
-``γ ← γ/s`` for q/k/v and gate/up, into v_proj's columns for o — tied across the query
-heads sharing a kv head — and into up_proj's columns for down, or an explicit ``Mul``
-when nothing can take it, logged), ``diag(s)`` into W's rows.  Before quantization the
+``diag(s)⁻¹`` folds upstream of X (``passes/_channels.py``: into the norm for q/k/v and
+gate/up — RMSNorm ``γ ← γ/s``, LayerNorm ``γ ← γ/s, β ← β/s``, Gemma ``w ← (1 + w)/s − 1`` —,
+into v_proj's columns (and bias) for o — tied across the query heads sharing a kv head — and
+into up_proj's columns (and bias) for down, or an explicit ``Mul`` when nothing can take it,
+logged and reported with the reason), ``diag(s)`` into W's rows.  A parallel block's norm
+feeding attention and MLP (cohere, falcon, phi) is one group ``qkv+gate_up`` / ``qkv+up``:
+one ``s`` shared by all its consumers, folded into that norm.  Before quantization the
 model is unchanged (up to float rounding).  SmoothQuant's choice::
 
     s_j = max|X_j|^α / max|W_j|^(1−α)      (max|X_j| over calibration data, max|W_j| over the group's W rows)
@@ -47,6 +50,7 @@ from qcompiler.passes._channels import (
     apply_input_scale,
     channel_absmax,
     find_upstream,
+    group_kinds,
     linear_groups,
     set_weight,
     tie,
@@ -104,8 +108,9 @@ class SmoothScaleConfig:
         return [float(a) for a in np.linspace(self.alpha_min, self.alpha_max, self.grid)]
 
 
-def group_kind(group: LinearGroup) -> str:
-    return group.key.rsplit(".", 1)[-1]
+def selected(group: LinearGroup, kinds: set[str]) -> bool:
+    """The group is one of ``kinds`` (a parallel block's shared group is both ``qkv`` and ``gate_up``)."""
+    return bool(group_kinds(group.roles) & kinds)
 
 
 @register_pass
@@ -120,7 +125,7 @@ class SmoothScale(QCPass):
         cfg: SmoothScaleConfig = self.config
         summary = canonical_summary(model)
         kinds = set(filter(None, cfg.groups.split(":")))
-        groups = [g for g in linear_groups(model) if group_kind(g) in kinds]
+        groups = [g for g in linear_groups(model) if selected(g, kinds)]
         if not groups:
             log.warning("smooth-scale: no linear group to smooth")
             return ir.passes.PassResult(model, modified=False)
@@ -201,6 +206,8 @@ class SmoothScale(QCPass):
         }
         if up.kind == "mul" and up.reason:
             entry["why_not_folded"] = up.reason
+        if up.kind == "norm" and up.norm is not None:
+            entry["norm_form"] = up.norm.form
         if errs:
             entry["error_none"] = errs["none"]
             entry["error"] = min(errs.values())

@@ -43,7 +43,7 @@ from qcompiler.passes._channels import (
     set_weight,
 )
 from qcompiler.passes.canonicalize import canonical_summary
-from qcompiler.passes.smooth_scale import GROUP_KINDS, group_kind
+from qcompiler.passes.smooth_scale import GROUP_KINDS, selected
 from tqdm import tqdm
 
 from qcompiler.calibrate import StatRequest
@@ -148,7 +148,7 @@ class SplitOutliers(QCPass):
         cfg: SplitOutliersConfig = self.config
         summary = canonical_summary(model)
         kinds = set(filter(None, cfg.groups.split(":")))
-        groups = [g for g in linear_groups(model) if group_kind(g) in kinds]
+        groups = [g for g in linear_groups(model) if selected(g, kinds)]
         if not groups:
             log.warning("split-outliers: no linear group to split")
             return ir.passes.PassResult(model, modified=False)

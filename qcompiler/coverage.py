@@ -36,6 +36,7 @@ KEPT_FLOAT_KEY = "qc.kept_float"
 UNSUPPORTED = "unsupported pattern"
 LM_HEAD_CHOICE = "lm_head by choice (--lm-head quantizes an untied lm_head)"
 ROUTER_CHOICE = "mixture-of-experts router by choice (expert selection is sensitive; a few KB)"
+OUTLIER_SIDE = "outlier input channels (LLM.int8 float side product)"
 LM_HEAD_TIED = "lm_head tied to the embedding (one tensor; --quantize-embeddings quantizes both)"
 _INT_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4})
 _THROUGH = frozenset({"DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity"})

@@ -32,7 +32,7 @@ import logging
 import os
 import tempfile
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 #: Ops whose output carries a shape, not data: a value behind them does not depend on data.
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
 _PASSTHROUGH = frozenset({"Cast", "Identity"})
+#: ... and the views a residual stream goes through (OPT's MLP works on ``[B·T, H]``)
+_STREAM_VIEWS = _PASSTHROUGH | {"Reshape"}
 
 
 @dataclass
@@ -65,29 +67,37 @@ class DecoderLayer:
     linears: dict[Role, ir.Node] = field(default_factory=dict)
 
 
-def _skip_passthrough(value: ir.Value) -> ir.Value:
+def _skip_passthrough(value: ir.Value, ops: frozenset[str] = _PASSTHROUGH) -> ir.Value:
     node = value.producer()
-    while node is not None and node.op_type in _PASSTHROUGH and node.domain == "":
+    while node is not None and node.op_type in ops and node.domain == "":
         value = node.inputs[0]
         node = value.producer()
     return value
 
 
-def _residual_add(linear: ir.Node) -> tuple[ir.Node, ir.Value]:
-    """The ``Add`` summing ``linear``'s output into the residual stream, and the stream's other input."""
-    v = linear.outputs[0]
-    for _ in range(3):
-        users = list(v.consumers())
-        if len(users) != 1:
-            break
-        user = users[0]
-        if user.op_type == "Add" and user.domain == "":
-            other = user.inputs[1] if user.inputs[0] is v else user.inputs[0]
-            if other is not None:
-                return user, other
-        if user.op_type not in _PASSTHROUGH:
-            break
-        v = user.outputs[0]
+def _is_constant(value: ir.Value) -> bool:
+    value = _skip_passthrough(value)
+    node = value.producer()
+    return value.const_value is not None or (node is not None and node.op_type == "Constant")
+
+
+def _residual_add(graph: ir.Graph, linear: ir.Node, accept: Callable[[ir.Value], bool]) -> tuple[ir.Node, ir.Value]:
+    """The first ``Add`` (graph order) downstream of ``linear`` whose other input ``accept`` takes.
+
+    Downstream, not only next: a post-norm (Gemma 2/3, OLMo 2) or the other branch of a
+    parallel block (``h + (attn + mlp)``: falcon, phi, cohere, gpt_neox) may come between
+    the linear and the residual ``Add``.  Returns the Add and the stream's other input.
+    """
+    reach = _forward(linear.outputs[0])
+    for node in graph:
+        if id(node) not in reach or node.op_type != "Add" or node.domain != "":
+            continue
+        for a in (0, 1):
+            mine, other = node.inputs[a], node.inputs[1 - a]
+            if mine is None or other is None or _is_constant(other):  # a bias, a norm's epsilon
+                continue
+            if (mine is linear.outputs[0] or id(mine.producer()) in reach) and accept(other):
+                return node, other
     raise UnsupportedModelError(
         f"layer-wise running: the output of {linear.name or linear.op_type} does not reach a residual Add"
     )
@@ -99,6 +109,12 @@ def find_decoder_layers(model: ir.Model) -> list[DecoderLayer]:
     by_layer: dict[int, dict[Role, ir.Node]] = {}
     for node in summary.linears.values():
         info = linear_info(node)
+        if info is not None and info.expert is not None:  # DecoderLayer holds one linear per role
+            experts = len({linear_info(n).expert for n in summary.linears.values()  # type: ignore[union-attr]
+                           if linear_info(n).layer == info.layer and linear_info(n).expert is not None})  # type: ignore[union-attr]
+            raise UnsupportedModelError(
+                f"layer-wise running (awq, gptq): decoder layer {info.layer} is a mixture of {experts} experts; "
+                "only dense MLPs are supported (use w4a16-rtn, w4a16-hqq or a w8a8 recipe)")
         if info is not None and info.layer >= 0:
             by_layer.setdefault(info.layer, {})[info.role] = node
     if not by_layer:
@@ -112,9 +128,14 @@ def find_decoder_layers(model: ir.Model) -> list[DecoderLayer]:
         o, down = linears.get(Role.O), linears.get(Role.DOWN)
         if o is None or down is None:
             raise UnsupportedModelError(f"layer-wise running: decoder layer {i} has no o_proj/down_proj")
-        _, attn_residual = _residual_add(o)
-        h_in = _skip_passthrough(attn_residual)
-        out = _residual_add(down)[0].outputs[0]
+        # h_i: the residual operand that depends on none of the layer's linears; h_{i+1}: the Add
+        # after down_proj whose other operand is h_i + attn (sequential) or h_i (parallel, post-norm)
+        after = set().union(*(_forward(n.outputs[0]) for n in linears.values()))
+        attn_add, attn_residual = _residual_add(model.graph, o, lambda v, after=after: id(v.producer()) not in after)
+        h_in = _skip_passthrough(attn_residual, _STREAM_VIEWS)
+        stream = (h_in, attn_add.outputs[0])
+        out = _residual_add(model.graph, down,
+                            lambda v, stream=stream: _skip_passthrough(v, _STREAM_VIEWS) in stream)[0].outputs[0]
         if previous is not None and h_in is not previous:
             raise UnsupportedModelError(
                 f"layer-wise running: the residual input of decoder layer {i} is not layer {i - 1}'s output"

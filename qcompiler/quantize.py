@@ -33,7 +33,7 @@ from qcompiler.artifact import (
     open_model_dir,
     write_json,
 )
-from qcompiler.errors import QCError
+from qcompiler.errors import QCError, UnsupportedModelError
 from qcompiler.finite import check_model_weights
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
@@ -136,7 +136,12 @@ def quantize(
         # tensors the passes make go to scratch on the output's file system, not to memory
         spill = SpillStore(tmp / SPILL_DIR)
         attach_spill(model.graph, spill)
-        model, records = run_passes(model, pass_list, dump_ir=dump_ir)
+        try:
+            model, records = run_passes(model, pass_list, dump_ir=dump_ir)
+        except UnsupportedModelError as e:  # one line naming the family and what is missing
+            if str(e).startswith(f"{family}: "):
+                raise
+            raise UnsupportedModelError(f"{family}: {e}") from None
         gemms = check_integer_gemms(model, options.cpu_isa)
         attach_spill(model.graph, None)
         cov = coverage.measure(model)

@@ -118,23 +118,10 @@ def synthetic_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def family_export(model_type: str) -> Path:
     """A tiny random ``model_type`` model (``qcompiler.families.tiny``) exported once per machine.
 
-    Cached under ``$QC_TEST_CACHE`` keyed by the export code, the tiny configs and the
-    transformers version, behind the same file lock as the SmolLM2 export.
+    Cached under ``$QC_TEST_CACHE`` (:func:`qcompiler.families.cache.tiny_export`) keyed by the
+    export code, the tiny configs and the transformers version, behind the same file lock as
+    the SmolLM2 export.
     """
-    import transformers
+    from qcompiler.families.cache import tiny_export
 
-    import qcompiler.export as exp
-    import qcompiler.families.tiny as tiny
-
-    h = hashlib.sha256(Path(exp.__file__).read_bytes() + Path(tiny.__file__).read_bytes())
-    h.update(transformers.__version__.encode())
-    root = _cache_root()
-    base = root / f"family-{model_type}-{h.hexdigest()[:12]}"
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (base / "onnx" / "model.onnx").is_file():
-            from qcompiler.export import export
-
-            tiny.build_tiny(model_type, base / "hf")
-            export(str(base / "hf"), base / "onnx", force=True)
-    return base
+    return tiny_export(model_type, _cache_root())

@@ -2,10 +2,13 @@
 
 Each family (``qcompiler.families``) is built from its tiny config (2 layers, hidden 64,
 4 heads / 2 KV heads where the family has GQA, no download), exported once per machine
-(``conftest.family_export``) and checked: the export's logits equal transformers',
-canonicalize finds exactly the family's roles in every layer, and ``w4a16-rtn`` /
-``w8a8-dynamic`` quantize every decoder linear (only lm_head is kept float) with a bounded
-logit error.  A graph with an unsupported pattern exits 5 and writes nothing.
+(``conftest.family_export``) and checked: the export's logits and greedy generation (ONNX
+Runtime with its KV cache) equal transformers', canonicalize finds exactly the family's
+roles in every layer, ``w4a16-rtn`` / ``w8a8-dynamic`` quantize every decoder linear (only
+lm_head is kept float) with a bounded logit error (W8A8: top-1 agreement with the float
+graph except at near-ties), and layer-wise running finds each layer's residual stream.
+A graph with an unsupported pattern exits 5 and writes nothing.  ``tools/family_table.py``
+writes the whole table (docs/families.md).
 """
 
 from __future__ import annotations
@@ -40,6 +43,22 @@ def test_export_matches_transformers(model_type: str) -> None:
         ref = hf(torch.tensor(IDS)[None]).logits[0].numpy()
     got = _runner(base / "onnx").logits(IDS)
     np.testing.assert_allclose(got, ref, atol=4e-5 + 1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_greedy_generation_equals_transformers(model_type: str) -> None:
+    """``DecoderRunner.generate`` (ONNX Runtime, KV cache) gives transformers' greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = family_export(model_type)
+    hf = AutoModelForCausalLM.from_pretrained(base / "hf", dtype=torch.float32).eval()
+    prompt = [int(t) for t in IDS[:8]]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+    want = [int(t) for t in out[0, len(prompt):]]
+    assert list(_runner(base / "onnx").generate(prompt, 6)) == want
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -80,12 +99,22 @@ def test_every_decoder_linear_quantized(model_type: str, recipe: str, tmp_path: 
     assert json.loads((tmp_path / "q" / "quantization.json").read_text())["kept_float"] == summary["kept_float"]
     float_logits = _runner(family_export(model_type) / "onnx").logits(IDS)
     q_logits = _runner(tmp_path / "q").logits(IDS)
-    # random tiny models have flat logits (top-1 gap ~0.05 of a 0.16 spread), so top-1 agreement is
-    # noisy: the bound is on the logit error relative to the centred float logits (measured 0.01-0.23)
     centred = float_logits - float_logits.mean(-1, keepdims=True)
     rel = float(np.linalg.norm(q_logits - float_logits) / np.linalg.norm(centred))
-    agree = float((float_logits.argmax(-1) == q_logits.argmax(-1)).mean())
-    assert 1e-4 < rel < 0.35 and agree >= 0.4, (rel, agree)
+    if recipe == "w4a16-rtn":  # int4 g32 on random weights (measured rel 0.009-0.19): the logit error only
+        assert 1e-4 < rel < 0.3, rel
+        return
+    # W8A8 (exact u8×u8 integer GEMMs on every CPU) measured rel 0.001-0.022 and top-1 agreement
+    # 0.917-1.0 on all 18 families.  The few disagreements (gemma2 2/24, phi 2/24, olmo2 and
+    # gemma3_text 1/24) are near-ties of a random tiny model, not a pass bug: the float top-2 gap
+    # there is 0.0004-0.0036, 0.2-2.2% of the row's logit spread, below the rows' max error
+    # ~0.01 (gemma2/gemma3 soft-capped, phi: the flattest logits of all families).
+    assert 1e-4 < rel < 0.05, rel
+    f_top, q_top = float_logits.argmax(-1), q_logits.argmax(-1)
+    assert float((f_top == q_top).mean()) >= 0.9, (f_top, q_top)
+    rows = np.flatnonzero(f_top != q_top)
+    gaps = float_logits[rows, f_top[rows]] - float_logits[rows, q_top[rows]]
+    assert np.all(gaps < 0.05 * float_logits[rows].std(-1)), gaps  # disagree only at near-ties
 
 
 def _hide_mlp(src: Path, dst: Path) -> Path:
@@ -159,3 +188,55 @@ def test_tied_weights_stay_tied_through_recipes(model_type: str, tmp_path: Path)
     model = load_model(tmp_path / "q" / "model.onnx")
     big = [v for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.size >= 512 * 64]
     assert len(big) == 1  # the embedding only: no transposed copy for the lm_head
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_layerwise_finds_the_residual_chain(model_type: str) -> None:
+    """AWQ/GPTQ run layer by layer: h_{i+1} is found after post-norms (gemma2/3, olmo2),
+    parallel blocks (falcon, phi, cohere, gpt_neox) and OPT's ``[B·T, H]`` view of the MLP,
+    and layer 1 reads layer 0's output."""
+    from qcompiler.irutil import load_model
+    from qcompiler.layerwise import find_decoder_layers
+
+    model = load_model(family_export(model_type) / "onnx" / "model.onnx")
+    if FAMILIES[model_type].moe:  # refused clearly (exit 5): DecoderLayer holds one linear per role
+        from qcompiler.errors import UnsupportedModelError
+
+        with pytest.raises(UnsupportedModelError, match=r"decoder layer 0 is a mixture of 4 experts"):
+            find_decoder_layers(model)
+        return
+    layers = find_decoder_layers(model)
+    assert [layer.index for layer in layers] == [0, 1]
+    assert layers[1].input is layers[0].output
+    assert layers[0].input.producer().op_type in ("Gather", "Mul", "Add")  # the embedding (scaled, + positions)
+
+
+@pytest.mark.parametrize("passes", ["smooth-scale{search=false,alpha=0.5,pow2=false}", "awq{fold_only=true}"])
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_scale_folding_keeps_float_logits(model_type: str, passes: str, tmp_path: Path) -> None:
+    """Smoothing / AWQ scales fold into each family's norms (RMSNorm γ, LayerNorm γ and β, Gemma
+    ``(1 + w)``, a parallel block's shared norm), previous linears or explicit Muls: the float
+    model computes the same logits."""
+    from qcompiler.calibrate import CalibConfig, Calibrator
+    from qcompiler.irutil import load_model
+    from qcompiler.pipeline import PassContext, parse_pipeline, run_passes
+    from qcompiler.recipes import QuantizeOptions
+    from tests.helpers import run_logits
+
+    if "awq" in passes and FAMILIES[model_type].moe:
+        pytest.skip("awq refuses a mixture of experts (test_layerwise_finds_the_residual_chain)")
+    folder = family_export(model_type) / "onnx"
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["the model", "graph norm", "scale weight", "token"] * 300))
+    opts = QuantizeOptions(calib=str(text), calib_samples=2, seq_len=32)
+    ctx = PassContext(calibrate=Calibrator(folder, CalibConfig.from_options(opts, cache_dir=str(tmp_path / "cache"))))
+    model, _ = run_passes(load_model(folder / "model.onnx"), parse_pipeline(f"canonicalize,{passes}", ctx))
+    report = ctx.report.get("smooth-scale", ctx.report.get("awq", {}))["groups"]
+    folded = {g["folded_into"] for g in report.values()}
+    # every family's pre-norms take the scale, but OLMo 2 (post-norms only: q/k/v read the residual
+    # stream) and GPT-2 (its Conv1D views the norm output as [B·T, K] through a Reshape whose shape is
+    # computed from Shape(x) at run time, not yet proved channel-preserving: an explicit Mul, exact)
+    assert folded & {"norm", "rmsnorm", "layernorm", "(1 + w)"} or model_type in ("olmo2", "gpt2"), folded
+    ref = run_logits(folder, IDS, optimize=False)
+    got = run_logits(model, IDS, tmp_path / "out", optimize=False)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.coverage import mark_kept_float
+from qcompiler.coverage import OUTLIER_SIDE, mark_kept_float
 from qcompiler.irutil import QC_DOMAIN, add_initializer, const_array, linear_weight
 from qcompiler.quant.w8a8 import QUANT_KEY, W8A8Match, emit_int8_weight, emit_per_token_activation, match_w8a8
 
@@ -135,7 +135,7 @@ def emit_outlier_split(
         side = ir.node("MatMul", [gather.outputs[0],
                                   add_initializer(graph, f"{base}_w_outlier", np.asarray(w_outlier, np.float32))],
                        name=f"{base}_outlier_MatMul")
-        mark_kept_float(side, "outlier input channels (LLM.int8 float side product)")
+        mark_kept_float(side, OUTLIER_SIDE)  # the coverage contract: float by design, not unsupported
         graph.insert_before(matmul, [mask, gather, side])
         matmul.replace_input_with(0, mask.outputs[0])
         per_token = emit_per_token_activation(graph, matmul, base)
