@@ -9,7 +9,9 @@ integer weight (``MatMulNBits``, ``MatMulIntegerToFloat``, ``MatMul(X, Dequantiz
   (user exclusion ``skip=``, NaN/Inf weights, sensitivity, lm_head by choice, ...);
 * an lm_head without a mark is ``lm_head by choice`` (``--lm-head`` quantizes an untied one);
 * anything else — a linear canonicalize did not recognize, or one no pass handled — is an
-  **unsupported pattern**.
+  **unsupported pattern**; so is a ``MatMul`` whose weight is a float constant of rank ≥ 3
+  (stacked mixture-of-experts weights ``[E, K, N]``, as gpt_oss exports them), which no pass
+  quantizes yet.
 
 :func:`enforce` raises :class:`UnsupportedModelError` (exit 5) with one line naming the
 family (``config.json``'s ``model_type``), the count and the first node names when a
@@ -109,6 +111,14 @@ def _is_output_head(node: ir.Node, graph_outputs: set[int]) -> bool:
     return id(v) in graph_outputs
 
 
+def _stacked_float_weight(node: ir.Node) -> bool:
+    """A ``MatMul`` reading a constant float weight of rank ≥ 3 (stacked expert weights)."""
+    if node.op_type != "MatMul" or node.domain != "" or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    w = node.inputs[1].const_value
+    return w is not None and w.dtype.is_floating_point() and len(w.shape) >= 3
+
+
 def measure(model: ir.Model) -> Coverage:
     """Count quantized linears and list the float ones with their reasons (see module docstring)."""
     cov = Coverage()
@@ -118,6 +128,8 @@ def measure(model: ir.Model) -> Coverage:
             cov.quantized += 1
             continue
         if linear_weight(node) is None:
+            if _stacked_float_weight(node):
+                cov.kept_float.append(KeptFloat(node.name or "?", None, UNSUPPORTED))
             continue
         info = linear_info(node)
         role = info.key if info is not None else None
