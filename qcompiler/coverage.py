@@ -29,6 +29,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qcompiler.errors import UnsupportedModelError
+from qcompiler.families.rules import reaches_output
 from qcompiler.irutil import linear_weight
 from qcompiler.spec import Role, linear_info
 
@@ -97,20 +98,6 @@ def is_quantized_linear(node: ir.Node) -> bool:
     return any(_integer_weight(v) for v in node.inputs[1:])
 
 
-def _is_output_head(node: ir.Node, graph_outputs: set[int]) -> bool:
-    """The linear's output reaches a graph output through single-consumer steps and no other matrix
-    product (logit scaling, soft-capping, Cast, custom ops): an lm_head canonicalize did not annotate."""
-    v = node.outputs[0]
-    for _ in range(8):
-        if id(v) in graph_outputs:
-            return True
-        users = list(v.consumers())
-        if len(users) != 1 or users[0].op_type in ("MatMul", "Gemm") or not users[0].outputs:
-            return False
-        v = users[0].outputs[0]
-    return id(v) in graph_outputs
-
-
 def _stacked_float_weight(node: ir.Node) -> bool:
     """A ``MatMul`` reading a constant float weight of rank ≥ 3 (stacked expert weights)."""
     if node.op_type != "MatMul" or node.domain != "" or len(node.inputs) < 2 or node.inputs[1] is None:
@@ -138,7 +125,7 @@ def measure(model: ir.Model) -> Coverage:
             if info is not None and info.role == Role.ROUTER:
                 cov.kept_float.append(KeptFloat(node.name or "?", role, ROUTER_CHOICE))
                 continue
-            head = (info is not None and info.role == Role.LM_HEAD) or (info is None and _is_output_head(node, graph_outputs))
+            head = (info is not None and info.role == Role.LM_HEAD) or (info is None and reaches_output(node, graph_outputs))
             tied = head and bool(linear_weight(node)[1])  # type: ignore[index]
             reason = LM_HEAD_TIED if tied else LM_HEAD_CHOICE if head else UNSUPPORTED
             role = "lm_head" if head else role

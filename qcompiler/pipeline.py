@@ -103,7 +103,7 @@ def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    import qcompiler.passes as pkg
+    pkg = importlib.import_module("qcompiler.passes")  # plugin discovery: the core names no pass
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name.startswith("_"):

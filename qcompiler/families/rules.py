@@ -224,6 +224,8 @@ def rule_lm_head(linear: ir.Node, ctx: RuleContext) -> dict[int, Role] | None:
 
 
 def reaches_output(linear: ir.Node, graph_outputs: set[int], depth: int = 8) -> bool:
+    """The linear's output reaches a graph output through single-consumer steps and no other matrix
+    product (logit scaling, soft-capping, Cast, custom ops): an lm_head."""
     v = linear.outputs[0]
     for _ in range(depth):
         if id(v) in graph_outputs:
