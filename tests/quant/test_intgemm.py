@@ -222,3 +222,22 @@ def test_qc_check_reports_isa_and_probe(synthetic_nokv_dir, tmp_path, capsys) ->
     q.write_text(json.dumps(meta))
     assert main(["check", str(tmp_path / "v"), "--target", "cpu", "--strict"]) == 1
     assert "8 integer GEMM(s) saturate int16 on x86 CPUs without VNNI" in capsys.readouterr().out
+
+
+def test_eval_no_optimize_runs_the_npu_graph_as_written(synthetic_nokv_dir, synthetic_text, tmp_path, capsys,
+                                                        monkeypatch) -> None:
+    """``qc eval --no-optimize`` scores the QDQ graph as written (an NPU's semantics); with 7-bit weights
+    ONNX Runtime's fused CPU execution of the same graph agrees with it on any CPU."""
+    from qcompiler.eval import evaluate
+
+    monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "calib"))
+    folder, _ = synthetic_nokv_dir
+    opts = QuantizeOptions(calib=str(synthetic_text), calib_samples=4, seq_len=64, target="npu")
+    quantize(folder, tmp_path / "npu", recipe="w8a8-static-smooth", options=opts)
+    args = ["--text", str(synthetic_text), "--max-tokens", "256", "--seq-len", "64"]
+    assert main(["eval", str(tmp_path / "npu"), *args, "--no-optimize"]) == 0
+    as_written = json.loads(capsys.readouterr().out)["perplexity"]
+    same = evaluate(tmp_path / "npu", synthetic_text, seq_len=64, max_tokens=256, optimize=False, progress=False)
+    fused = evaluate(tmp_path / "npu", synthetic_text, seq_len=64, max_tokens=256, progress=False)
+    assert as_written == pytest.approx(same.perplexity, rel=1e-9)
+    assert fused.perplexity == pytest.approx(as_written, rel=1e-2)
