@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompiler.quant.intgemm import IntGemm, form_name, integer_gemms
+from qcompiler.quant.intgemm import IntGemm, form_name, integer_gemms, saturation_problem
 
 K, N, M = 256, 32, 4
 _RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
@@ -266,9 +266,9 @@ def integer_gemm_check(model: object, cpu_isa: str | None) -> tuple[list[str], l
     notes = [f"cpu: {info.describe()}"]
     issues: list[str] = []
     unsafe = [g for g in gemms if not g.safe]
-    if unsafe and cpu_isa != "vnni":
-        issues.append(f"{len(unsafe)} integer GEMM(s) saturate int16 on x86 CPUs without VNNI, e.g. "
-                      f"{unsafe[0].describe()} (re-quantize with --cpu-isa any)")
+    problem = saturation_problem(gemms, cpu_isa)
+    if problem:
+        issues.append(problem)
     elif unsafe:
         notes.append(f"{len(unsafe)} u8×s8 GEMM(s) full range: the model declares cpu_isa=vnni "
                      f"({'this CPU qualifies' if info.vnni else 'this CPU does NOT qualify'})")

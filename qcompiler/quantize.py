@@ -39,7 +39,7 @@ from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, u
 from qcompiler.memory import peak_rss_mb
 from qcompiler.option_use import applied_options
 from qcompiler.pipeline import PassContext, get_pass, parse_pipeline, pipeline_text, run_passes
-from qcompiler.quant.intgemm import integer_gemms
+from qcompiler.quant.intgemm import integer_gemms, saturation_problem
 from qcompiler.recipes import QuantizeOptions, get_recipe
 from qcompiler.targets import check_target, lowering_pipeline
 
@@ -69,13 +69,9 @@ def check_integer_gemms(model: ir.Model, cpu_isa: str) -> dict[str, int]:
     (u8 × int8 outside [−64, 63]) unless the user declared ``--cpu-isa vnni``; returns the
     count of each GEMM form for ``quantization.json``."""
     gemms = integer_gemms(model)
-    unsafe = [g for g in gemms if not g.safe]
-    if unsafe and cpu_isa != "vnni":
-        raise QCError(
-            f"{len(unsafe)} integer GEMM(s) would saturate int16 on x86 CPUs without VNNI (AVX2, AVX-512 without "
-            f"VNNI), e.g. {unsafe[0].describe()}; lower with cpu_isa=any, or pass --cpu-isa vnni if every CPU "
-            "the model will run on has VNNI/AMX or is ARM"
-        )
+    problem = saturation_problem(gemms, cpu_isa)
+    if problem:
+        raise QCError(problem)
     forms = Counter(f"{g.op} {g.form}" + ("" if g.safe else " (VNNI/AMX/ARM CPUs only)") for g in gemms)
     return dict(sorted(forms.items()))
 

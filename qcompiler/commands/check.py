@@ -51,11 +51,8 @@ def _integer_gemms(model_dir: str) -> tuple[list[str], list[str]]:
     from qcompiler.irutil import load_model
 
     md = open_model_dir(model_dir)
-    qj = md.path / "quantization.json"
-    cpu_isa = None
-    if qj.is_file():
-        try:
-            cpu_isa = json.loads(qj.read_text()).get("options", {}).get("cpu_isa")
-        except (json.JSONDecodeError, AttributeError):
-            cpu_isa = None
+    try:
+        cpu_isa = ((md.quantization or {}).get("options") or {}).get("cpu_isa")
+    except (json.JSONDecodeError, AttributeError):  # an unreadable record declares nothing
+        cpu_isa = None
     return integer_gemm_check(load_model(md.model_path), cpu_isa)

@@ -202,6 +202,17 @@ def unsafe_integer_gemms(model: ir.Model) -> list[IntGemm]:
     return [g for g in integer_gemms(model) if not g.safe]
 
 
+def saturation_problem(gemms: list[IntGemm], cpu_isa: str | None) -> str | None:
+    """The invariant: a message when some of ``gemms`` saturate on x86 CPUs without VNNI and the
+    model was not declared for VNNI CPUs only (``cpu_isa="vnni"``); None when it holds."""
+    unsafe = [g for g in gemms if not g.safe]
+    if not unsafe or cpu_isa == "vnni":
+        return None
+    return (f"{len(unsafe)} integer GEMM(s) saturate int16 on x86 CPUs without VNNI (AVX2, AVX-512 without "
+            f"VNNI), e.g. {unsafe[0].describe()}; lower with cpu_isa=any (the default), or pass --cpu-isa vnni "
+            "if every CPU the model will run on has VNNI/AMX or is ARM")
+
+
 def int8_weight_bits(cpu_isa: str, qdq: bool) -> int:
     """Bits of a symmetric int8-stored W8A8 weight: 8, or 7 (|q| <= 63) for static QDQ graphs
     that ONNX Runtime fuses into u8×s8 GEMMs itself and may run on any CPU."""
