@@ -16,7 +16,7 @@ from qcompiler.calibrate.plan import parse_memory
 from qcompiler.errors import OptionError
 
 #: Bumped when what observers compute changes (part of the cache key).
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: power-of-two histogram widths, float sums per shard (mergeable observers)
 
 
 @dataclass(frozen=True)

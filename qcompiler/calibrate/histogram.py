@@ -1,15 +1,23 @@
 """Streaming histograms of activations and the ranges computed from them.
 
 A histogram has ``n`` (a power of two) equal bins over ``[-H, H]`` with bin width
-``w = 2H/n``; 0 is always a bin edge.  It is filled batch by batch:
+``w = 2H/n`` a power of two; 0 is always a bin edge, and ``x`` falls in bin
+``⌊x/w⌋ + n/2`` (computed in float64, where ``x/w`` is exact for every float32 ``x``).
+It is filled batch by batch:
 
-* the first non-empty batch sets ``H = max|x|·(1 + 2⁻²⁰)``;
+* the first non-empty batch sets ``w`` to the smallest power of two with
+  ``w·n/2 > max|x|``;
 * a later batch with ``max|x| ≥ H`` *doubles* the range: adjacent pairs of bins are
-  merged (``counts'[k] = counts[2k] + counts[2k+1]``, exact) and ``n/4`` empty bins are
-  added on each side, so ``H' = 2H``, ``w' = 2w`` and 0 stays an edge.
+  merged (``counts'[k] = counts[2k] + counts[2k+1]``) and ``n/4`` empty bins are added
+  on each side, so ``H' = 2H``, ``w' = 2w`` and 0 stays an edge.  This is exact:
+  ``n/4 + ⌊(⌊x/w⌋ + n/2)/2⌋ = ⌊x/2w⌋ + n/2`` for every real ``x``.
 
 Counts are therefore exactly those of one histogram of *all* activations over the
-final bins (no re-binning approximation); the final width is below ``4·max|x|/n``.
+final bins, whose width depends only on the overall ``max|x|`` (the smallest power
+of two with ``w·n/2 > max|x|``, below ``4·max|x|/n``).  Hence the **merge** of two
+histograms of disjoint data (:meth:`StreamingHistogram.merge`: coarsen the finer one
+to the wider width, add the counts) equals, integer for integer, the histogram of the
+union in one pass, in any order and for any split (calibration shards on Ray).
 From the folded histogram of ``|x|`` (``n/2`` bins over ``[0, H]``):
 
 * ``percentile(p)``: the p-th percentile of ``|x|``, linear inside the bin (error ≤ w);
@@ -23,15 +31,22 @@ From the folded histogram of ``|x|`` (``n/2`` bins over ``[0, H]``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-_GROW = 1.0 + 2.0**-20
+_CHUNK = 1 << 20  # values binned at a time (float64 temporaries)
+
+
+def pow2_width(absmax: float, bins: int) -> float:
+    """The smallest power of two ``w`` with ``w·bins/2 > absmax`` (``absmax > 0``)."""
+    _, e = math.frexp(absmax / (bins // 2))  # absmax/(n/2) = m·2^e, m ∈ [0.5, 1): 2^e is the answer
+    return math.ldexp(1.0, e)
 
 
 class StreamingHistogram:
-    """Accumulates a symmetric histogram with exact range doubling (see module docstring)."""
+    """Accumulates a symmetric histogram with exact range doubling and merging (see module docstring)."""
 
     def __init__(self, bins: int) -> None:
         if bins < 8 or bins & (bins - 1):
@@ -44,13 +59,22 @@ class StreamingHistogram:
     def half_range(self) -> float:
         return self.width * len(self.counts) / 2
 
-    def _grow(self, absmax: float) -> None:
+    def _double(self) -> None:
         n = len(self.counts)
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        pad = np.zeros(n // 4, dtype=np.int64)
+        self.counts = np.concatenate([pad, merged, pad])
+        self.width *= 2.0
+
+    def _grow(self, absmax: float) -> None:
         while absmax >= self.half_range:
-            merged = self.counts.reshape(-1, 2).sum(axis=1)
-            pad = np.zeros(n // 4, dtype=np.int64)
-            self.counts = np.concatenate([pad, merged, pad])
-            self.width *= 2.0
+            self._double()
+
+    def _start(self, width: float) -> None:
+        n = len(self.counts)
+        self.width = width
+        self.counts[n // 2] += self._zeros
+        self._zeros = 0
 
     def update(self, x: np.ndarray, absmax: float) -> None:
         """Add the values of ``x`` (finite, float32); ``absmax = max|x|``."""
@@ -61,14 +85,40 @@ class StreamingHistogram:
             if absmax == 0.0:
                 self._zeros += x.size
                 return
-            self.width = absmax * _GROW / (n // 2)
-            self.counts[n // 2] += self._zeros
-            self._zeros = 0
+            self._start(pow2_width(absmax, n))
         elif absmax >= self.half_range:
             self._grow(absmax)
-        idx = ((x.reshape(-1) + np.float32(self.half_range)) * np.float32(1.0 / self.width)).astype(np.int64)
-        np.clip(idx, 0, n - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=n)
+        inv = 1.0 / self.width  # a power of two: x·inv is exact in float64
+        flat = x.reshape(-1)
+        for i in range(0, flat.size, _CHUNK):
+            idx = np.floor(flat[i : i + _CHUNK].astype(np.float64) * inv).astype(np.int64)
+            idx += n // 2
+            np.clip(idx, 0, n - 1, out=idx)  # no-op: |x| < H puts every value inside
+            self.counts += np.bincount(idx, minlength=n)
+
+    def merge(self, other: StreamingHistogram) -> None:
+        """Add the histogram ``other`` (same bins, any data) into this one, exactly (module docstring)."""
+        if len(other.counts) != len(self.counts):
+            raise ValueError(f"cannot merge histograms of {len(other.counts)} and {len(self.counts)} bins")
+        if other.width == 0.0:
+            if self.width == 0.0:
+                self._zeros += other._zeros
+            else:
+                self.counts[len(self.counts) // 2] += other._zeros
+            return
+        if self.width == 0.0:
+            self._start(other.width)
+        counts = other.counts
+        o_width = other.width
+        while self.width < o_width:
+            self._double()
+        if o_width < self.width:
+            tmp = StreamingHistogram(len(counts))
+            tmp.counts, tmp.width = counts.copy(), o_width
+            while tmp.width < self.width:
+                tmp._double()
+            counts = tmp.counts
+        self.counts += counts
 
     def state(self) -> dict[str, np.ndarray]:
         counts = self.counts.copy()

@@ -23,9 +23,26 @@ observer               state / what ``CalibrationStats.get`` returns            
 4·C bytes per window), for leave-one-window-out estimates of how a range generalizes.
 
 ``hessian`` accumulates with BLAS ``syrk`` (``C ← XᵀX + C``, upper triangle) in
-float32 by default (``hessian_dtype="float64"`` for long runs); the per-batch
-products are exact sums of 512-ish rows, so the result matches float64 ``XᵀX`` to
-~1e-7 relative.  ``sample`` gives row ``r`` of window ``w`` the priority
+float32 by default (``hessian_dtype="float64"`` for long runs) over one *shard* of
+``shard_windows`` windows, and adds each shard's sum into a float64 total; the result
+matches float64 ``XᵀX`` to ~1e-7 relative.
+
+**Merging.**  Every observer has an exact :meth:`Observer.merge`: ``a.merge(b)``, with
+``b`` observed on windows after ``a``'s, leaves ``a`` equal to one observer that saw
+both.  Calibration windows are cut into shards of ``ObserverConfig.shard_windows``
+consecutive windows (boundaries depend only on the window index):
+
+* order-free statistics merge bit for bit for *any* split: min/max and abs-max
+  (``min``/``max``), integer counts (``+``), histograms (power-of-two bin widths,
+  :mod:`~qcompiler.calibrate.histogram`), per-window and per-row lists (concatenated in
+  window order), the seeded row sample (the ``sample_rows`` smallest priorities of the
+  union);
+* floating-point sums (``mean_abs_channel``'s Σ|x| in float64, ``hessian``'s XᵀX) are
+  summed per shard and the shard sums added into a float64 total in shard order
+  (:meth:`Observer.end_shard`).  One process and any number of workers, each observing
+  whole shards that are merged in shard order, perform the same additions in the same
+  order: bit-identical.  Merging arbitrary splits instead agrees to float64 rounding
+  (relative 1e-12 for Σ|x|, the float32 accumulation's 1e-6 for ``hessian``).  ``sample`` gives row ``r`` of window ``w`` the priority
 ``u = default_rng([seed, w]).random(rows)[r]`` and keeps the ``sample_rows`` smallest:
 a uniform sample without replacement, independent of batching, groups and resumes.
 """
@@ -53,6 +70,7 @@ class ObserverConfig:
     outlier_threshold: float = 6.0
     hessian_dtype: str = "float32"  # accumulator: float32 | float64
     seed: int = 0
+    shard_windows: int = 8  # windows per shard: float sums are added per shard, shards in order (merging)
 
     def __post_init__(self) -> None:
         if self.histogram_bins < 8 or self.histogram_bins & (self.histogram_bins - 1):
@@ -61,6 +79,8 @@ class ObserverConfig:
             raise ValueError(f"sample_rows must be positive, got {self.sample_rows}")
         if self.hessian_dtype not in ("float32", "float64"):
             raise ValueError(f"hessian_dtype must be float32 or float64, got {self.hessian_dtype}")
+        if self.shard_windows < 1:
+            raise ValueError(f"shard_windows must be positive, got {self.shard_windows}")
 
 
 class BatchView:
@@ -122,9 +142,12 @@ class BatchView:
 
 
 class Observer:
-    """Base class: ``update`` per batch, ``state`` → arrays saved in .npz, ``result`` ← arrays."""
+    """Base class: ``update`` per batch, ``merge`` another observer's later data, ``end_shard`` at a
+    shard boundary, ``state`` → arrays saved in .npz, ``result`` ← arrays (module docstring)."""
 
     name: ClassVar[str] = ""
+    #: merge equals one pass bit for bit for any split (False: float sums, exact for shard-aligned splits)
+    exact_merge: ClassVar[bool] = True
 
     def __init__(self, cfg: ObserverConfig, channels: int) -> None:
         self.cfg = cfg
@@ -132,6 +155,18 @@ class Observer:
 
     def update(self, b: BatchView) -> None:
         raise NotImplementedError
+
+    def merge(self, other: Observer) -> None:
+        """Fold ``other`` (the same observer on later windows; shards ended) into this one."""
+        raise NotImplementedError
+
+    def end_shard(self) -> None:
+        """Close the current shard: add its float sums into the total (no-op for order-free statistics)."""
+
+    def _check(self, other: Observer) -> None:
+        if type(other) is not type(self) or other.channels != self.channels or other.cfg != self.cfg:
+            raise ValueError(f"cannot merge {type(other).__name__}({other.channels}) into "
+                             f"{type(self).__name__}({self.channels}) with other settings")
 
     def state(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -167,6 +202,11 @@ class MinMaxObserver(Observer):
             self.lo = min(self.lo, float(b.colmin.min()))
             self.hi = max(self.hi, float(b.colmax.max()))
 
+    def merge(self, other: Observer) -> None:
+        self._check(other)
+        assert isinstance(other, MinMaxObserver)
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+
     def state(self) -> dict[str, np.ndarray]:
         return {"min": np.array(self.lo), "max": np.array(self.hi)}
 
@@ -189,6 +229,11 @@ class AbsMaxChannelObserver(Observer):
 
     def update(self, b: BatchView) -> None:
         np.maximum(self.acc, b.col_absmax, out=self.acc)
+
+    def merge(self, other: Observer) -> None:
+        self._check(other)
+        assert isinstance(other, AbsMaxChannelObserver)
+        np.maximum(self.acc, other.acc, out=self.acc)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"absmax": self.acc}
@@ -216,6 +261,13 @@ class AbsMaxChannelWindowObserver(Observer):
         prev = self.rows.get(b.window)
         self.rows[b.window] = b.col_absmax.astype(np.float32) if prev is None else np.maximum(prev, b.col_absmax)
 
+    def merge(self, other: Observer) -> None:
+        self._check(other)
+        assert isinstance(other, AbsMaxChannelWindowObserver)
+        for w, row in other.rows.items():
+            prev = self.rows.get(w)
+            self.rows[w] = row.copy() if prev is None else np.maximum(prev, row)
+
     def state(self) -> dict[str, np.ndarray]:
         keys = sorted(self.rows)
         absmax = np.stack([self.rows[k] for k in keys]) if keys else np.zeros((0, self.channels), np.float32)
@@ -240,18 +292,39 @@ class WindowAbsMax:
 
 @_register
 class MeanAbsChannelObserver(Observer):
+    """Σ_t |x[t, c]| in float64: per shard (``shard``), shard sums added into ``acc`` in shard order."""
+
     name = "mean_abs_channel"
+    exact_merge = False
 
     def __init__(self, cfg: ObserverConfig, channels: int) -> None:
         super().__init__(cfg, channels)
         self.acc = np.zeros(channels, dtype=np.float64)
+        self.shard = np.zeros(channels, dtype=np.float64)
+        self.open = False
         self.rows = 0
 
     def update(self, b: BatchView) -> None:
-        self.acc += b.absx.sum(axis=0, dtype=np.float64)
+        self.shard += b.absx.sum(axis=0, dtype=np.float64)
+        self.open = True
         self.rows += b.rows
 
+    def end_shard(self) -> None:
+        if self.open:
+            self.acc += self.shard
+            self.shard[:] = 0.0
+            self.open = False
+
+    def merge(self, other: Observer) -> None:
+        self._check(other)
+        assert isinstance(other, MeanAbsChannelObserver)
+        self.end_shard()
+        other.end_shard()
+        self.acc += other.acc
+        self.rows += other.rows
+
     def state(self) -> dict[str, np.ndarray]:
+        self.end_shard()
         return {"sum_abs": self.acc, "rows": np.array(self.rows, dtype=np.int64)}
 
     @staticmethod
@@ -273,6 +346,11 @@ class _PerRow(Observer):
     def _rows_state(self) -> dict[str, np.ndarray]:
         flat = np.concatenate(self.parts) if self.parts else np.zeros(0, np.float32)
         return {"per_row": flat, "rows_per_batch": np.array([len(p) for p in self.parts], dtype=np.int64)}
+
+    def merge(self, other: Observer) -> None:
+        self._check(other)
+        assert isinstance(other, _PerRow)
+        self.parts.extend(other.parts)
 
 
 def _by_batch(state: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -312,6 +390,11 @@ class HistogramObserver(Observer):
     def update(self, b: BatchView) -> None:
         self.hist.update(b.x2, b.absmax)
 
+    def merge(self, other: Observer) -> None:
+        self._check(other)
+        assert isinstance(other, HistogramObserver)
+        self.hist.merge(other.hist)
+
     def state(self) -> dict[str, np.ndarray]:
         return self.hist.state()
 
@@ -326,12 +409,18 @@ class HistogramObserver(Observer):
 
 @_register
 class HessianObserver(Observer):
+    """XᵀX: ``syrk`` into the shard accumulator (``hessian_dtype``, upper triangle), shard sums added
+    into a float64 total in shard order."""
+
     name = "hessian"
+    exact_merge = False
 
     def __init__(self, cfg: ObserverConfig, channels: int) -> None:
         super().__init__(cfg, channels)
         self.f64 = cfg.hessian_dtype == "float64"
-        self.acc = np.zeros((channels, channels), dtype=np.float64 if self.f64 else np.float32, order="F")
+        self.shard = np.zeros((channels, channels), dtype=np.float64 if self.f64 else np.float32, order="F")
+        self.total = np.zeros((channels, channels), dtype=np.float64, order="F")
+        self.open = False
         self.rows = 0
 
     def update(self, b: BatchView) -> None:
@@ -339,16 +428,31 @@ class HessianObserver(Observer):
             return
         # syrk with trans=0 on A = Xᵀ (Fortran-ordered view, no copy): C ← A·Aᵀ + C = XᵀX + C
         if self.f64:
-            blas.dsyrk(1.0, b.x2.T.astype(np.float64, order="F"), beta=1.0, c=self.acc, overwrite_c=1, lower=0)
+            blas.dsyrk(1.0, b.x2.T.astype(np.float64, order="F"), beta=1.0, c=self.shard, overwrite_c=1, lower=0)
         else:
-            blas.ssyrk(1.0, b.x2.T, beta=1.0, c=self.acc, overwrite_c=1, lower=0)
+            blas.ssyrk(1.0, b.x2.T, beta=1.0, c=self.shard, overwrite_c=1, lower=0)
+        self.open = True
         self.rows += b.rows
 
+    def end_shard(self) -> None:
+        if self.open:
+            self.total += self.shard  # both upper-triangular (syrk never writes below the diagonal)
+            self.shard[:] = 0.0
+            self.open = False
+
+    def merge(self, other: Observer) -> None:
+        self._check(other)
+        assert isinstance(other, HessianObserver)
+        self.end_shard()
+        other.end_shard()
+        self.total += other.total
+        self.rows += other.rows
+
     def state(self) -> dict[str, np.ndarray]:
-        full = self.acc
-        np.copyto(full, full.T, where=np.tri(self.channels, k=-1, dtype=bool))  # mirror the upper triangle
-        xtx = full.T  # symmetric: the transposed view is the same matrix, C-contiguous
-        return {"xtx": xtx.astype(np.float32) if self.f64 else xtx, "rows": np.array(self.rows, dtype=np.int64)}
+        self.end_shard()
+        up = np.triu(self.total)
+        xtx = (up + np.triu(up, 1).T).astype(np.float32)  # mirror the upper triangle
+        return {"xtx": xtx, "rows": np.array(self.rows, dtype=np.int64)}
 
     @staticmethod
     def result(state: Mapping[str, np.ndarray]) -> Hessian:
@@ -356,7 +460,7 @@ class HessianObserver(Observer):
 
     @staticmethod
     def nbytes(cfg: ObserverConfig, channels: int, rows_total: int) -> int:
-        return (8 if cfg.hessian_dtype == "float64" else 4) * channels * channels
+        return (16 if cfg.hessian_dtype == "float64" else 12) * channels * channels  # shard + float64 total
 
 
 @_register
@@ -373,6 +477,12 @@ class OutliersObserver(_PerRow):
         self.rows += b.rows
         med = np.median(b.absx, axis=1)
         self.parts.append((b.row_absmax / np.maximum(med, np.finfo(np.float32).tiny)).astype(np.float32))
+
+    def merge(self, other: Observer) -> None:
+        super().merge(other)
+        assert isinstance(other, OutliersObserver)
+        self.counts += other.counts
+        self.rows += other.rows
 
     def state(self) -> dict[str, np.ndarray]:
         return {
@@ -411,6 +521,18 @@ class SampleObserver(Observer):
         idx_new = np.stack([np.full(len(new), b.window, np.int64), new.astype(np.int64)], axis=1)
         self.rows = np.concatenate([self.rows[old], b.x2[new]])
         self.index = np.concatenate([self.index[old], idx_new])
+        self.prio = prio[keep]
+
+    def merge(self, other: Observer) -> None:
+        """The ``sample_rows`` smallest priorities of the union: the sample one pass would keep."""
+        self._check(other)
+        assert isinstance(other, SampleObserver)
+        k = self.cfg.sample_rows
+        prio = np.concatenate([self.prio, other.prio])
+        keep = np.argpartition(prio, k - 1)[:k] if len(prio) > k else np.arange(len(prio))
+        keep.sort()
+        self.rows = np.concatenate([self.rows, other.rows])[keep]
+        self.index = np.concatenate([self.index, other.index])[keep]
         self.prio = prio[keep]
 
     def state(self) -> dict[str, np.ndarray]:

@@ -94,7 +94,8 @@ def test_all_zero_start_and_empty() -> None:
     st = sh.state()
     h = Histogram(st["counts"], float(st["width"]))
     assert h.total == 12
-    assert h.counts[32] == 10 and h.counts[63] == 1 and h.counts[0] == 1  # zeros kept; ±max in the end bins
+    # zeros kept; the width is the smallest power of two with 32·w > 1 (1/16): ±1 fall in bins 32 ± 16
+    assert h.width == 1 / 16 and h.counts[32] == 10 and h.counts[48] == 1 and h.counts[16] == 1
     assert h.percentile(50) <= h.width
     empty = Histogram(np.zeros(64, np.int64), 0.0)
     assert empty.percentile(99.9) == 0.0 and empty.entropy_range() == (-0.0, 0.0)
