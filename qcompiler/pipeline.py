@@ -49,6 +49,7 @@ class PassContext:
 
     calibrate: Callable[..., Any] | None = None
     workdir: Path | None = None
+    executor: Any = None  # qcompiler.distributed.Executor for independent per-layer work (None: in process)
     report: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 

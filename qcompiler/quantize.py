@@ -33,6 +33,7 @@ from qcompiler.artifact import (
     open_model_dir,
     write_json,
 )
+from qcompiler.distributed import Executor
 from qcompiler.errors import QCError, UnsupportedModelError
 from qcompiler.finite import check_model_weights
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
@@ -76,12 +77,13 @@ def check_integer_gemms(model: ir.Model, cpu_isa: str) -> dict[str, int]:
     return dict(sorted(forms.items()))
 
 
-def make_context(in_dir: Path, options: QuantizeOptions, workdir: Path | None = None) -> PassContext:
-    ctx = PassContext(workdir=workdir, options=asdict(options))
+def make_context(in_dir: Path, options: QuantizeOptions, workdir: Path | None = None,
+                 executor: Executor | None = None) -> PassContext:
+    ctx = PassContext(workdir=workdir, options=asdict(options), executor=executor or Executor())
     if options.calib:
         from qcompiler.calibrate import make_calibrator  # the calibration engine
 
-        ctx.calibrate = make_calibrator(in_dir, options)
+        ctx.calibrate = make_calibrator(in_dir, options, ctx.executor)
     return ctx
 
 
@@ -94,10 +96,13 @@ def quantize(
     force: bool = False,
     dump_ir: str | os.PathLike | None = None,
     genai: bool = False,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Quantize the model folder ``in_dir`` into ``out_dir``; returns ``quantization.json``'s content.
 
     With ``genai`` the folder also gets ``genai_config.json`` for onnxruntime-genai (``qcompiler.deploy``).
+    ``executor`` (``--ray``, :mod:`qcompiler.distributed`) runs calibration shards and per-layer
+    work as tasks; the model files are the same bytes either way.
     """
     options = options or QuantizeOptions()
     t0 = time.perf_counter()
@@ -110,7 +115,7 @@ def quantize(
     if recipe and get_recipe(recipe).needs_calibration and not options.calib:
         raise QCError(f"recipe '{recipe}' needs calibration data: pass --calib PATH")
     text = build_pipeline_text(recipe, passes, options)
-    context = make_context(src.path, options)
+    context = make_context(src.path, options, executor=executor)
     pass_list = parse_pipeline(text, context)
     log.info("pipeline: %s", pipeline_text(pass_list))
 

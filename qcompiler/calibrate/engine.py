@@ -18,6 +18,13 @@
    the CPU time and wall time of serial updates with multi-threaded BLAS);
 4. the sweep's states are saved as one group before the next sweep starts, so an
    interrupted run resumes from the last finished group.
+
+Windows are observed in shards of ``shard_windows`` (:mod:`qcompiler.calibrate.shard`):
+in this process one after the other, or — with an executor from ``--ray``
+(:mod:`qcompiler.distributed`) — one Ray task per shard and sweep, each opening its own
+session over the sweep's graph, and the shards' observers merged in shard order: the
+same statistics, bit for bit, and the same cache folder, so a run started with Ray
+resumes without it and the other way round.
 """
 
 from __future__ import annotations
@@ -45,10 +52,9 @@ from tqdm import tqdm
 
 from qcompiler.artifact import check_not_overlapping
 from qcompiler.calibrate.config import CalibConfig, StatRequest, config_hash, merge_requests
-from qcompiler.calibrate.graph import GraphIndex, model_fingerprint, open_session
+from qcompiler.calibrate.graph import GraphIndex, calibration_proto, model_fingerprint, open_session
 from qcompiler.calibrate.handoff import Handoff
 from qcompiler.calibrate.observers import (
-    OBSERVERS,
     BatchView,
     Observer,
     ObserverConfig,
@@ -63,8 +69,17 @@ from qcompiler.calibrate.plan import (
     plan_sweeps,
     weight_bytes,
 )
+from qcompiler.calibrate.shard import (
+    Observers,
+    ShardJob,
+    merge_shards,
+    observe_shard,
+    observe_windows,
+    shard_ranges,
+)
 from qcompiler.calibrate.store import META, CalibrationStats, StatsKey, StatsStore, read_meta, stored_key
 from qcompiler.calibrate.windows import CalibWindows, load_windows
+from qcompiler.distributed import Executor, Resources
 from qcompiler.errors import CalibrationError, OptionError, OutputError
 from qcompiler.memory import peak_rss_mb
 
@@ -111,6 +126,16 @@ def _update(observers: dict[str, Observer], view: BatchView) -> None:
     view.release()
 
 
+def _external_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the weights a calibration graph maps (its external-data lengths)."""
+    total = 0
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "length":
+                total += int(e.value)
+    return total
+
+
 def _remove_leftovers(path: Path) -> None:
     """Scratch files of a killed run (the lock is held: no other run is using them)."""
     for p in [*path.glob(".scratch-*"), *path.glob(".*.tmp"), *path.glob("handoff/.*.tmp")]:
@@ -123,11 +148,12 @@ def _remove_leftovers(path: Path) -> None:
 class Calibrator:
     """Computes :class:`CalibrationStats` of a model (as it is now) on the calibration windows."""
 
-    def __init__(self, model_dir: str | os.PathLike, config: CalibConfig) -> None:
+    def __init__(self, model_dir: str | os.PathLike, config: CalibConfig, executor: Executor | None = None) -> None:
         if not config.calib:
             raise OptionError("calibration needs data: pass --calib PATH (a .txt, .jsonl or folder of .txt)")
         self.model_dir = Path(model_dir)
         self.config = config
+        self.executor = executor or Executor()
         self._windows: CalibWindows | None = None
         self.last_run: RunInfo | None = None
 
@@ -303,7 +329,6 @@ class Calibrator:
     def _sweep(self, model: ir.Model, index: GraphIndex, sweep: Sweep, store: StatsStore, handoff: Handoff,
                obs_cfg: ObserverConfig, gi: int, ngroups: int) -> list[int]:
         t0 = time.perf_counter()
-        windows = self.windows
         skip = store.skipped_windows()
         names = [v.name for v in sweep.values]
         outputs = sweep.outputs
@@ -312,44 +337,14 @@ class Calibrator:
             log.info("sweep %d: the previous sweep's hand-off is missing; computing from the model's inputs", gi + 1)
             keep, cut = index.slice(outputs, 0)
         cut_types = {n: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(handoff.index[n]["dtype"])) for n in cut}
-        observers: dict[str, dict[str, Observer]] = {}
-        skipped: list[int] = []
-        used = 0
+        values = [(v.name, tuple(v.observers)) for v in sweep.values]
         desc = f"calibrate {gi + 1}/{ngroups}"
-        writer = handoff.writer() if sweep.handoff else None
-        workers = self.config.threads or os.cpu_count() or 1
-        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=store.path) as scratch, \
-                ThreadPoolExecutor(workers) as pool, threadpool_limits(1, user_api="blas"):
-            session = open_session(model, outputs, Path(scratch), keep, cut_types, self.config.threads)
-            bar = tqdm(total=windows.count, desc=desc, unit="batch", disable=not self.config.progress, leave=False)
-            try:
-                for w in range(windows.count):
-                    bar.update(1)
-                    if w in skip:
-                        continue
-                    outs = dict(zip(outputs, session.run(windows.ids[w : w + 1], {n: handoff.read(n, w) for n in cut})))
-                    if writer is not None:
-                        for h in sweep.handoff:
-                            writer.write(h, w, outs[h])
-                    views = self._batch([outs[n] for n in names], names, w)
-                    del outs
-                    if views is None:
-                        skipped.append(w)
-                        continue
-                    for v, view in zip(sweep.values, views):
-                        if v.name not in observers:
-                            observers[v.name] = {o: OBSERVERS[o](obs_cfg, view.channels) for o in v.observers}
-                    # values in parallel, one BLAS thread each (numpy/BLAS release the GIL)
-                    list(pool.map(_update, [observers[v.name] for v in sweep.values], views))
-                    used += 1
-                    del views
-                if writer is not None:
-                    writer.commit()
-            finally:
-                bar.close()
-                if writer is not None:
-                    writer.close()
-                del session
+        if self.executor.distributed:
+            observers, used, skipped = self._sweep_tasks(model, sweep, outputs, keep, cut, cut_types, values, store,
+                                                         handoff, obs_cfg, skip, desc)
+        else:
+            observers, used, skipped = self._sweep_here(model, sweep, outputs, keep, cut, cut_types, values, store,
+                                                        handoff, obs_cfg, skip, desc)
         if used == 0:
             raise CalibrationError(f"every calibration batch of sweep {gi + 1} was dropped (NaN/Inf activations)")
         states = {name: {o: ob.state() for o, ob in observers[name].items()} for name in names}
@@ -367,22 +362,74 @@ class Calibrator:
                  desc, len(names), used, len(keep), seconds, peak_rss_mb())
         return skipped
 
-    def _batch(self, outs: list[np.ndarray], names: list[str], w: int) -> list[BatchView] | None:
-        views = []
-        for name, out in zip(names, outs):
-            if not np.issubdtype(out.dtype, np.floating):
-                raise CalibrationError(f"value '{name}' is {out.dtype}, not a floating-point activation")
-            view = BatchView(out, w)
-            if not view.is_finite():
-                where = f"value '{name}' holds NaN or Inf in calibration batch {w} (window {w + 1} of {self.windows.count})"
-                if not self.config.skip_nonfinite:
-                    raise CalibrationError(f"non-finite activation: {where}; pass --skip-nonfinite to drop such batches")
-                log.warning("dropping a batch: %s", where)
-                return None
-            views.append(view)
-        return views
+    def _sweep_here(self, model: ir.Model, sweep: Sweep, outputs: list[str], keep: list[int], cut: list[str],
+                    cut_types: dict[str, int], values: list[tuple[str, tuple[str, ...]]], store: StatsStore,
+                    handoff: Handoff, obs_cfg: ObserverConfig, skip: set[int],
+                    desc: str) -> tuple[Observers, int, list[int]]:
+        """All windows in this process; values folded in parallel on a thread pool."""
+        windows = self.windows
+        observers: Observers = {}
+        writer = handoff.writer() if sweep.handoff else None
+        workers = self.config.threads or os.cpu_count() or 1
+        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=store.path) as scratch, \
+                ThreadPoolExecutor(workers) as pool, threadpool_limits(1, user_api="blas"):
+            session = open_session(model, outputs, Path(scratch), keep, cut_types, self.config.threads)
+            bar = tqdm(total=windows.count, desc=desc, unit="batch", disable=not self.config.progress, leave=False)
+
+            def run(w: int) -> list[np.ndarray]:
+                return session.run(windows.ids[w : w + 1], {n: handoff.read(n, w) for n in cut})
+
+            def update(obs: list[dict[str, Observer]], views: list[BatchView]) -> None:
+                # values in parallel, one BLAS thread each (numpy/BLAS release the GIL)
+                list(pool.map(_update, obs, views))
+
+            try:
+                used, skipped = observe_windows(
+                    run, outputs, values, range(windows.count), skip, windows.count, obs_cfg, observers,
+                    writer=writer, handoff_out=sweep.handoff, skip_nonfinite=self.config.skip_nonfinite,
+                    update=update, tick=lambda: bar.update(1))
+                if writer is not None:
+                    writer.commit()
+            finally:
+                bar.close()
+                if writer is not None:
+                    writer.close()
+                session = None  # release ONNX Runtime
+        return observers, used, skipped
+
+    def _sweep_tasks(self, model: ir.Model, sweep: Sweep, outputs: list[str], keep: list[int], cut: list[str],
+                     cut_types: dict[str, int], values: list[tuple[str, tuple[str, ...]]], store: StatsStore,
+                     handoff: Handoff, obs_cfg: ObserverConfig, skip: set[int],
+                     desc: str) -> tuple[Observers, int, list[int]]:
+        """One task per shard of windows (:func:`~qcompiler.calibrate.shard.observe_shard`), merged in shard order."""
+        windows = self.windows
+        handoff.path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=store.path) as scratch:
+            proto, root = calibration_proto(model, outputs, Path(scratch), keep, cut_types)
+            graph = Path(scratch) / "sweep.onnx"
+            graph.write_bytes(proto.SerializeToString())
+            shards = shard_ranges(windows.count, obs_cfg.shard_windows)
+            memory = (_external_bytes(proto) + self.config.overhead_bytes
+                      + sum(v.bytes(obs_cfg, len(shards[0])) for v in sweep.values))
+            jobs = [(ShardJob(str(graph), str(root), tuple(outputs), tuple(values), tuple(cut), str(handoff.path),
+                              tuple(sweep.handoff), tuple(r), windows.ids[r.start : r.stop], frozenset(skip),
+                              windows.count, obs_cfg, self.config.skip_nonfinite, 1),) for r in shards]
+            del proto
+            writer = handoff.writer() if sweep.handoff else None
+            try:
+                results = self.executor.map(observe_shard, jobs, Resources(1.0, memory),
+                                            desc=f"{desc}: {len(shards)} shard(s) of {obs_cfg.shard_windows} windows")
+                if writer is not None:
+                    for r in results:
+                        writer.adopt(r.handoff)
+                    writer.commit()
+            finally:
+                if writer is not None:
+                    writer.close()
+        observers = merge_shards([r.observers for r in results], obs_cfg)
+        return observers, sum(r.used for r in results), [w for r in results for w in r.dropped]
 
 
-def make_calibrator(model_dir: Path, options: Any) -> Calibrator:
+def make_calibrator(model_dir: Path, options: Any, executor: Executor | None = None) -> Calibrator:
     """The calibrator ``qc quantize`` hands to passes (``options``: ``QuantizeOptions``)."""
-    return Calibrator(model_dir, CalibConfig.from_options(options))
+    return Calibrator(model_dir, CalibConfig.from_options(options), executor)

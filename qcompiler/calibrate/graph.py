@@ -301,6 +301,13 @@ def open_session(model: ir.Model, outputs: Sequence[str], scratch: Path, keep: S
     """An ORT session (no graph optimizations, no prepacking) computing ``outputs`` of ``model``
     with only the nodes ``keep`` (see :meth:`GraphIndex.slice`), fed the ``cut`` values."""
     proto, root = calibration_proto(model, outputs, scratch, keep, cut or {})
+    return session_from_proto(proto, root, list(outputs), list(cut or {}), threads)
+
+
+def session_from_proto(proto: onnx.ModelProto, root: Path, outputs: Sequence[str], cut: Sequence[str],
+                       threads: int | None = None) -> CalibSession:
+    """:func:`open_session` on a graph from :func:`calibration_proto` (also in a worker process:
+    the proto is small, its weights are files under ``root``)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -323,6 +330,6 @@ def open_session(model: ir.Model, outputs: Sequence[str], scratch: Path, keep: S
         runner = DecoderRunner(session, require_logits=False)
     except QCError as e:
         raise CalibrationError(f"cannot feed the model for calibration: {e}") from None
-    for name in cut or {}:
+    for name in cut:
         runner.inputs.pop(name, None)  # fed by the caller from the previous sweep's hand-off
     return CalibSession(session, runner, list(outputs))

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -56,34 +56,61 @@ class Handoff:
 
 
 class HandoffWriter:
-    """Writes the values one sweep hands off; :meth:`commit` publishes them."""
+    """Writes the values one sweep hands off; :meth:`commit` publishes them.
+
+    Each window goes to its own offset of the value's temporary file (positional writes,
+    never truncating), so several writers — calibration shards in other processes on the
+    same file system — can fill disjoint windows of one file; the driver :meth:`adopt` s
+    what they wrote and commits once.
+    """
 
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
-        self.files: dict[str, tuple[BinaryIO, dict[str, Any]]] = {}
+        self.files: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def write(self, name: str, window: int, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr)
         if name not in self.files:
             info = {"file": _file_name(name), "dtype": arr.dtype.str, "shape": list(arr.shape)}
-            f = open(self.handoff.path / f".{info['file']}.tmp", "wb")  # noqa: SIM115 (closed in commit/close)
-            self.files[name] = (f, info)
-        f, info = self.files[name]
+            fd = os.open(self.handoff.path / f".{info['file']}.tmp", os.O_WRONLY | os.O_CREAT, 0o644)
+            self.files[name] = (fd, info)
+        fd, info = self.files[name]
         if list(arr.shape) != info["shape"] or arr.dtype.str != info["dtype"]:
             raise ValueError(f"hand-off value '{name}' changed shape between windows: {arr.shape} vs {info['shape']}")
-        f.seek(window * arr.nbytes)
-        f.write(arr.tobytes())
+        data = memoryview(arr.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], window * arr.nbytes + done)
+
+    def infos(self) -> dict[str, dict[str, Any]]:
+        """What was written (value → file, dtype, shape), after :meth:`flush`."""
+        return {name: dict(info) for name, (_, info) in self.files.items()}
+
+    def flush(self) -> None:
+        """Close the files (a worker's part is done; the driver commits)."""
+        for fd, _ in self.files.values():
+            if fd >= 0:
+                os.close(fd)
+        self.files = {name: (-1, info) for name, (_, info) in self.files.items()}
+
+    def adopt(self, infos: dict[str, dict[str, Any]]) -> None:
+        """Take over values another writer wrote into this hand-off's temporary files."""
+        for name, info in infos.items():
+            have = self.files.get(name)
+            if have is not None and have[1] != info:
+                raise ValueError(f"hand-off value '{name}' differs between shards: {info} vs {have[1]}")
+            self.files.setdefault(name, (-1, dict(info)))
 
     def commit(self) -> None:
-        for name, (f, info) in self.files.items():
-            f.close()
+        self.flush()
+        for name, (_, info) in self.files.items():
             os.replace(self.handoff.path / f".{info['file']}.tmp", self.handoff.path / info["file"])
             self.handoff.index[name] = info
         self.files.clear()
         write_json(self.handoff.path / INDEX, self.handoff.index)
 
     def close(self) -> None:
-        for f, info in self.files.values():
-            f.close()
+        self.flush()
+        for _, info in self.files.values():
             (self.handoff.path / f".{info['file']}.tmp").unlink(missing_ok=True)
         self.files.clear()

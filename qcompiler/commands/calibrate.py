@@ -36,7 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-rows", type=int, default=4096, help="rows kept by the 'sample' observer")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--force", action="store_true", help="replace STATS_DIR if it holds other statistics")
+    p.add_argument("--shard-windows", type=int, default=8,
+                   help="windows per shard: the unit of --ray tasks and of float-sum merging (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from qcompiler.distributed import add_ray_argument
+
+    add_ray_argument(p, "calibration shards")
     p.set_defaults(func=run)
 
 
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     src = open_model_dir(args.model_dir)
     observers = tuple(o.strip() for o in args.observers.split(",") if o.strip())
     try:
-        obs_cfg = ObserverConfig(histogram_bins=args.histogram_bins, sample_rows=args.sample_rows, seed=args.seed)
+        obs_cfg = ObserverConfig(histogram_bins=args.histogram_bins, sample_rows=args.sample_rows, seed=args.seed,
+                                 shard_windows=args.shard_windows)
     except ValueError as e:
         raise QCError(str(e)) from None
     config = CalibConfig(
@@ -77,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
         requests = [StatRequest(v, observers) for v in float_activations(model)]
     else:
         requests = [StatRequest(v.strip(), observers) for v in args.values.split(",") if v.strip()]
-    calibrator = Calibrator(src.path, config)
-    stats = calibrator.calibrate_into(model, requests, args.out, force=args.force)
+    from qcompiler.distributed import make_executor
+
+    with make_executor(args.ray) as executor:
+        calibrator = Calibrator(src.path, config, executor)
+        stats = calibrator.calibrate_into(model, requests, args.out, force=args.force)
     info = calibrator.last_run
     summary = {
         "stats": str(stats.path),

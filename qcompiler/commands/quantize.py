@@ -72,6 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--genai", action="store_true", help="also write genai_config.json (onnxruntime-genai folder)")
     add_quant_options(p)
+    from qcompiler.distributed import add_ray_argument
+
+    add_ray_argument(p, "calibration shards and independent per-layer work")
     p.set_defaults(func=run)
 
 
@@ -86,16 +89,20 @@ def run(args: argparse.Namespace) -> int:
         check_options(args.recipe, options, explicit)
     elif args.passes and not args.recipe:
         check_options(None, options, explicit)
-    summary = quantize(
-        args.in_dir,
-        args.out_dir,
-        recipe=args.recipe,
-        passes=args.passes,
-        options=options,
-        force=args.force,
-        dump_ir=args.dump_ir,
-        genai=args.genai,
-    )
+    from qcompiler.distributed import make_executor
+
+    with make_executor(args.ray) as executor:
+        summary = quantize(
+            args.in_dir,
+            args.out_dir,
+            recipe=args.recipe,
+            passes=args.passes,
+            options=options,
+            force=args.force,
+            dump_ir=args.dump_ir,
+            genai=args.genai,
+            executor=executor,
+        )
     brief = {k: summary[k] for k in ("recipe", "pipeline", "target", "wall_seconds", "peak_rss_mb")}
     print(json.dumps(brief, indent=2))
     return 0

@@ -1,0 +1,98 @@
+"""``--ray``: the same bytes as one process, and no Ray import without the flag.
+
+Ray is started once for the module (2 CPUs, no dashboard) and stopped at the end; the
+commands under test find it initialized and use it (``qcompiler.distributed``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qcompiler.cli import main
+
+ray = pytest.importorskip("ray")
+
+MODEL_FILES = ("model.onnx", "model.onnx_data")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster() -> object:
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _private_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "calib-cache"))
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in MODEL_FILES}
+
+
+def _npz_arrays(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for f in sorted(folder.glob("group-*.npz")):
+        with np.load(f) as z:
+            out.update({f"{f.name}/{k}": z[k].dtype.str.encode() + z[k].tobytes() for k in z.files})
+    return out
+
+
+def test_calibrate_with_ray_equals_one_process_bit_for_bit(synthetic_dir, synthetic_text: Path, tmp_path: Path) -> None:
+    """Every observer (Hessians and Σ|x| included), several sweeps with hand-offs, 3 shards of 2 windows."""
+    from qcompiler.calibrate import CalibConfig, Calibrator, ObserverConfig, linear_requests
+    from qcompiler.distributed import Executor, RayExecutor
+    from qcompiler.irutil import load_model
+
+    model_dir = synthetic_dir[0]
+    model = load_model(model_dir / "model.onnx")
+    observers = ("minmax", "absmax_channel", "absmax_channel_window", "mean_abs_channel", "absmax_token",
+                 "histogram", "hessian", "outliers", "sample")
+    requests = linear_requests(model, observers)
+    for name, executor in (("one", Executor()), ("ray", RayExecutor("local"))):
+        cfg = CalibConfig(calib=str(synthetic_text), samples=5, seq_len=32, max_memory=700_000, overhead_bytes=0,
+                          progress=False, cache_dir=str(tmp_path / f"cache-{name}"),
+                          observer=ObserverConfig(histogram_bins=64, sample_rows=40, shard_windows=2))
+        Calibrator(model_dir, cfg, executor).calibrate_into(model, requests, tmp_path / name).close()
+    a, b = _npz_arrays(tmp_path / "one"), _npz_arrays(tmp_path / "ray")
+    assert len(list((tmp_path / "one").glob("group-*.npz"))) > 1  # several sweeps: hand-offs between tasks
+    assert a.keys() == b.keys() and any("xtx" in k for k in a)
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_quantize_w8a8_smooth_with_ray_is_byte_identical(synthetic_dir, synthetic_text: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    outs = {}
+    for mode in ("one", "ray"):
+        monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / f"cache-{mode}"))  # both compute, neither reuses
+        out = tmp_path / mode
+        argv = ["-q", "quantize", str(synthetic_dir[0]), str(out), "--recipe", "w8a8-smooth",
+                "--calib", str(synthetic_text), "--calib-samples", "12", "--seq-len", "32"]
+        assert main(argv + (["--ray", "local"] if mode == "ray" else [])) == 0
+        outs[mode] = _digests(out)
+    assert outs["one"] == outs["ray"]
+
+
+def test_without_the_flag_nothing_imports_ray(synthetic_dir, synthetic_text: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from qcompiler.cli import main\n"
+        f"rc = main(['-q', 'calibrate', {str(synthetic_dir[0])!r}, '--calib', {str(synthetic_text)!r}, "
+        f"'--calib-samples', '2', '--seq-len', '16', '--no-progress', '--out', {str(tmp_path / 'st')!r}])\n"
+        "assert rc == 0, rc\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "QC_CALIB_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
