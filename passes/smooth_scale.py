@@ -33,6 +33,12 @@ every channel's calibration maximum, and unseen text exceeding a channel's maxim
 saturates; the held-out range lets the search see that.  Groups whose input comes through
 a previous linear (o, down) are smoothed first, so the q/k/v and gate/up searches see the
 final v/up weights.
+
+The searches of one phase (first o/down, then q/k/v and gate/up) are independent:
+:func:`search_alpha` is a pure function of the group's arrays (statistics, the column
+sample of W, the sampled rows), mapped over the groups by the context's executor — in this
+process, or as Ray tasks with ``--ray`` (the same function on the same arrays: the same
+choice) — and the chosen scales are folded in group order afterwards.
 """
 
 from __future__ import annotations
@@ -56,9 +62,9 @@ from qcompiler.passes._channels import (
     tie,
 )
 from qcompiler.passes.canonicalize import canonical_summary
-from tqdm import tqdm
 
 from qcompiler.calibrate import StatRequest
+from qcompiler.distributed import Executor, Resources
 from qcompiler.errors import CalibrationError, InputError
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.smoothing import group_error, smoothing_scales
@@ -143,11 +149,17 @@ class SmoothScale(QCPass):
         log.info("smooth-scale: statistics of %d inputs in %.1fs", len(names), t1 - t0)
 
         report: dict[str, Any] = {}
-        order = sorted(range(len(groups)), key=lambda i: (ups[i].kind != "linear", i))
-        for i in tqdm(order, desc="smooth-scale", unit="group", leave=False):
-            g, up = groups[i], ups[i]
-            report[g.key] = self._smooth(model.graph, g, up, absmax[g.x.name], samples.get(g.x.name),
-                                         per_window.get(g.x.name))
+        executor = self.context.executor or Executor()
+        # o/down first (they fold into v/up), then q/k/v and gate/up: independent searches within a phase
+        for phase in ([i for i in range(len(groups)) if ups[i].kind == "linear"],
+                      [i for i in range(len(groups)) if ups[i].kind != "linear"]):
+            jobs = [self._search_job(groups[i], ups[i], absmax[groups[i].x.name], samples.get(groups[i].x.name),
+                                     per_window.get(groups[i].x.name)) for i in phase]
+            memory = max((sum(a.nbytes for a in job[:5] if isinstance(a, np.ndarray)) * 4 for job in jobs), default=0)
+            found = executor.map(search_alpha, jobs, Resources(1.0, memory + (256 << 20)),
+                                 desc=f"smooth-scale: α search of {len(jobs)} group(s)")
+            for i, job, result in zip(phase, jobs, found):
+                report[groups[i].key] = self._apply(model.graph, groups[i], ups[i], job[0], result)
         self.context.report[self.name] = {
             "act": cfg.act,
             "search": cfg.search,
@@ -161,8 +173,9 @@ class SmoothScale(QCPass):
         log.info("smooth-scale: %d groups smoothed in %.1fs", len(report), time.perf_counter() - t1)
         return ir.passes.PassResult(model, modified=True)
 
-    def _smooth(self, graph: ir.Graph, g: LinearGroup, up: Upstream, a: np.ndarray,
-                sample: tuple[np.ndarray, np.ndarray] | None, per_window: Any = None) -> dict[str, Any]:
+    def _search_job(self, g: LinearGroup, up: Upstream, a: np.ndarray, sample: tuple[np.ndarray, np.ndarray] | None,
+                    per_window: Any = None) -> tuple[Any, ...]:
+        """The arguments of :func:`search_alpha` for group ``g`` (its weights as they are now)."""
         cfg: SmoothScaleConfig = self.config
         weights = g.weights()
         a = tie(np.asarray(a, np.float64), up)
@@ -175,28 +188,21 @@ class SmoothScale(QCPass):
                 wa = np.stack([tie(np.asarray(r, np.float64), up) for r in per_window.absmax]).astype(np.float32)
                 windows = (wa, row_window)
         w_max = tie(np.max([channel_absmax(w) for w in weights], axis=0).astype(np.float64), up)
-        try:
-            candidates: list[tuple[float | None, np.ndarray | None]] = [
-                (al, smoothing_scales(a, w_max, al, cfg.pow2)) for al in cfg.alphas()]
-        except ValueError as e:  # NaN/Inf in the statistics or the weights
-            raise InputError(f"smooth-scale: {g.key}: {e}") from None
-        errs: dict[str, float] = {}
-        best_alpha, best_s = candidates[0]
+        w_search = None
         if x is not None:
             x = x.astype(np.float32)
             w_cat = np.concatenate(weights, axis=1)
             if w_cat.shape[1] > cfg.cols:  # per-column errors are independent: a column sample estimates their sum
                 cols = np.random.default_rng(0).choice(w_cat.shape[1], cfg.cols, replace=False)
                 w_cat = w_cat[:, np.sort(cols)]
-            search_w = [np.ascontiguousarray(w_cat, np.float32)]
-            refs = [x @ w for w in search_w]
-            candidates.append((None, None))
-            best_err = np.inf
-            for al, s in candidates:
-                e = group_error(x, search_w, s, cfg.act, a.astype(np.float32), refs, windows)
-                errs["none" if al is None else f"{al:.2f}"] = e
-                if e < best_err:
-                    best_err, best_alpha, best_s = e, al, s
+            w_search = np.ascontiguousarray(w_cat, np.float32)
+        return (a, w_max, w_search, x, windows, tuple(cfg.alphas()), cfg.pow2, cfg.act, g.key)
+
+    def _apply(self, graph: ir.Graph, g: LinearGroup, up: Upstream, a: np.ndarray,
+               found: tuple[float | None, np.ndarray | None, dict[str, float]]) -> dict[str, Any]:
+        """Fold the chosen scales of group ``g`` and describe the group for the report."""
+        cfg: SmoothScaleConfig = self.config
+        best_alpha, best_s, errs = found
         entry: dict[str, Any] = {
             "linears": [linear_info(n).key for n in g.linears],  # type: ignore[union-attr]
             "alpha": None if best_alpha is None else round(float(best_alpha), 3),
@@ -276,3 +282,31 @@ def _floats(a: np.ndarray) -> list[float]:
 def _layer_order(key: str) -> tuple[int, str]:
     parts = key.split(".")
     return (int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 1 << 30, key)
+
+
+def search_alpha(a: np.ndarray, w_max: np.ndarray, w_search: np.ndarray | None, x: np.ndarray | None,
+                 windows: tuple[np.ndarray, np.ndarray] | None, alphas: tuple[float, ...], pow2: bool, act: str,
+                 key: str) -> tuple[float | None, np.ndarray | None, dict[str, float]]:
+    """α of one group (module docstring): ``(best α or None for "no smoothing", its s, error per α)``.
+
+    A pure function of its arguments (a task under ``--ray``).  Without sampled rows ``x``
+    the first α is taken.
+    """
+    try:
+        candidates: list[tuple[float | None, np.ndarray | None]] = [
+            (al, smoothing_scales(a, w_max, al, pow2)) for al in alphas]
+    except ValueError as e:  # NaN/Inf in the statistics or the weights
+        raise InputError(f"smooth-scale: {key}: {e}") from None
+    errs: dict[str, float] = {}
+    best_alpha, best_s = candidates[0]
+    if x is not None and w_search is not None:
+        search_w = [w_search]
+        refs = [x @ w for w in search_w]
+        candidates.append((None, None))
+        best_err = np.inf
+        for al, s in candidates:
+            e = group_error(x, search_w, s, act, a.astype(np.float32), refs, windows)
+            errs["none" if al is None else f"{al:.2f}"] = e
+            if e < best_err:
+                best_err, best_alpha, best_s = e, al, s
+    return best_alpha, best_s, errs
