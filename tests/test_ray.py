@@ -96,3 +96,23 @@ def test_without_the_flag_nothing_imports_ray(synthetic_dir, synthetic_text: Pat
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_analyze_with_ray_gives_the_same_sensitivity_ranking(synthetic_dir, synthetic_text: Path,
+                                                             tmp_path: Path) -> None:
+    from qcompiler.analysis import AnalyzeConfig, MeasureConfig, analyze
+    from qcompiler.distributed import RayExecutor
+
+    measure = MeasureConfig(samples=6, seq_len=64, rows=128, block_windows=2, block_seq_len=32, progress=False)
+    reports = {}
+    for name, executor in (("one", None), ("ray", RayExecutor("local"))):
+        cfg = AnalyzeConfig(calib=str(synthetic_text), cache_dir=str(tmp_path / f"cache-{name}"), measure=measure,
+                            budget=5.0, pareto_budgets=(5.0,), e2e_top=0, pareto_e2e=False)
+        reports[name] = analyze(synthetic_dir[0], tmp_path / name, cfg, executor=executor)
+    one, ray_ = reports["one"], reports["ray"]
+    assert one["ranking"] == ray_["ranking"] and len(one["ranking"]) > 4
+    assert one["mixed"]["assignment"] == ray_["mixed"]["assignment"]
+    for a, b in zip(one["layers"], ray_["layers"]):
+        assert a["key"] == b["key"]
+        for cand, v in a["sensitivity"].items():
+            assert b["sensitivity"][cand] == pytest.approx(v, rel=1e-6, abs=0.0), (a["key"], cand)

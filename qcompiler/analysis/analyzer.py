@@ -50,6 +50,7 @@ from qcompiler.artifact import atomic_output_dir, check_output_dir, open_model_d
 from qcompiler.calibrate import CalibConfig, Calibrator, ObserverConfig, StatRequest, parse_memory
 from qcompiler.calibrate.windows import load_windows
 from qcompiler.data import load_tokenizer, read_text
+from qcompiler.distributed import Executor
 from qcompiler.errors import OutputError, QCError
 from qcompiler.finite import check_model_weights
 from qcompiler.irutil import load_model
@@ -86,8 +87,11 @@ class AnalyzeConfig:
 
 
 def analyze(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: AnalyzeConfig,
-            force: bool = False) -> dict[str, Any]:
-    """Analyze the model folder ``model_dir`` and write the report folder ``out_dir``; returns the report."""
+            force: bool = False, executor: Executor | None = None) -> dict[str, Any]:
+    """Analyze the model folder ``model_dir`` and write the report folder ``out_dir``; returns the report.
+
+    ``executor`` (``--ray``): calibration shards and the per-layer sensitivity reruns as tasks.
+    """
     t_start = time.perf_counter()
     src = open_model_dir(model_dir)
     out = Path(out_dir)
@@ -108,8 +112,9 @@ def analyze(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Analy
     calibrator = Calibrator(src.path, CalibConfig(
         calib=cfg.calib, seed=cfg.seed, max_memory=parse_memory(cfg.max_memory), cache_dir=cfg.cache_dir,
         threads=cfg.measure.threads, progress=cfg.measure.progress,
-        observer=ObserverConfig(seed=cfg.seed, outlier_threshold=cfg.criteria.threshold)))
-    ms = measure(model, sites, calibrator, cands, reference, cfg.measure, _extra_requests(sites))
+        observer=ObserverConfig(seed=cfg.seed, outlier_threshold=cfg.criteria.threshold)), executor)
+    ms = measure(model, sites, calibrator, cands, reference, cfg.measure, _extra_requests(sites),
+                 model_path=str(src.model_path), lm_head=cfg.lm_head)
     timing = {f"{k}_s": round(v, 2) for k, v in ms.seconds.items()}
 
     outliers = _diagnostics(sites, ms, cfg, src.path)

@@ -79,8 +79,13 @@ def derived_calibrator(base: Calibrator, samples: int, seq_len: int, rows: int) 
 
 def measure(model: ir.Model, sites: ModelSites, calibrator: Calibrator, candidates: list[Candidate],
             reference: Candidate, cfg: MeasureConfig = MeasureConfig(),
-            extra_requests: list[StatRequest] | None = None) -> Measurements:
-    """Run steps 1–3 of the module docstring."""
+            extra_requests: list[StatRequest] | None = None, model_path: str | None = None,
+            lm_head: bool = False) -> Measurements:
+    """Run steps 1–3 of the module docstring.
+
+    The calibrator's executor (``--ray``) runs the calibration shards, and — given
+    ``model_path``, the file ``model`` was loaded from unchanged — the layer reruns.
+    """
     if not isinstance(calibrator, Calibrator):
         raise QCError("the analysis needs qcompiler's calibrator (pass --calib PATH)")
     if reference.weight is None or reference.activation is not None:
@@ -118,7 +123,8 @@ def measure(model: ir.Model, sites: ModelSites, calibrator: Calibrator, candidat
     seconds["local_errors"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    gains = block_gains(model, sites, block_ids, residuals, reference, cfg.threads, cfg.progress, cfg.propagation)
+    gains = block_gains(model, sites, block_ids, residuals, reference, cfg.threads, cfg.progress, cfg.propagation,
+                        executor=calibrator.executor, model_path=model_path, lm_head=lm_head)
     seconds["layer_reruns"] = time.perf_counter() - t0
     sensitivity = predicted_errors(sites, errors, gains)
     return Measurements(sites, candidates, reference, errors, gains, sensitivity, stats, samples, block_ids,

@@ -44,6 +44,11 @@ does not depend on which quantizer made ``E``).  ``S`` is additive over linears 
 order, which is what :mod:`qcompiler.analysis.allocate` minimizes.  The end-to-end check
 runs the whole model with one linear swapped and reports ``KL(p_float ‖ p_quant)`` of the
 final logits per token, averaged.
+
+Layers are independent given their captured ``r_in``: with an executor from ``--ray``
+(:mod:`qcompiler.distributed`) and the model's file, :func:`block_gains` runs chunks of
+consecutive layers as tasks (each loads the graph — weights stay memory-mapped — and
+gets only its layers' residual rows), and collects the rows in layer order.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ from tqdm import tqdm
 from qcompiler.analysis.candidates import Candidate, fake_quant_weight
 from qcompiler.analysis.local_error import output_error
 from qcompiler.analysis.sessions import PartRunner
-from qcompiler.analysis.structure import ModelSites
+from qcompiler.analysis.structure import LayerSites, ModelSites
+from qcompiler.distributed import Executor, Resources
 
 log = logging.getLogger(__name__)
 
@@ -73,44 +79,81 @@ def token_rel_error(ref: np.ndarray, test: np.ndarray, scale: np.ndarray | None 
 
 def block_gains(model: ir.Model, sites: ModelSites, ids: np.ndarray, residuals: Mapping[str, np.ndarray],
                 reference: Candidate, threads: int | None = None, progress: bool = True,
-                propagation: float = 0.0) -> dict[str, dict[str, float]]:
+                propagation: float = 0.0, executor: Executor | None = None, model_path: str | None = None,
+                lm_head: bool = False) -> dict[str, dict[str, float]]:
     """``{key: {"block", "skip", "final", "local": rel_j(c₀), "gain": G_j}}`` per linear of a complete layer.
 
     ``ids[B, T]`` are the windows whose residual values ``residuals[name][B, T, C]`` were captured;
-    without the final residual among them ``skip`` is ``block``.
+    without the final residual among them ``skip`` is ``block``.  With a distributed ``executor``
+    and ``model_path`` (the file ``model`` was loaded from, unchanged; ``lm_head`` as given to
+    ``find_sites``) chunks of layers run as tasks (module docstring).
     """
-    out: dict[str, dict[str, float]] = {}
     last = sites.layers[-1].r_out if sites.layers else None
     r_final = residuals.get(last) if last else None
     todo = [ls for ls in sites.layers if ls.r_in in residuals and ls.r_out and ls.linears]
+    if executor is not None and executor.distributed and model_path is not None and todo:
+        n = max(1, min(len(todo), 2 * executor.workers()))
+        chunks = [todo[i * len(todo) // n : (i + 1) * len(todo) // n] for i in range(n)]
+        jobs = [(model_path, lm_head, [ls.layer for ls in c], ids, {ls.r_in: residuals[ls.r_in] for ls in c}, r_final,
+                 reference, propagation) for c in chunks]
+        weights = max(sum(s.k * s.n * 4 for ls in c for s in ls.linears.values()) for c in chunks)
+        memory = 3 * weights + sites.graph_bytes + (384 << 20)
+        parts = executor.map(_layers_task, jobs, Resources(1.0, memory), desc="layer sensitivity")
+        return {k: v for part in parts for k, v in part.items()}
+    out: dict[str, dict[str, float]] = {}
     bar = tqdm(total=sum(len(ls.linears) for ls in todo), desc="layer sensitivity", unit="linear",
                leave=False, disable=not progress)
     try:
         for ls in todo:
-            members = list(ls.linears.values())
-            extra = list(dict.fromkeys(s.input for s in members))
-            runner = PartRunner(model, [ls.r_out, *extra], cuts=[ls.r_in],
-                                overridable=[s.weight for s in members], threads=threads)
-            try:
-                feeds = {ls.r_in: residuals[ls.r_in]}
-                ref, *xs = runner.run(ids, feeds)
-                x_of = dict(zip(extra, xs))
-                for s in members:
-                    w = s.weight_array()
-                    w_hat = fake_quant_weight(w, reference.weight) if reference.weight is not None else w
-                    x = x_of[s.input].reshape(-1, s.k)
-                    local = output_error(x @ w, x @ w_hat).rel
-                    (test,) = runner.run(ids, feeds, {s.weight: w_hat}, outputs=[ls.r_out])
-                    block = token_rel_error(ref, test)
-                    skip = token_rel_error(ref, test, r_final) if r_final is not None else block
-                    final = block ** (1 - propagation) * skip**propagation
-                    out[s.key] = {"block": block, "skip": skip, "final": final, "local": local,
-                                  "gain": final / local if local > 0 else 0.0}
-                    bar.update(1)
-            finally:
-                runner.close()
+            out.update(_layer_gains(model, ls, ids, residuals[ls.r_in], r_final, reference, threads, propagation,
+                                    bar.update))
     finally:
         bar.close()
+    return out
+
+
+def _layer_gains(model: ir.Model, ls: LayerSites, ids: np.ndarray, r_in: np.ndarray, r_final: np.ndarray | None,
+                 reference: Candidate, threads: int | None, propagation: float,
+                 tick: Callable[[int], object] | None = None) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    members = list(ls.linears.values())
+    extra = list(dict.fromkeys(s.input for s in members))
+    runner = PartRunner(model, [ls.r_out, *extra], cuts=[ls.r_in],  # type: ignore[list-item]
+                        overridable=[s.weight for s in members], threads=threads)
+    try:
+        feeds = {ls.r_in: r_in}  # type: ignore[dict-item]
+        ref, *xs = runner.run(ids, feeds)
+        x_of = dict(zip(extra, xs))
+        for s in members:
+            w = s.weight_array()
+            w_hat = fake_quant_weight(w, reference.weight) if reference.weight is not None else w
+            x = x_of[s.input].reshape(-1, s.k)
+            local = output_error(x @ w, x @ w_hat).rel
+            (test,) = runner.run(ids, feeds, {s.weight: w_hat}, outputs=[ls.r_out])  # type: ignore[list-item]
+            block = token_rel_error(ref, test)
+            skip = token_rel_error(ref, test, r_final) if r_final is not None else block
+            final = block ** (1 - propagation) * skip**propagation
+            out[s.key] = {"block": block, "skip": skip, "final": final, "local": local,
+                          "gain": final / local if local > 0 else 0.0}
+            if tick is not None:
+                tick(1)
+    finally:
+        runner.close()
+    return out
+
+
+def _layers_task(model_path: str, lm_head: bool, layers: list[int], ids: np.ndarray, r_in: dict[str, np.ndarray],
+                 r_final: np.ndarray | None, reference: Candidate, propagation: float) -> dict[str, dict[str, float]]:
+    """A Ray task: :func:`_layer_gains` of ``layers``, the graph loaded from ``model_path`` (weights mapped)."""
+    from qcompiler.analysis.structure import find_sites
+    from qcompiler.irutil import load_model
+
+    model = load_model(model_path)
+    by_layer = {ls.layer: ls for ls in find_sites(model, lm_head).layers}
+    out: dict[str, dict[str, float]] = {}
+    for layer in layers:
+        ls = by_layer[layer]
+        out.update(_layer_gains(model, ls, ids, r_in[ls.r_in], r_final, reference, 1, propagation))  # type: ignore[index]
     return out
 
 

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-memory", default=None, help="calibration memory bound, e.g. 4GB")
+    from qcompiler.distributed import add_ray_argument
+
+    add_ray_argument(p, "calibration shards and the per-layer sensitivity reruns")
     p.set_defaults(func=run)
 
 
@@ -76,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("candidates", "options", "pareto_budgets"):
         if getattr(args, name) is not None:
             cfg = replace(cfg, **{name: getattr(args, name)})
-    report = analyze(args.model_dir, args.out, cfg, force=args.force)
+    from qcompiler.distributed import make_executor
+
+    with make_executor(args.ray) as executor:
+        report = analyze(args.model_dir, args.out, cfg, force=args.force, executor=executor)
     brief = {
         "out": args.out,
         "llm_int8_dims": [d["dim"] for d in report["outliers"]["llm_int8"]["dims"]],
