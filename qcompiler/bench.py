@@ -21,6 +21,13 @@ Results: ``bench.json`` (everything), ``bench.md`` (the table), ``bench.png``
 runs, the table so far is rewritten after every row in the hidden partial folder
 (``.OUT.partial-*``) that becomes the output folder at the end.
 
+With an executor from ``--ray`` (:mod:`qcompiler.distributed`) the float reference runs
+first, here, and every other row becomes a Ray task (which still runs the row in its own
+child process, with its timeout) declaring as many CPUs as the rows' ORT threads, so
+rows run side by side on a cluster; the table keeps the order of the rows.  On one
+machine, rows that run at the same time share its memory bandwidth: compare speed
+columns only from runs without ``--ray`` (or one row per machine).
+
 Plugins: ``QC_PLUGINS=mod1,mod2`` names modules imported before recipes are looked up
 (in this process and in every row's process), so a recipe registered by a plugin
 appears as a row like any other.
@@ -229,12 +236,14 @@ def run_bench(
     config: BenchConfig | None = None,
     options: QuantizeOptions | None = None,
     force: bool = False,
+    executor: Any = None,
 ) -> BenchResult:
     """Run the reference, ``recipes`` (recipes and anchors; default all) and write the report.
 
     With ``out_dir`` the report (``bench.json``, ``bench.md``, ``bench.png``) and, with
     ``config.keep_models``, each row's model folder under ``models/`` are written there
-    atomically; without it, only the returned :class:`BenchResult` remains.
+    atomically; without it, only the returned :class:`BenchResult` remains.  ``executor``
+    (``qcompiler.distributed``, ``--ray``) runs the rows after the reference as tasks.
     """
     from qcompiler.bench_report import write_report
     from qcompiler.data import read_text
@@ -261,9 +270,18 @@ def run_bench(
     with ctx as root:
         work = Path(tempfile.mkdtemp(prefix="work-", dir=root))
         try:
+            done: list[BenchRow] = []
+            if executor is not None and executor.distributed:
+                from qcompiler.distributed import Resources
+
+                ref = _run_row_process(REFERENCE, "reference", src.path, Path(text), options, config, work, root)
+                jobs = [(name, kind, src.path, Path(text), options, config, work, root) for name, kind in rows[1:]]
+                cpus = float(config.resolved_threads())  # what each row's ONNX Runtime uses
+                done = [ref, *executor.map(_run_row_process, jobs, Resources(cpus, None), desc="bench rows")]
             for i, (name, kind) in enumerate(rows, 1):
                 log.info("bench [%d/%d] %s", i, len(rows), name)
-                row = _run_row_process(name, kind, src.path, Path(text), options, config, work, root)
+                row = done[i - 1] if done else _run_row_process(name, kind, src.path, Path(text), options, config,
+                                                                 work, root)
                 if kind == "reference" and not row.ok:
                     raise QCError(f"the float reference row failed ({row.error}); nothing to compare against")
                 _finish_row(row, result.rows[0] if result.rows else None)

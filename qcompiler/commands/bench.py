@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds before a row is failed (default 3600)")
     p.add_argument("--keep-models", action="store_true", help="keep every row's model folder under OUT/models/")
     add_quant_options(p)
+    from qcompiler.distributed import add_ray_argument
+
+    add_ray_argument(p, "the rows after the float reference")
     p.set_defaults(func=run)
 
 
@@ -78,10 +81,13 @@ def run(args: argparse.Namespace) -> int:
         keep_models=args.keep_models,
     )
     out = Path(args.out) if args.out else Path(f"bench-{Path(args.model_dir).resolve().name}")
-    result = run_bench(
-        args.model_dir, args.text, calib=calib, recipes=args.recipes, out_dir=out, config=config,
-        options=options, force=args.force,
-    )
+    from qcompiler.distributed import make_executor
+
+    with make_executor(args.ray) as executor:
+        result = run_bench(
+            args.model_dir, args.text, calib=calib, recipes=args.recipes, out_dir=out, config=config,
+            options=options, force=args.force, executor=executor,
+        )
     print(result.to_markdown())
     print(f"wrote {out}/bench.md, bench.json, bench.png")
     return 0
