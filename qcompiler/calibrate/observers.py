@@ -418,7 +418,7 @@ class HessianObserver(Observer):
     def __init__(self, cfg: ObserverConfig, channels: int) -> None:
         super().__init__(cfg, channels)
         self.f64 = cfg.hessian_dtype == "float64"
-        self.shard = np.zeros((channels, channels), dtype=np.float64 if self.f64 else np.float32, order="F")
+        self.shard: np.ndarray | None = None  # allocated per shard: a closed shard ships only the total
         self.total = np.zeros((channels, channels), dtype=np.float64, order="F")
         self.open = False
         self.rows = 0
@@ -426,6 +426,9 @@ class HessianObserver(Observer):
     def update(self, b: BatchView) -> None:
         if not b.rows:
             return
+        if self.shard is None:
+            self.shard = np.zeros((self.channels, self.channels), dtype=np.float64 if self.f64 else np.float32,
+                                  order="F")
         # syrk with trans=0 on A = Xᵀ (Fortran-ordered view, no copy): C ← A·Aᵀ + C = XᵀX + C
         if self.f64:
             blas.dsyrk(1.0, b.x2.T.astype(np.float64, order="F"), beta=1.0, c=self.shard, overwrite_c=1, lower=0)
@@ -435,9 +438,9 @@ class HessianObserver(Observer):
         self.rows += b.rows
 
     def end_shard(self) -> None:
-        if self.open:
+        if self.open and self.shard is not None:
             self.total += self.shard  # both upper-triangular (syrk never writes below the diagonal)
-            self.shard[:] = 0.0
+            self.shard = None
             self.open = False
 
     def merge(self, other: Observer) -> None:
