@@ -68,6 +68,23 @@ def test_calibrate_with_ray_equals_one_process_bit_for_bit(synthetic_dir, synthe
     assert len(list((tmp_path / "one").glob("group-*.npz"))) > 1  # several sweeps: hand-offs between tasks
     assert a.keys() == b.keys() and any("xtx" in k for k in a)
     assert [k for k in a if a[k] != b[k]] == []
+    # one cache for both: what Ray computed is reused in one process (same key, same folder) ...
+    cfg = CalibConfig(calib=str(synthetic_text), samples=5, seq_len=32, max_memory=700_000, overhead_bytes=0,
+                      progress=False, cache_dir=str(tmp_path / "cache-ray"),
+                      observer=ObserverConfig(histogram_bins=64, sample_rows=40, shard_windows=2))
+    cal = Calibrator(model_dir, cfg)
+    cal.calibrate_into(model, requests, tmp_path / "ray").close()
+    assert cal.last_run is not None and cal.last_run.groups_computed == 0
+    # ... and a run on Ray extends statistics computed in one process
+    more = linear_requests(model, ("minmax", "absmax_token"))
+    cal = Calibrator(model_dir, cfg, RayExecutor("local"))
+    stats = cal(model, requests[:1], store_dir=tmp_path / "ext")
+    stats = Calibrator(model_dir, cfg)(model, more, store_dir=tmp_path / "ext")
+    ref = Calibrator(model_dir, cfg)(model, more, store_dir=tmp_path / "ref")
+    for r in more:
+        for o in r.observers:
+            assert np.array_equal(np.asarray(stats.get(r.value, o) if o != "minmax" else stats.get(r.value, o).max),
+                                  np.asarray(ref.get(r.value, o) if o != "minmax" else ref.get(r.value, o).max))
 
 
 def test_quantize_w8a8_smooth_with_ray_is_byte_identical(synthetic_dir, synthetic_text: Path, tmp_path: Path,
