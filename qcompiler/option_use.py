@@ -80,7 +80,7 @@ def check_options(recipe: str | None, options: QuantizeOptions, explicit: Collec
     if used is None:
         return
     where = f"recipe '{recipe}'" if recipe else "a --passes pipeline (its settings go in the pipeline text)"
-    for name in sorted(explicit):
+    for name in sorted(explicit, key=lambda n: (n != "kv_cache", n)):  # --kv-cache first: it brings --calib
         if name not in CLASSIFIED:
             continue
         if name == "bits" and recipe is not None:
