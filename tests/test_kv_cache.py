@@ -101,3 +101,20 @@ def test_family_with_qk_norm(model_type: str, tmp_path: Path) -> None:
     assert abs(outs["int8"].nll - outs["float"].nll) < abs(outs["int4"].nll - outs["float"].nll) + 1e-3
     assert abs(outs["int4"].nll - outs["float"].nll) < 0.1
     assert np.isfinite(outs["int4"].perplexity)
+
+
+def test_bench_rows_with_a_quantized_cache(synthetic_dir, synthetic_text: Path, tmp_path: Path) -> None:
+    model, _ = synthetic_dir
+    out = tmp_path / "bench"
+    assert main(["bench", str(model), "--text", str(synthetic_text), "--out", str(out), "--recipes", "w4a16-rtn",
+                 "--kv-cache", "int4", "--calib", str(synthetic_text), "--eval-tokens", "256", "--eval-seq-len", "64",
+                 "--prefill-tokens", "16", "--decode-tokens", "4", "--threads", "1", "--group-size", "32",
+                 "--calib-samples", "4", "--seq-len", "64", "--decode-contexts", "64,300",
+                 "--context-decode-tokens", "3"]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert rows["fp32"]["cache_bytes_per_token"] == 8 * rows["w4a16-rtn"]["cache_bytes_per_token"]
+    for r in rows.values():
+        assert r["status"] == "ok", r["error"]
+        assert set(r["decode_tok_s_at"]) == {"64", "300"} and all(v > 0 for v in r["decode_tok_s_at"].values())
+    md = (out / "bench.md").read_text()
+    assert "| cache B/token | decode tok/s @64 | decode tok/s @300 |" in md
