@@ -14,7 +14,11 @@ Measured per row, on the same token windows of the same ``--text``:
 * size on disk (graph + external data), compile wall time and peak RSS;
 * prefill tokens/s (one ``prefill_tokens`` prompt, empty cache, median of repeats) and
   decode tokens/s (``decode_tokens`` greedy steps with the KV cache after that prompt)
-  on ONNX Runtime CPU, with the same thread count for every row.
+  on ONNX Runtime CPU, with the same thread count for every row;
+* the KV cache: bytes it grows by per token (every layer's keys and values, in the cache's
+  own type: fp32, int8, packed int4), and decode tokens/s at each of ``decode_contexts``
+  tokens of context (``context_decode_tokens`` steps on a cache of that length filled with
+  random entries of its type: a step's cost depends on the length, not on the values).
 
 Results: ``bench.json`` (everything), ``bench.md`` (the table), ``bench.png``
 (perplexity against size), written atomically into the output folder; while the bench
@@ -78,6 +82,8 @@ class BenchConfig:
     prefill_tokens: int = 512
     decode_tokens: int = 128
     prefill_repeats: int = 2  # timed prefills after one warm-up; the median is reported
+    decode_contexts: tuple[int, ...] = (512, 4096)  # decode tok/s with this many tokens already cached
+    context_decode_tokens: int = 16
     threads: int = 0  # ORT intra-op threads; 0 = all cores
     spin: bool = False  # ORT thread spinning (off: fairer numbers on a shared machine)
     speed: bool = True
@@ -105,6 +111,8 @@ class BenchRow:
     compile_peak_rss_mb: float | None = None
     prefill_tok_s: float | None = None
     decode_tok_s: float | None = None
+    cache_bytes_per_token: int | None = None
+    decode_tok_s_at: dict[str, float] | None = None  # context length → decode tok/s
     eval_s: float | None = None
     row_wall_s: float | None = None
     row_cpu_s: float | None = None  # CPU time of the row's whole process
@@ -160,7 +168,10 @@ class BenchResult:
         known = {f.name for f in fields(BenchRow)}
         rows = [BenchRow(**{k: v for k, v in r.items() if k in known}) for r in data.get("rows", [])]
         cfg_known = {f.name for f in fields(BenchConfig)}
-        config = BenchConfig(**{k: v for k, v in data.get("config", {}).items() if k in cfg_known})
+        cfg = {k: v for k, v in data.get("config", {}).items() if k in cfg_known}
+        if "decode_contexts" in cfg:
+            cfg["decode_contexts"] = tuple(cfg["decode_contexts"])
+        config = BenchConfig(**cfg)
         return cls(data["model"], data["text"], data.get("calib"), config, data.get("options", {}), rows,
                    data.get("environment", {}), data.get("wall_s", 0.0))
 
@@ -504,6 +515,35 @@ def measure_speed(runner: Any, prompt: np.ndarray, decode_tokens: int, repeats: 
     return Speed(prefill, decode_tokens / (time.perf_counter() - t0))
 
 
+def random_past(runner: Any, context: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A cache of ``context`` tokens of the runner's cache type, random entries (for timing only)."""
+    kv = runner.kv
+    rng = np.random.default_rng(seed)
+    shape = (1, kv.kv_heads, context, kv.head_dim)
+    if kv.dtype.kind == "f":
+        arr = (rng.standard_normal(shape) * 0.5).astype(kv.dtype)
+    else:
+        info = np.iinfo(kv.dtype)
+        arr = rng.integers(info.min, int(info.max) + 1, shape).astype(kv.dtype)
+    return {n: arr for n in runner.past_names}
+
+
+def decode_speed_at(runner: Any, context: int, steps: int) -> float | None:
+    """Decode tokens/s with ``context`` tokens already in the cache (one warm-up step, then ``steps``)."""
+    if not runner.has_kv_cache or steps <= 0:
+        return None
+    past, past_len, nxt = random_past(runner, context), context, 1
+    outputs = ["logits", *runner.present_names]
+    t0 = 0.0
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        outs = runner.session.run(outputs, runner.feeds(np.array([nxt], dtype=np.int64), past, past_len))
+        past, past_len = dict(zip(runner.past_names, outs[1:])), past_len + 1
+        nxt = int(np.argmax(outs[0][0, -1]))
+    return steps / (time.perf_counter() - t0)
+
+
 def _prompt_tokens(tokens: np.ndarray, n: int) -> np.ndarray:
     if len(tokens) == 0:
         raise InputError("the evaluation text has no tokens")
@@ -560,6 +600,11 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         sp = measure_speed(runner, _prompt_tokens(tokens, cfg.prefill_tokens), cfg.decode_tokens, cfg.prefill_repeats)
         res["prefill_tok_s"] = round(sp.prefill_tok_s, 2)
         res["decode_tok_s"] = round(sp.decode_tok_s, 2) if sp.decode_tok_s is not None else None
+        if runner.has_kv_cache and cfg.context_decode_tokens > 0:
+            at = {str(c): decode_speed_at(runner, c, cfg.context_decode_tokens) for c in cfg.decode_contexts}
+            res["decode_tok_s_at"] = {c: round(v, 2) for c, v in at.items() if v is not None}
+    if runner.kv is not None:
+        res["cache_bytes_per_token"] = runner.kv.bytes_per_token
     return res
 
 

@@ -30,15 +30,16 @@ def _total_cpu(result: BenchResult) -> float:
 
 def render_markdown(result: BenchResult) -> str:
     cfg, env = result.config, result.environment
+    contexts = [str(c) for c in cfg.decode_contexts] if cfg.context_decode_tokens > 0 else []
     head = (
         "| row | status | perplexity | Δ% | KL | top-1 | size MB | compile s (CPU s) | compile peak RSS MB "
-        "| prefill tok/s | decode tok/s |"
+        "| prefill tok/s | decode tok/s | cache B/token |" + "".join(f" decode tok/s @{c} |" for c in contexts)
     )
     lines = [
         f"# qc bench: {Path(result.model).name}",
         "",
         head,
-        "|" + "---|" * 11,
+        "|" + "---|" * (12 + len(contexts)),
     ]
     for r in result.rows:
         lines.append(
@@ -46,7 +47,9 @@ def render_markdown(result: BenchResult) -> str:
             f"| {_fmt(r.kl, '.4f')} | {_fmt(r.top1, '.4f')} "
             f"| {_fmt(r.size_bytes / 1e6 if r.size_bytes is not None else None, '.1f')} "
             f"| {_compile_cell(r)} | {_fmt(r.compile_peak_rss_mb, '.0f')} "
-            f"| {_fmt(r.prefill_tok_s, '.1f')} | {_fmt(r.decode_tok_s, '.2f')} |"
+            f"| {_fmt(r.prefill_tok_s, '.1f')} | {_fmt(r.decode_tok_s, '.2f')} "
+            f"| {_fmt(r.cache_bytes_per_token, 'd')} |"
+            + "".join(f" {_fmt((r.decode_tok_s_at or {}).get(c), '.2f')} |" for c in contexts)
         )
     n_windows = max(1, cfg.eval_tokens // cfg.seq_len)
     lines += [
@@ -56,7 +59,8 @@ def render_markdown(result: BenchResult) -> str:
         f"Group size {result.options.get('group_size')}.",
         f"Speed: ONNX Runtime {env.get('onnxruntime')} CPU, {env.get('threads')} threads "
         f"(spinning {'on' if env.get('spin') else 'off'}), prefill {cfg.prefill_tokens} tokens "
-        f"(median of {cfg.prefill_repeats}), decode {cfg.decode_tokens} greedy tokens with the KV cache.",
+        f"(median of {cfg.prefill_repeats}), decode {cfg.decode_tokens} greedy tokens with the KV cache; "
+        f"decode @N: {cfg.context_decode_tokens} steps on a cache of N tokens (random entries of the cache's type).",
         f"Load average at start/end: {env.get('loadavg_start')}/{env.get('loadavg_end')} on "
         f"{env.get('cpu_count')} cores (a load above the thread count means timings are contended). "
         f"Wall time {result.wall_s:.0f} s; CPU time of all rows {_total_cpu(result):.0f} s "

@@ -9,6 +9,10 @@ next token:
 * top-1 agreement = fraction of positions where ``argmax p == argmax p_ref``.
 
 Both models run window by window, so memory is one window of logits per model.
+
+``through_cache=True`` computes each window as a deployment does (``DecoderRunner.logits_through_cache``):
+the first half in one run from an empty cache, then the rest token by token through
+``past_key_values``/``present``, so a quantized KV cache shows in the numbers (both models the same way).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class EvalResult:
     reference_perplexity: float | None = None
     kl: float | None = None
     top1_agreement: float | None = None
+    through_cache: bool | None = None
+    cache_bytes_per_token: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -75,6 +81,7 @@ def evaluate(
     threads: int | None = None,
     progress: bool = True,
     optimize: bool = True,
+    through_cache: bool = False,
 ) -> EvalResult:
     """Perplexity of ``model_dir`` on the text (and KL / top-1 against ``reference_dir``).
 
@@ -90,7 +97,7 @@ def evaluate(
     runner = open_runner(md.path, threads=threads, optimize=optimize)
     ref_runner = open_runner(ref_md.path, threads=threads) if ref_md is not None else None
     return evaluate_windows(runner, win.ids, ref_runner, str(md.path), str(ref_md.path) if ref_md else None,
-                            size_bytes=md.size_bytes(), progress=progress)
+                            size_bytes=md.size_bytes(), progress=progress, through_cache=through_cache)
 
 
 def evaluate_windows(
@@ -101,18 +108,23 @@ def evaluate_windows(
     ref_name: str | None = None,
     size_bytes: int = 0,
     progress: bool = True,
+    through_cache: bool = False,
 ) -> EvalResult:
     t0 = time.perf_counter()
+
+    def logits_of(r: DecoderRunner, ids: np.ndarray) -> np.ndarray:
+        return r.logits_through_cache(ids, len(ids) // 2) if through_cache else r.logits(ids)
+
     nll_sum, count = 0.0, 0
     ref_nll_sum = 0.0
     kl_sum, agree, positions = 0.0, 0, 0
     for ids in tqdm(windows, desc=f"eval {Path(name).name}", unit="window", leave=False, disable=not progress):
-        logits = runner.logits(ids)
+        logits = logits_of(runner, ids)
         nll = window_nll(logits, ids)
         nll_sum += float(nll.sum(dtype=np.float64))
         count += len(nll)
         if ref_runner is not None:
-            ref_logits = ref_runner.logits(ids)
+            ref_logits = logits_of(ref_runner, ids)
             ref_nll_sum += float(window_nll(ref_logits, ids).sum(dtype=np.float64))
             lp, lq = log_softmax(ref_logits), log_softmax(logits)
             kl_sum += float((np.exp(lp) * (lp - lq)).sum(dtype=np.float64))
@@ -128,6 +140,9 @@ def evaluate_windows(
         seconds=round(time.perf_counter() - t0, 2),
         size_bytes=size_bytes,
     )
+    if through_cache:
+        res.through_cache = True
+        res.cache_bytes_per_token = runner.kv.bytes_per_token if runner.kv is not None else None
     if ref_runner is not None:
         res.reference = ref_name
         res.reference_perplexity = float(np.exp(ref_nll_sum / count))

@@ -23,8 +23,8 @@ from qcompiler.recipes import CALIB_OPTIONS, WEIGHT_ONLY_OPTIONS, QuantizeOption
 #: ``cpu_isa`` is read by every target: the W8A8 lowerings (cpu, npu; fold-zero-point, whose GEMMs a
 #: cuda session runs on its CPU provider) and the integer-GEMM invariant checked after every pipeline.
 TARGET_OPTIONS: dict[str, frozenset[str]] = {
-    "cpu": frozenset({"fuse", "cpu_isa"}),
-    "cuda": frozenset({"fuse", "cpu_isa"}),
+    "cpu": frozenset({"fuse", "cpu_isa", "kv_cache"}),
+    "cuda": frozenset({"fuse", "cpu_isa", "kv_cache"}),
     "npu": frozenset({"static_shapes", "cpu_isa"}),
 }
 #: Options read only where a weight-only recipe meets a MatMulNBits target.
@@ -34,6 +34,10 @@ WEIGHT_ONLY_TARGET_OPTIONS: dict[str, frozenset[str]] = {"cpu": frozenset({"accu
 #: here is let through (treated as read) until it is.
 CLASSIFIED = (frozenset({"target", "bits"}) | CALIB_OPTIONS | WEIGHT_ONLY_OPTIONS
               | frozenset({"alpha", "budget", "max_size_mb"}) | frozenset().union(*TARGET_OPTIONS.values()))
+#: Options read by quantize-kv-cache (``--kv-cache int8|int4``, cpu/cuda lowering), which calibrates:
+#: with a quantized cache the calibration options are read whatever the recipe (issue 17).
+KV_CACHE_OPTIONS = frozenset({"kv_granularity", "kv_clip"})
+CLASSIFIED = CLASSIFIED | KV_CACHE_OPTIONS
 _FLAGS = {"max_size_mb": "--max-size", "fuse": "--no-fuse", "sym": "--sym/--asym"}
 
 
@@ -42,10 +46,13 @@ def flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def used_options(recipe: str | None, target: str) -> frozenset[str] | None:
+def used_options(recipe: str | None, target: str, kv_cache: str = "float") -> frozenset[str] | None:
     """Options read by ``recipe`` (``None``: a ``--passes`` pipeline) on ``target``; ``None`` if the
-    recipe declares nothing (every option passes)."""
+    recipe declares nothing (every option passes).  A quantized ``kv_cache`` (on a target whose lowering
+    reads it) adds the KV-cache options and the calibration options."""
     used = {"target"} | TARGET_OPTIONS.get(target, frozenset())
+    if kv_cache != "float" and "kv_cache" in used:
+        used |= KV_CACHE_OPTIONS | CALIB_OPTIONS
     if recipe is None:
         return frozenset(used | CALIB_OPTIONS | WEIGHT_ONLY_TARGET_OPTIONS.get(target, frozenset()))
     r = get_recipe(recipe)
@@ -69,11 +76,11 @@ def explicit_options(args: dict[str, Any], config_keys: Iterable[str] = ()) -> s
 
 def check_options(recipe: str | None, options: QuantizeOptions, explicit: Collection[str]) -> None:
     """Raise :class:`OptionError` for the first option in ``explicit`` that the run would not read."""
-    used = used_options(recipe, options.target)
+    used = used_options(recipe, options.target, options.kv_cache)
     if used is None:
         return
     where = f"recipe '{recipe}'" if recipe else "a --passes pipeline (its settings go in the pipeline text)"
-    for name in sorted(explicit):
+    for name in sorted(explicit, key=lambda n: (n != "kv_cache", n)):  # --kv-cache first: it brings --calib
         if name not in CLASSIFIED:
             continue
         if name == "bits" and recipe is not None:
@@ -106,7 +113,7 @@ def check_bench_options(recipes: Iterable[str], options: QuantizeOptions, explic
     names = [r for r in recipes if r]
     unions: set[str] = {"target"} | (ANCHOR_OPTIONS if anchors else set())
     for r in names:
-        used = used_options(r, options.target)
+        used = used_options(r, options.target, options.kv_cache)
         if used is None:
             return
         unions |= used
@@ -116,7 +123,7 @@ def check_bench_options(recipes: Iterable[str], options: QuantizeOptions, explic
 
 def applied_options(recipe: str | None, options: QuantizeOptions) -> dict[str, Any]:
     """The options the run read, for ``quantization.json`` (``bits`` as the recipe writes them)."""
-    used = used_options(recipe, options.target)
+    used = used_options(recipe, options.target, options.kv_cache)
     values = {k: v for k, v in asdict(options).items() if v is not None}
     if used is None:
         return values

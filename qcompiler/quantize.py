@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 SPILL_DIR = ".scratch"
 SCOPE_NOTE = (
     "decoder linear layers are quantized, except those listed in kept_float with their reason; token "
-    "embeddings, attention score MatMuls and the KV cache stay in float unless an option says otherwise"
+    "embeddings, attention score MatMuls and the KV cache stay in float unless an option says otherwise "
+    "(--kv-cache: report.kv_cache)"
 )
 
 
@@ -114,6 +115,8 @@ def quantize(
         check_not_overlapping(dump_ir, (*inputs, out), what="--dump-ir folder")
     if recipe and get_recipe(recipe).needs_calibration and not options.calib:
         raise QCError(f"recipe '{recipe}' needs calibration data: pass --calib PATH")
+    if options.needs_calibration and not options.calib:
+        raise QCError(f"--kv-cache {options.kv_cache} calibrates the cache scales: pass --calib PATH")
     text = build_pipeline_text(recipe, passes, options)
     context = make_context(src.path, options, executor=executor)
     pass_list = parse_pipeline(text, context)

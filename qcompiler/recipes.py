@@ -45,16 +45,36 @@ class QuantizeOptions:
     # CPUs the model must be exact on: "any" (u8×u8 integer GEMMs) or "vnni" (u8×s8, VNNI/AMX/ARM only);
     # see qcompiler/quant/intgemm.py
     cpu_isa: str = "any"
+    # KV cache (issue 17): float | int8 | int4, stored by ONNX Runtime's GroupQueryAttention with scales
+    # calibrated on --calib (passes/quantize_kv_cache.py); granularity of the key scales and clipping
+    kv_cache: str = "float"
+    kv_granularity: str = "channel"  # channel | tensor (keys; values per channel unless tensor)
+    kv_clip: str = "minmax"  # minmax | mse
 
     def __post_init__(self) -> None:
         try:
             check_cpu_isa(self.cpu_isa)
         except ValueError as e:
             raise OptionError(f"--cpu-isa: {e}") from None
+        if self.kv_cache not in KV_CACHE_BITS:
+            raise OptionError(f"--kv-cache: '{self.kv_cache}' is not one of {', '.join(KV_CACHE_BITS)}")
+        if self.kv_granularity not in ("channel", "tensor"):
+            raise OptionError(f"--kv-granularity: '{self.kv_granularity}' is not one of channel, tensor")
+        if self.kv_clip not in ("minmax", "mse"):
+            raise OptionError(f"--kv-clip: '{self.kv_clip}' is not one of minmax, mse")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the run calibrates whatever the recipe: a quantized KV cache does."""
+        return self.kv_cache != "float"
 
     def with_overrides(self, **kw: Any) -> QuantizeOptions:
         known = {f.name for f in fields(self)}
         return replace(self, **{k: v for k, v in kw.items() if k in known and v is not None})
+
+
+#: ``--kv-cache`` choices → cache bits (0: float, as exported)
+KV_CACHE_BITS = {"float": 0, "int8": 8, "int4": 4}
 
 
 def load_options_toml(path: str | Path) -> dict[str, Any]:

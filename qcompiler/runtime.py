@@ -100,12 +100,32 @@ def _uses_qc_domain(path: Path) -> bool:
     return any(o.domain == "qcompiler" for o in proto.opset_import)
 
 
+_CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+                "tensor(uint8)": np.uint8}
+
+
+def cache_dtype(ort_type: str) -> np.dtype:
+    """numpy dtype of a KV-cache input's ONNX Runtime type: float32/16, int8, or uint8 (int4 two per byte)."""
+    if ort_type not in _CACHE_TYPES:
+        raise UnsupportedModelError(f"KV-cache input of type {ort_type}: not a cache type qcompiler feeds "
+                                    f"({', '.join(_CACHE_TYPES)})")
+    return np.dtype(_CACHE_TYPES[ort_type])
+
+
 @dataclass(frozen=True)
 class KVSpec:
+    """The cache's shape per layer and tensor: ``[batch, kv_heads, tokens, head_dim]`` of ``dtype`` (an int4
+    cache stores ``head_dim`` = half the head size, two values per uint8)."""
+
     layers: int
     kv_heads: int
     head_dim: int
     dtype: np.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes the cache grows by per token (keys and values of every layer, batch 1)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
 
 
 class DecoderRunner:
@@ -128,8 +148,7 @@ class DecoderRunner:
             heads, head_dim = shape[1], shape[3]
             if not isinstance(heads, int) or not isinstance(head_dim, int):
                 raise UnsupportedModelError(f"cannot read KV-cache shape from input {self.past_names[0]}: {shape}")
-            dt = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
-            self.kv = KVSpec(len(self.past_names) // 2, heads, head_dim, np.dtype(dt))
+            self.kv = KVSpec(len(self.past_names) // 2, heads, head_dim, cache_dtype(self.inputs[self.past_names[0]].type))
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
 
     @property
@@ -166,6 +185,25 @@ class DecoderRunner:
         """Logits ``[T, vocab]`` (float32) of one window, from an empty cache."""
         out = self.session.run(["logits"], self.feeds(ids))[0]
         return np.asarray(out[0], dtype=np.float32)
+
+    def logits_through_cache(self, ids: np.ndarray, prefill: int) -> np.ndarray:
+        """Logits ``[T, vocab]`` of one window computed as a deployment does: the first ``prefill`` tokens in
+        one run from an empty cache, then each further token alone, reading the cache the previous run
+        wrote (``present.*`` → ``past_key_values.*``), so a quantized cache's rounding reaches every later
+        token through the stored keys and values."""
+        if self.kv is None:
+            raise UnsupportedModelError("the model has no KV cache: scoring through the cache needs one "
+                                        "(export without --no-kv-cache)")
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        prefill = max(1, min(int(prefill), len(ids)))
+        outs = self.session.run(["logits", *self.present_names], self.feeds(ids[:prefill]))
+        rows = [np.asarray(outs[0][0], dtype=np.float32)]
+        past = dict(zip(self.past_names, outs[1:]))
+        for t in range(prefill, len(ids)):
+            outs = self.session.run(["logits", *self.present_names], self.feeds(ids[t:t + 1], past, t))
+            rows.append(np.asarray(outs[0][0], dtype=np.float32))
+            past = dict(zip(self.past_names, outs[1:]))
+        return np.concatenate(rows, axis=0)
 
     def generate(
         self,

@@ -64,3 +64,18 @@ for _target in ("cpu", "cuda"):
 # GatherBlockQuantized + MatMulNBits sharing one packed tensor.
 register_lowering("cpu", 45, lambda o: f"lower-embeddings{{accuracy_level={o.accuracy_level}}}")
 register_lowering("cuda", 45, lambda o: f"lower-embeddings{{accuracy_level={o.accuracy_level}}}")
+
+# issue 17 (KV cache): after the fusion (GroupQueryAttention) and the weights' lowering, so the
+# cache scales are calibrated on the model as it will run.
+def _kv_cache_step(o: QuantizeOptions) -> str:
+    from qcompiler.recipes import KV_CACHE_BITS
+
+    if o.kv_cache == "float":
+        return ""
+    v = "tensor" if o.kv_granularity == "tensor" else "channel"
+    return (f"quantize-kv-cache{{bits={KV_CACHE_BITS[o.kv_cache]},k_granularity={o.kv_granularity},"
+            f"v_granularity={v},clip={o.kv_clip}}}")
+
+
+for _target in ("cpu", "cuda"):
+    register_lowering(_target, 55, _kv_cache_step)

@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length timed for prefill (default 512)")
     p.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens timed for decode (default 128)")
+    p.add_argument("--decode-contexts", default="512,4096",
+                   help="decode tok/s with this many tokens already cached, comma-separated (default 512,4096)")
+    p.add_argument("--context-decode-tokens", type=int, default=16,
+                   help="decode steps timed at each --decode-contexts length (default 16; 0 skips)")
     p.add_argument("--prefill-repeats", type=int, default=2, help="timed prefills, median reported (default 2)")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads for every row (default: all cores)")
     p.add_argument("--spin", action="store_true", help="let ORT threads spin (faster on an idle machine)")
@@ -74,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.eval_seq_len,
         prefill_tokens=args.prefill_tokens,
         decode_tokens=args.decode_tokens,
+        decode_contexts=tuple(int(c) for c in str(args.decode_contexts).split(",") if c.strip()),
+        context_decode_tokens=args.context_decode_tokens,
         threads=args.threads,
         spin=args.spin,
         speed=args.speed,

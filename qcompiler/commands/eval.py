@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--no-optimize", dest="optimize", action="store_false",
                    help="run the graph as written (no ORT fusions): a QDQ graph's reference semantics")
+    p.add_argument("--through-cache", action="store_true",
+                   help="score each window as generation runs it: prefill its first half, then decode the rest "
+                   "token by token through the KV cache (shows a quantized cache; slower)")
     p.set_defaults(func=run)
 
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     res = evaluate(
         args.model_dir, args.text, args.reference, seq_len=args.seq_len, max_tokens=args.max_tokens,
-        threads=args.threads, optimize=args.optimize,
+        threads=args.threads, optimize=args.optimize, through_cache=args.through_cache,
     )
     print(json.dumps(res.to_dict(), indent=2))
     return 0

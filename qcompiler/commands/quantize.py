@@ -35,6 +35,13 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-partial", action="store_true", default=None,
                    help="write the model even if some decoder linears match no known pattern (they stay float, "
                         "listed in quantization.json kept_float); without it that is an error (exit 5)")
+    p.add_argument("--kv-cache", choices=["float", "int8", "int4"], default=None,
+                   help="KV cache type (cpu/cuda, fused attention): int8 or int4 (two per byte) with scales "
+                   "calibrated on --calib; default float")
+    p.add_argument("--kv-granularity", choices=["channel", "tensor"], default=None,
+                   help="KV-cache scales per channel (kv head × dim, default) or one per tensor")
+    p.add_argument("--kv-clip", choices=["minmax", "mse"], default=None,
+                   help="KV-cache scales: calibrated absmax (default) or the MSE-best fraction of it")
     p.add_argument("--config", default=None, help="TOML file with a [quantize] table of these options")
 
 
