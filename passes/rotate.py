@@ -31,7 +31,7 @@ Valid when (checked, else ``UnsupportedModelError`` naming the place): the strea
 a ``Gather`` of a constant embedding table (a scalar ``Mul`` after it — Gemma's √D — is
 allowed); every data consumer of the stream is an RMSNorm (reduce over the last axis, no
 mean subtraction) whose output feeds only linears, a residual ``Add`` of a writer linear's
-output (through a constant bias) or of a constant direction ``a ⊙ c`` (``c ← c·Q``), a float
+output (through a constant bias and a scalar ``Mul``) or of a constant direction ``a ⊙ c`` (``c ← c·Q``), a float
 ``Cast`` or a scalar ``Mul``; the last stream
 value feeds the final norm and lm_head.  Refused: LayerNorm (mean subtraction is not
 rotation-invariant unless the stream is centred: gpt2, phi, falcon, gpt_neox, opt, …),
@@ -185,7 +185,7 @@ def plan(model: ir.Model) -> _Plan:
             continue
         if info.role == Role.ROUTER:  # type: ignore[union-attr]
             raise UnsupportedModelError(f"rotate: {info.key}: mixture-of-experts routers are not supported")  # type: ignore[union-attr]
-        norm = match_rmsnorm(node.inputs[0])
+        norm = _match_norm(node.inputs[0])
         if norm is None:
             raise UnsupportedModelError(
                 f"rotate: {info.key} does not read an RMSNorm (LayerNorm's mean subtraction, or no norm, "  # type: ignore[union-attr]
@@ -267,6 +267,26 @@ def plan(model: ir.Model) -> _Plan:
     return _Plan(embeddings, readers, writers, dim, directions)
 
 
+def _match_norm(value: ir.Value | None) -> RMSNormMatch | None:
+    """An RMSNorm producing ``value``; also with ``γ`` behind an ``Identity`` (an exporter's deduplicated
+    initializer), which :func:`match_rmsnorm` does not take."""
+    found = match_rmsnorm(value)
+    if found is not None or value is None:
+        return found
+    node = value.producer()
+    if node is None or node.op_type != "Mul" or node.domain != "" or len(node.inputs) != 2:
+        return None
+    for gi in (0, 1):
+        gamma, normed = node.inputs[gi], node.inputs[1 - gi]
+        g = _const(gamma)
+        if g is None or g.ndim != 1 or normed is None:
+            continue
+        inner = match_rmsnorm(_skip(normed))
+        if inner is not None and inner.gamma is None:
+            return RMSNormMatch(value, inner.input, gamma, node, inner.eps, False)
+    return None
+
+
 def _data_users(v: ir.Value) -> list[ir.Node]:
     return [u for u in v.consumers() if u.op_type not in SHAPE_OPS]
 
@@ -289,9 +309,16 @@ def _stream_start(model: ir.Model) -> tuple[ir.Node, int]:
 
 
 def _writer(value: ir.Value) -> tuple[ir.Node, ir.Node | None] | None:
-    """``value`` = an o_proj / down_proj output (``+ constant bias``), through float Casts."""
+    """``value`` = an o_proj / down_proj output (``+ constant bias``), through float Casts and scalar
+    ``Mul`` (Granite's residual multiplier)."""
     value = _skip(value)
     node = value.producer()
+    while node is not None and node.op_type == "Mul" and node.domain == "" and len(node.inputs) == 2:
+        scalars = [i for i in (0, 1) if scalar_const(node.inputs[i]) is not None]
+        if len(scalars) != 1:
+            break
+        value = _skip(node.inputs[1 - scalars[0]])  # type: ignore[arg-type]
+        node = value.producer()
     bias = None
     if node is not None and node.op_type == "Add" and node.domain == "":
         for i in (0, 1):

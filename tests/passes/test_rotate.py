@@ -88,3 +88,28 @@ def test_refuses_layernorm(tmp_path) -> None:
     folder = write_model_dir(proto, tmp_path / "ln", cfg)
     with pytest.raises(UnsupportedModelError, match="rotate"):
         _rotate(folder)
+
+
+#: tiny families (qcompiler.families.tiny) where rotation is valid, and those it refuses (with the reason's words)
+_EXACT = ("llama", "qwen3", "granite", "phi3", "gemma")
+_REFUSED = {"gpt2": "RMSNorm", "stablelm": "RMSNorm", "gemma2": "post-norm", "qwen3_moe": "mixture-of-experts"}
+
+
+@pytest.mark.parametrize("model_type", _EXACT)
+def test_families_exact(model_type: str, tmp_path) -> None:
+    from qcompiler.families.tiny import VOCAB
+    from tests.conftest import family_export
+
+    folder = family_export(model_type) / "onnx"
+    ids = np.random.default_rng(7).integers(0, VOCAB, 24)
+    ref = run_logits(folder, ids)
+    model, _ = _rotate(folder, "canonicalize,rotate{online_down=true}")
+    assert _rel(ref, run_logits(model, ids, tmp_path)) < 1e-4
+
+
+@pytest.mark.parametrize("model_type", sorted(_REFUSED))
+def test_families_refused(model_type: str) -> None:
+    from tests.conftest import family_export
+
+    with pytest.raises(UnsupportedModelError, match=_REFUSED[model_type]):
+        _rotate(family_export(model_type) / "onnx")
