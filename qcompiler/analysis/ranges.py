@@ -81,7 +81,7 @@ def range_shift(model_dir: str | os.PathLike, calib_ids: np.ndarray, text_ids: n
     from qcompiler.data import load_tokenizer
     from qcompiler.runtime import DecoderRunner
 
-    folder = Path(model_dir)
+    folder = Path(model_dir).resolve()
     readers = _inputs(folder / "model.onnx")
     names = list(readers)
     sess = _session(folder, names, threads)
