@@ -18,6 +18,12 @@ with ``Q`` once their weight ``γ`` is folded away::
    (marked ``qcompiler.rotation``: not a linear to quantize).  It spreads the massive
    activations of the MLP's product over all channels — for static int8 activations — at the
    cost of one ``F × F`` float GEMM per layer.
+4. **Per-head transform on o_proj's input** (``v_o=true``, free): ``V·H`` on each kv head's
+   columns of v_proj (and bias) and ``Hᵀ`` on each head's rows of o_proj; attention mixes
+   tokens within a head, never channels, so the product is unchanged, and the outlier channels
+   of the attention output are spread within each head.  The head size is read from the
+   v→o channel map (``passes/_channels.py``); a model with as many kv heads as heads, where
+   that map is the identity, is skipped (reported).
 
 ``Q`` is a randomized Hadamard matrix, ``Q = diag(±1)·(H_{2^a} ⊗ R_m)/√(2^a)`` for
 ``D = 2^a·m``: Sylvester's Hadamard on the power-of-two factor and a seeded random orthogonal
@@ -66,6 +72,7 @@ _FLOAT_TYPES = frozenset({1, 10, 11, 16})
 class RotateConfig:
     seed: int = 0
     online_down: bool = False  # an online orthogonal transform on down_proj's input
+    v_o: bool = False  # a per-head orthogonal transform folded into v_proj's columns and o_proj's rows
     random: bool = True  # random signs (and the random odd factor); false: plain Sylvester × identity
 
     def __post_init__(self) -> None:
@@ -404,6 +411,7 @@ class Rotate(QCPass):
             c = _const(node.inputs[slot]).astype(np.float64)  # type: ignore[union-attr]
             _set_private(graph, node, slot, (c.reshape(-1) @ q).reshape(c.shape), "rotate_direction")
         online = self._online_down(model, cfg) if cfg.online_down else 0
+        v_o = self._v_o(model, cfg) if cfg.v_o else {}
         self.context.report[self.name] = {
             "dim": p.dim,
             "rotation": "randomized Hadamard" if cfg.random else "Hadamard",
@@ -414,11 +422,54 @@ class Rotate(QCPass):
             "writers": len(p.writers),
             "untied": untied,
             "online_down": online,
+            "v_o": v_o,
         }
         log.info("rotate: %d norms folded, %d readers, %d writers rotated (D=%d) in %.1fs",
                  len(p.readers), sum(len(ls) for _, ls in p.readers), len(p.writers), p.dim,
                  time.perf_counter() - t0)
         return ir.passes.PassResult(model, modified=True)
+
+    def _v_o(self, model: ir.Model, cfg: RotateConfig) -> dict[str, Any]:
+        """Per head: ``V ← V·H`` (v_proj's columns of each kv head, and its bias), ``W_o ← Hᵀ·W_o`` (o_proj's
+        rows of each head).  Attention mixes rows (tokens) of each head, never channels, so
+        ``x_o·W_o`` is unchanged; the V half of the KV cache then holds ``V·H`` (self-consistent)."""
+        from qcompiler.passes._channels import find_upstream, linear_groups
+
+        graph = model.graph
+        done, skipped = 0, []
+        for g in linear_groups(model, (Role.O,)):
+            up = find_upstream(g)
+            where = _where(g.linears[0])
+            if up.kind != "linear" or up.prev is None or up.colmap is None or linear_weight(up.prev)[1]:  # type: ignore[index]
+                skipped.append(f"{where}: {up.reason or 'no v_proj found'}")
+                continue
+            jumps = np.nonzero(np.diff(up.colmap) != 1)[0]
+            if not len(jumps):  # as many kv heads as heads: the head size is not visible in the map
+                skipped.append(f"{where}: head size not found")
+                continue
+            hd = int(jumps[0]) + 1
+            k_o = len(up.colmap)
+            h = random_orthogonal(hd, cfg.seed + 2, cfg.random)
+            wv, tv = _weight64(up.prev)
+            nv = wv.shape[1]
+            if k_o % hd or nv % hd:
+                skipped.append(f"{where}: head size {hd} does not divide o_proj's input {k_o} / v_proj's output {nv}")
+                continue
+            bv = np.kron(np.eye(nv // hd), h)
+            bo = np.kron(np.eye(k_o // hd), h)
+            _set_linear(graph, up.prev, wv @ bv, tv, f"rotate_vo_{_where(up.prev).replace('.', '_')}")
+            if up.prev_bias is not None:
+                add = up.prev_bias
+                slot = next(i for i in (0, 1) if add.inputs[i] is not None and _const(add.inputs[i]) is not None)
+                b = _const(add.inputs[slot]).astype(np.float64)  # type: ignore[union-attr]
+                _set_private(graph, add, slot, (b.reshape(-1) @ bv).reshape(b.shape), "rotate_vo_bias")
+            for node in g.linears:
+                wo, to = _weight64(node)
+                _set_linear(graph, node, bo.T @ wo, to, f"rotate_vo_{_where(node).replace('.', '_')}")
+            done += 1
+        if skipped:
+            log.info("rotate: v→o transform skipped for %d layer(s): %s", len(skipped), "; ".join(skipped[:4]))
+        return {"layers": done, "skipped": skipped}
 
     def _online_down(self, model: ir.Model, cfg: RotateConfig) -> int:
         graph = model.graph

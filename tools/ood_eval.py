@@ -68,8 +68,10 @@ def mid_windows(model_dir: Path, text: str, tokens: int, seq_len: int) -> np.nda
     return ids[start:start + n * seq_len].reshape(n, seq_len)
 
 
-def compile_row(model: Path, out: Path, recipe: str, target: str, calib: str, extra: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "qcompiler", "quantize", str(model), str(out), "--recipe", recipe,
+def compile_row(model: Path, out: Path, recipe: str, target: str, calib: str, extra: list[str],
+                passes: str | None = None) -> dict[str, Any]:
+    how = ["--passes", passes] if passes else ["--recipe", recipe]
+    cmd = [sys.executable, "-m", "qcompiler", "quantize", str(model), str(out), *how,
            "--target", target, "--calib", calib, "--force", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--recipes", default=STATIC_RECIPES)
     ap.add_argument("--targets", default="cpu,npu")
+    ap.add_argument("--row", action="append", default=[],
+                    help="NAME=PIPELINE: an extra row compiled with qc quantize --passes PIPELINE (repeatable)")
     ap.add_argument("--text", action="append", default=[], help="KIND=PATH (repeatable; replaces the defaults)")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens scored per text (default 2048)")
     ap.add_argument("--seq-len", type=int, default=512)
@@ -112,14 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     ref = open_runner(args.model_dir, threads=args.threads)
     ref_ppl: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
-    for recipe in filter(None, args.recipes.split(",")):
+    custom = dict(r.split("=", 1) for r in args.row)
+    for recipe in [*filter(None, args.recipes.split(",")), *custom]:
         for target in filter(None, args.targets.split(",")):
             out = args.out / "models" / f"{recipe}-{target}"
             if args.reuse and (out / "quantization.json").is_file():
                 q = json.loads((out / "quantization.json").read_text())
                 row = {"status": "ok", "compile_s": q.get("wall_seconds"), "peak_rss_mb": q.get("peak_rss_mb")}
             else:
-                row = compile_row(args.model_dir, out, recipe, target, args.calib, args.extra.split())
+                row = compile_row(args.model_dir, out, recipe, target, args.calib, args.extra.split(), custom.get(recipe))
             row.update(recipe=recipe, target=target, texts={})
             print(f"{recipe} {target}: {row['status']}", file=sys.stderr, flush=True)
             if row["status"] == "ok":

@@ -9,7 +9,9 @@ leaves that range is clipped; its overshoot is::
 For every distinct linear input this reports the calibrated range (and the channel that set
 it), the largest ``r_t`` on the second text, the fraction of its tokens with ``r_t > 1``, the
 fraction of the input's energy that falls outside the range (``Σ (|x| − clip)² / Σ x²``, what
-clipping costs), and the ``top`` tokens that overshoot most (position, token text, channel).
+clipping costs), the whole static uint8 error on the second text
+(``‖x − Q(x)‖²/‖x‖²`` with ``s = (hi − lo)/255``, ``z = round(−lo/s)``, ``lo ≤ 0 ≤ hi``: rounding
+and clipping together), and the ``top`` tokens that overshoot most (position, token text, channel).
 Both texts run through ONNX Runtime with the linear inputs added as graph outputs, one window
 at a time.
 """
@@ -101,6 +103,7 @@ def range_shift(model_dir: str | os.PathLike, calib_ids: np.ndarray, text_ids: n
     clipped_energy = dict.fromkeys(names, 0.0)
     energy = dict.fromkeys(names, 0.0)
     exceed = dict.fromkeys(names, 0)
+    qerr = dict.fromkeys(names, 0.0)
     tokens = 0
     for w, ids in enumerate(text_ids):
         outs = sess.run(names, runner.feeds(ids))
@@ -115,6 +118,11 @@ def range_shift(model_dir: str | os.PathLike, calib_ids: np.ndarray, text_ids: n
             outside = np.clip(x2 - a.hi, 0, None) + np.clip(a.lo - x2, 0, None)
             clipped_energy[n] += float((outside**2).sum())
             energy[n] += float((x2**2).sum())
+            lo_q, hi_q = min(a.lo, 0.0), max(a.hi, 0.0)
+            sc = (hi_q - lo_q) / 255.0 or 1.0
+            z = np.round(-lo_q / sc)
+            xq = (np.clip(np.round(x2 / sc) + z, 0, 255) - z) * sc
+            qerr[n] += float(((x2 - xq) ** 2).sum())
             worst = np.argsort(-r)[:top]
             for p in worst:
                 if r[p] > 1:
@@ -131,19 +139,21 @@ def range_shift(model_dir: str | os.PathLike, calib_ids: np.ndarray, text_ids: n
             "max_overshoot": best[0][0] if best else max(0.0, 0.0),
             "tokens_outside": exceed[n] / max(tokens, 1),
             "clipped_energy": clipped_energy[n] / max(energy[n], 1e-30),
+            "static_uint8_error": qerr[n] / max(energy[n], 1e-30),
             "worst_tokens": [{"overshoot": r, "window": w, "position": p, "channel": c,
                               "token": tok.decode([int(text_ids[w, p])]),
                               "context": tok.decode([int(i) for i in text_ids[w, max(0, p - 6):p + 1]])}
                              for r, w, p, c in best],
         })
-    entries.sort(key=lambda e: -e["clipped_energy"])
+    entries.sort(key=lambda e: -e["static_uint8_error"])
     return {"tokens": tokens, "calibration_tokens": int(calib_ids.size), "inputs": entries}
 
 
 def format_table(result: dict[str, Any], rows: int = 15) -> str:
-    """The ``rows`` inputs losing most energy to clipping, as a Markdown table."""
-    lines = ["| linears | calibrated [min, max] (channel) | max overshoot | tokens outside | clipped energy | worst token |",
-             "|---|---|---|---|---|---|"]
+    """The ``rows`` inputs with the largest static uint8 error on the second text, as a Markdown table."""
+    lines = ["| linears | calibrated [min, max] (channel) | max overshoot | tokens outside | clipped energy "
+             "| static uint8 error | worst token |",
+             "|---|---|---|---|---|---|---|"]
     for e in result["inputs"][:rows]:
         c = e["calibrated"]
         w = e["worst_tokens"][0] if e["worst_tokens"] else None

@@ -57,10 +57,11 @@ def test_float_exact_and_weights_rotated(synthetic_dir, tmp_path) -> None:
 def test_tied_embeddings_untied_and_online_down(tmp_path) -> None:
     folder, _ = build_model_dir(tmp_path / "tied", SyntheticConfig(tie_embeddings=True, seed=4))
     ref = run_logits(folder, WINDOW)
-    model, ctx = _rotate(folder, "canonicalize,rotate{online_down=true,seed=3}")
+    model, ctx = _rotate(folder, "canonicalize,rotate{online_down=true,v_o=true,seed=3}")
     out = run_logits(model, WINDOW, tmp_path / "out")
     assert _rel(ref, out) < 1e-4, _rel(ref, out)
     assert ctx.report["rotate"]["untied"] == ["lm_head"] and ctx.report["rotate"]["online_down"] == 2
+    assert ctx.report["rotate"]["v_o"] == {"layers": 2, "skipped": []}
     marked = [n for n in model.graph if ROTATION_MARK in n.metadata_props]
     assert len(marked) == 2 and all(linear_info(n) is None for n in marked)
     lm = next(n for n in model.graph if (i := linear_info(n)) is not None and i.role == Role.LM_HEAD)
@@ -103,8 +104,11 @@ def test_families_exact(model_type: str, tmp_path) -> None:
     folder = family_export(model_type) / "onnx"
     ids = np.random.default_rng(7).integers(0, VOCAB, 24)
     ref = run_logits(folder, ids)
-    model, _ = _rotate(folder, "canonicalize,rotate{online_down=true}")
+    model, ctx = _rotate(folder, "canonicalize,rotate{online_down=true,v_o=true}")
     assert _rel(ref, run_logits(model, ids, tmp_path)) < 1e-4
+    v_o = ctx.report["rotate"]["v_o"]
+    assert v_o["layers"] == (0 if model_type == "phi3" else 2)  # phi3's fused qkv_proj: no separate v_proj
+    assert v_o["layers"] + len(v_o["skipped"]) == 2
 
 
 @pytest.mark.parametrize("model_type", sorted(_REFUSED))
