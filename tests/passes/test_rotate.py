@@ -117,3 +117,21 @@ def test_families_refused(model_type: str) -> None:
 
     with pytest.raises(UnsupportedModelError, match=_REFUSED[model_type]):
         _rotate(family_export(model_type) / "onnx")
+
+
+def test_rotated_graph_is_canonicalized_again(tmp_path) -> None:
+    """A saved rotated float graph (online transforms marked) is recognized again: same roles, down_proj
+    reading the online transform's output."""
+    from qcompiler.canonical import canonical_summary
+    from qcompiler.irutil import save_model
+
+    folder, _ = build_model_dir(tmp_path / "m", SyntheticConfig(seed=6))
+    model, _ = _rotate(folder, "canonicalize,rotate{online_down=true}")
+    save_model(model, tmp_path / "rot.onnx")
+    again, _ = run_passes(load_model(tmp_path / "rot.onnx"), parse_pipeline("canonicalize", PassContext()))
+    summary = canonical_summary(again)
+    assert {k for k in summary.linears} == {f"layers.{i}.{r}" for i in range(2) for r in
+                                           ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj")} | {"lm_head"}
+    down = summary.linears["layers.0.down_proj"]
+    assert ROTATION_MARK in down.inputs[0].producer().metadata_props
