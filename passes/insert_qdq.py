@@ -29,6 +29,10 @@ overshoot is ``o = max_w a_w / max_{w'≠w} a_w'`` (how far a window unseen by t
 have exceeded it), and the input's range is widened by ``o``.  ``fallback`` > 0 leaves the
 activations of inputs with ``o > fallback`` in float (their weights are still quantized by the
 recipe's next pass; ``quantization.json`` lists them under ``insert-qdq.fallback``).
+``fallback_error`` > 0 does the same for inputs whose static quantization error on sampled
+calibration rows, ``‖x − Q(x)‖²/‖x‖²``, exceeds it: the layers where a few massive-activation
+tokens (an attention sink) stretch the one range so far that every other token is coarse —
+which no text-independent range can fix.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class InsertQdqConfig:
     margin: float = 1.0  # every static range widened by this factor
     held_back: bool = False  # per input: widen by its leave-one-window-out overshoot
     fallback: float = 0.0  # > 0: inputs whose held-back overshoot exceeds this keep float activations
+    fallback_error: float = 0.0  # > 0: inputs whose static error on calibration rows exceeds this keep float
 
     def __post_init__(self) -> None:
         if self.margin < 1.0:
@@ -134,6 +139,17 @@ def _held_back_overshoot(stats: Any, name: str) -> float:
     return float(top2[1] / top2[0]) if top2[0] > 0 else 1.0
 
 
+def _static_error(stats: Any, name: str, scale: float, zp: int, dtype: str) -> float:
+    """``‖x − Q(x)‖²/‖x‖²`` of the static quantizer on the sampled calibration rows (0 without rows)."""
+    try:
+        rows = np.asarray(stats.get(name, "sample").rows, np.float64)
+    except (CalibrationError, KeyError):
+        return 0.0
+    lo, hi = (0, 255) if dtype == "uint8" else (-128, 127)
+    xq = (np.clip(np.rint(rows / scale) + zp, lo, hi) - zp) * scale
+    return float(((rows - xq) ** 2).sum() / max(float((rows**2).sum()), 1e-30))
+
+
 @register_pass
 class InsertQdq(QCPass):
     """Insert W8A8 quantization (static per-tensor or per-token activations, int8 per-channel weights)."""
@@ -162,11 +178,14 @@ class InsertQdq(QCPass):
             groups[key].append(n)
         qparams = self._static_params({k: g for k, g in groups.items() if specs[k].granularity == Granularity.TENSOR},
                                       specs, model)
-        fallback = {k: v for k, v in self._overshoot.items() if cfg.fallback and v > cfg.fallback}
-        for k in fallback:
-            log.info("insert-qdq: %s: held-back overshoot %.2f > %.2f: activations stay float",
-                     linear_info(groups[k][0]).key, fallback[k], cfg.fallback)  # type: ignore[union-attr]
-        fallback_report = {linear_info(groups[k][0]).key: round(v, 3) for k, v in fallback.items()}  # type: ignore[union-attr]
+        fallback = {k: {"held_back_overshoot": round(v, 3)} for k, v in self._overshoot.items()
+                    if cfg.fallback and v > cfg.fallback}
+        for k, e in self._static_error.items():
+            if cfg.fallback_error and e > cfg.fallback_error:
+                fallback.setdefault(k, {})["static_error"] = float(f"{e:.4g}")
+        for k, why in fallback.items():
+            log.info("insert-qdq: %s: %s: activations stay float", linear_info(groups[k][0]).key, why)  # type: ignore[union-attr]
+        fallback_report = {linear_info(groups[k][0]).key: why for k, why in fallback.items()}  # type: ignore[union-attr]
         groups = {k: g for k, g in groups.items() if k not in fallback}
         counts: Counter[str] = Counter()
         act_report: dict[str, Any] = {}
@@ -219,6 +238,7 @@ class InsertQdq(QCPass):
                        model: ir.Model) -> dict[int, tuple[float, int, str]]:
         """``(scale, zero point, dtype)`` of each static activation, from calibration statistics."""
         self._overshoot: dict[int, float] = {}
+        self._static_error: dict[int, float] = {}
         if not groups:
             return {}
         cfg: InsertQdqConfig = self.config
@@ -229,6 +249,8 @@ class InsertQdq(QCPass):
             obs = ("minmax",) if specs[key].method == "minmax" else ("minmax", "histogram")
             if loo:
                 obs = (*obs, "absmax_channel_window")
+            if cfg.fallback_error > 0:
+                obs = (*obs, "sample")
             requests.append(StatRequest(members[0].inputs[0].name, obs))  # type: ignore[union-attr]
         stats = calibrate(model, requests)
         out: dict[int, tuple[float, int, str]] = {}
@@ -251,4 +273,6 @@ class InsertQdq(QCPass):
             lo, hi = lo * m, hi * m
             scale, zp = static_qparams(lo, hi, cfg.dtype, spec.symmetric)
             out[key] = (scale, zp, cfg.dtype)
+            if cfg.fallback_error > 0:
+                self._static_error[key] = _static_error(stats, name, scale, zp, cfg.dtype)
         return out

@@ -170,6 +170,16 @@ def test_margin_held_back_and_fallback(synthetic_dir, calib) -> None:
     rep = ctx.report["insert-qdq"]
     # every input whose top window exceeds the others falls back (> 1.0); none is quantized statically
     assert rep["fallback"] and set(rep["fallback"]).isdisjoint(rep["activations"])
-    assert all(v > 1.0 for v in rep["fallback"].values())
+    assert all(v["held_back_overshoot"] > 1.0 for v in rep["fallback"].values())
+    # fallback_error: the static error on sampled calibration rows, recomputed here for layers.0.q_proj
+    _, ctx = compile_model(folder, "canonicalize,insert-qdq{act=static,fallback_error=1e-9}", calib)
+    rep = ctx.report["insert-qdq"]
+    assert not rep["activations"] and len(rep["fallback"]) == 8  # every input has some error
+    rows = np.asarray(calib(load_model(folder / "model.onnx"), [StatRequest(x, ("sample",))]).get(x, "sample").rows,
+                      np.float64)
+    scale = absmax / 127
+    xq = np.clip(np.rint(rows / scale), -128, 127) * scale
+    want = ((rows - xq) ** 2).sum() / (rows**2).sum()
+    assert rep["fallback"]["layers.0.q_proj"]["static_error"] == pytest.approx(want, rel=1e-3)
     with pytest.raises(QCError, match="margin must be at least 1"):
         parse_pipeline("insert-qdq{margin=0.5}")
