@@ -27,8 +27,8 @@ Static ranges out of domain: a range calibrated on one text is exceeded on other
 windows: with ``a_w`` the input's abs-max in calibration window ``w``, the leave-one-window-out
 overshoot is ``o = max_w a_w / max_{w'≠w} a_w'`` (how far a window unseen by the range would
 have exceeded it), and the input's range is widened by ``o``.  ``fallback`` > 0 leaves the
-activations of inputs with ``o > fallback`` in float (their weights are still quantized by the
-recipe's next pass; ``quantization.json`` lists them under ``insert-qdq.fallback``).
+activations of inputs with ``o > fallback`` in float (their weights still int8 per channel:
+W8A16 for those linears; ``quantization.json`` lists them under ``insert-qdq.fallback``).
 ``fallback_error`` > 0 does the same for inputs whose static quantization error on sampled
 calibration rows, ``‖x − Q(x)‖²/‖x‖²``, exceeds it: the layers where a few massive-activation
 tokens (an attention sink) stretch the one range so far that every other token is coarse —
@@ -186,6 +186,9 @@ class InsertQdq(QCPass):
         for k, why in fallback.items():
             log.info("insert-qdq: %s: %s: activations stay float", linear_info(groups[k][0]).key, why)  # type: ignore[union-attr]
         fallback_report = {linear_info(groups[k][0]).key: why for k, why in fallback.items()}  # type: ignore[union-attr]
+        for k in fallback:  # int8 weights, float activations (W8A16) for these
+            for n in groups[k]:
+                self._weight(graph, n, linear_info(n).key)  # type: ignore[union-attr]
         groups = {k: g for k, g in groups.items() if k not in fallback}
         counts: Counter[str] = Counter()
         act_report: dict[str, Any] = {}
