@@ -302,9 +302,10 @@ register_recipe(
 )
 register_recipe(Recipe(
     "w8a8-static-rotate",
-    "W8A8 static: residual stream rotated (norms folded) and an online Hadamard on down_proj's input, then "
+    "W8A8 static: residual stream rotated (norms folded), a per-head transform on o_proj's input and an online "
+    "Hadamard on down_proj's input, then "
     "static per-tensor uint8 activations (calibrated min/max) with the zero point folded into a bias",
-    lambda o: ("canonicalize,rotate{online_down=true},"
+    lambda o: ("canonicalize,rotate{online_down=true,v_o=true},"
                f"{_w8a8_qdq(o, 'static', ',method=minmax,dtype=uint8,sym=false')}"
                + ("" if o.target == "npu" else f",fold-zero-point{{cpu_isa={o.cpu_isa}}}")),
     needs_calibration=True, options=W8A8_OPTIONS, bits=8,

@@ -160,5 +160,6 @@ def format_table(result: dict[str, Any], rows: int = 15) -> str:
         worst = f"{w['context']!r} (pos {w['position']}, ch {w['channel']})" if w else "—"
         lines.append(f"| {','.join(e['linears'])} | [{c['min']:.3g}, {c['max']:.3g}] (ch {c['max_channel']}) | "
                      f"{e['max_overshoot']:.2f}× | {100 * e['tokens_outside']:.2f}% | {e['clipped_energy']:.2e} | "
+                     f"{e['static_uint8_error']:.2e} | "
                      f"{worst.replace('|', '/')} |")
     return "\n".join(lines)
