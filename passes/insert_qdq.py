@@ -20,6 +20,19 @@ activation spec annotated on a linear (``spec.act_spec``: granularity tensor | t
 ``method``, ``symmetric``) wins over the pass options; a weight spec may only ask for
 ``clip=mse`` (8 bits, per channel).  lm_head, attention-score MatMuls and the KV cache
 stay float (``lm_head=true`` quantizes an untied lm_head too).
+
+Static ranges out of domain: a range calibrated on one text is exceeded on others (``qc analyze
+--text``).  ``margin`` widens every static range ``[lo, hi] → [m·lo, m·hi]`` (coarser steps:
+``log2 m`` bits of resolution for headroom).  ``held_back`` validates each range on held-back
+windows: with ``a_w`` the input's abs-max in calibration window ``w``, the leave-one-window-out
+overshoot is ``o = max_w a_w / max_{w'≠w} a_w'`` (how far a window unseen by the range would
+have exceeded it), and the input's range is widened by ``o``.  ``fallback`` > 0 leaves the
+activations of inputs with ``o > fallback`` in float (their weights still int8 per channel:
+W8A16 for those linears; ``quantization.json`` lists them under ``insert-qdq.fallback``).
+``fallback_error`` > 0 does the same for inputs whose static quantization error on sampled
+calibration rows, ``‖x − Q(x)‖²/‖x‖²``, exceeds it: the layers where a few massive-activation
+tokens (an attention sink) stretch the one range so far that every other token is coarse —
+which no text-independent range can fix.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from qcompiler.passes.quantize_weights import quantizable_linears
 from tqdm import tqdm
@@ -72,8 +86,17 @@ class InsertQdqConfig:
     weight_bits: int = 8  # 8 | 7 (int8 storage, |q| <= 63: u8×s8 exact on every CPU)
     lm_head: bool = False
     skip: str = ""  # ':'-separated linear keys left in float
+    # out-of-domain guards for static ranges (issue 22): see the module docstring
+    margin: float = 1.0  # every static range widened by this factor
+    held_back: bool = False  # per input: widen by its leave-one-window-out overshoot
+    fallback: float = 0.0  # > 0: inputs whose held-back overshoot exceeds this keep float activations
+    fallback_error: float = 0.0  # > 0: inputs whose static error on calibration rows exceeds this keep float
 
     def __post_init__(self) -> None:
+        if self.margin < 1.0:
+            raise ValueError(f"margin must be at least 1, got {self.margin}")
+        if self.fallback and self.fallback < 1.0:
+            raise ValueError(f"fallback must be 0 (off) or an overshoot ratio of at least 1, got {self.fallback}")
         if self.act not in ("per-token", "static"):
             raise ValueError(f"act must be per-token or static, got {self.act}")
         if self.method not in RANGE_METHODS:
@@ -101,6 +124,30 @@ def _weight_spec(node: ir.Node, default_clip: str, key: str, bits: int = 8) -> Q
             raise QCError(f"insert-qdq: {key} is annotated for int{spec.bits} weights; W8A8 needs 8 bits")
         clip = spec.clip
     return QuantSpec(bits=bits, symmetric=True, granularity=Granularity.CHANNEL, method="rtn", clip=clip)
+
+
+def _held_back_overshoot(stats: Any, name: str) -> float:
+    """``max_w a_w / max_{w'≠w} a_w'`` from per-window channel abs-maxima (1 with fewer than 2 windows)."""
+    try:
+        per = np.asarray(stats.get(name, "absmax_channel_window").absmax, np.float64)
+    except (CalibrationError, KeyError):
+        return 1.0
+    if per.ndim != 2 or per.shape[0] < 2:
+        return 1.0
+    a = per.max(axis=1)
+    top2 = np.sort(a)[-2:]
+    return float(top2[1] / top2[0]) if top2[0] > 0 else 1.0
+
+
+def _static_error(stats: Any, name: str, scale: float, zp: int, dtype: str) -> float:
+    """``‖x − Q(x)‖²/‖x‖²`` of the static quantizer on the sampled calibration rows (0 without rows)."""
+    try:
+        rows = np.asarray(stats.get(name, "sample").rows, np.float64)
+    except (CalibrationError, KeyError):
+        return 0.0
+    lo, hi = (0, 255) if dtype == "uint8" else (-128, 127)
+    xq = (np.clip(np.rint(rows / scale) + zp, lo, hi) - zp) * scale
+    return float(((rows - xq) ** 2).sum() / max(float((rows**2).sum()), 1e-30))
 
 
 @register_pass
@@ -131,6 +178,18 @@ class InsertQdq(QCPass):
             groups[key].append(n)
         qparams = self._static_params({k: g for k, g in groups.items() if specs[k].granularity == Granularity.TENSOR},
                                       specs, model)
+        fallback = {k: {"held_back_overshoot": round(v, 3)} for k, v in self._overshoot.items()
+                    if cfg.fallback and v > cfg.fallback}
+        for k, e in self._static_error.items():
+            if cfg.fallback_error and e > cfg.fallback_error:
+                fallback.setdefault(k, {})["static_error"] = float(f"{e:.4g}")
+        for k, why in fallback.items():
+            log.info("insert-qdq: %s: %s: activations stay float", linear_info(groups[k][0]).key, why)  # type: ignore[union-attr]
+        fallback_report = {linear_info(groups[k][0]).key: why for k, why in fallback.items()}  # type: ignore[union-attr]
+        for k in fallback:  # int8 weights, float activations (W8A16) for these
+            for n in groups[k]:
+                self._weight(graph, n, linear_info(n).key)  # type: ignore[union-attr]
+        groups = {k: g for k, g in groups.items() if k not in fallback}
         counts: Counter[str] = Counter()
         act_report: dict[str, Any] = {}
         for key, members in tqdm(groups.items(), desc="insert-qdq", unit="input", leave=False):
@@ -159,6 +218,10 @@ class InsertQdq(QCPass):
         self.context.report[self.name] = {
             "linears": dict(counts),
             "activations": act_report,
+            "held_back_overshoot": {linear_info(members[0]).key: round(v, 3)  # type: ignore[union-attr]
+                                    for k, members in groups.items() if (v := self._overshoot.get(k)) is not None}
+            if self._overshoot else None,
+            "fallback": fallback_report,
             "float": "lm_head, attention score MatMuls and the KV cache" if not cfg.lm_head
             else "attention score MatMuls and the KV cache",
         }
@@ -177,13 +240,20 @@ class InsertQdq(QCPass):
     def _static_params(self, groups: dict[int, list[ir.Node]], specs: dict[int, QuantSpec],
                        model: ir.Model) -> dict[int, tuple[float, int, str]]:
         """``(scale, zero point, dtype)`` of each static activation, from calibration statistics."""
+        self._overshoot: dict[int, float] = {}
+        self._static_error: dict[int, float] = {}
         if not groups:
             return {}
         cfg: InsertQdqConfig = self.config
         calibrate = self.context.require_calibration(self.name)
         requests = []
+        loo = cfg.held_back or cfg.fallback > 0
         for key, members in groups.items():
             obs = ("minmax",) if specs[key].method == "minmax" else ("minmax", "histogram")
+            if loo:
+                obs = (*obs, "absmax_channel_window")
+            if cfg.fallback_error > 0:
+                obs = (*obs, "sample")
             requests.append(StatRequest(members[0].inputs[0].name, obs))  # type: ignore[union-attr]
         stats = calibrate(model, requests)
         out: dict[int, tuple[float, int, str]] = {}
@@ -197,6 +267,15 @@ class InsertQdq(QCPass):
             except (CalibrationError, KeyError) as e:
                 raise CalibrationError(f"insert-qdq: {where}: statistics missing for value '{name}': {e}") from None
             lo, hi = activation_range(spec.method, (mm.min, mm.max), hist, cfg.percentile, spec.symmetric)
+            m = cfg.margin
+            if loo:
+                o = _held_back_overshoot(stats, name)
+                self._overshoot[key] = o
+                if cfg.held_back:
+                    m *= o
+            lo, hi = lo * m, hi * m
             scale, zp = static_qparams(lo, hi, cfg.dtype, spec.symmetric)
             out[key] = (scale, zp, cfg.dtype)
+            if cfg.fallback_error > 0:
+                self._static_error[key] = _static_error(stats, name, scale, zp, cfg.dtype)
         return out

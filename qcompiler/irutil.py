@@ -34,6 +34,8 @@ MS_DOMAIN = "com.microsoft"
 QC_DOMAIN = "qcompiler"
 #: node metadata of the GGUF offset-correction MatMul (see ``linear_weight``)
 GGUF_OFFSET_MARK = "qcompiler.gguf_offset"
+#: marks the constant online-rotation MatMuls of passes/rotate.py: an orthogonal transform, not a linear layer
+ROTATION_MARK = "qcompiler.rotation"
 EXTERNAL_DATA_NAME = "model.onnx_data"
 
 
@@ -385,7 +387,8 @@ def linear_weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
     A MatMul marked ``qcompiler.gguf_offset`` (the exact per-block offset correction of a
     GGUF-transcoded linear, ``qcompiler.gguf_transcode``) is part of that linear, not one.
     """
-    if node.domain != "" or len(node.inputs) < 2 or GGUF_OFFSET_MARK in node.metadata_props:
+    if node.domain != "" or len(node.inputs) < 2 or GGUF_OFFSET_MARK in node.metadata_props \
+            or ROTATION_MARK in node.metadata_props:
         return None
     if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) != 0):
         return None

@@ -305,3 +305,28 @@ register_recipe(
         bits=4,
     )
 )
+
+
+# issue 22: accuracy per bit.  ``rotate`` (passes/rotate.py) folds the norm weights and rotates the
+# residual stream by a randomized Hadamard, exactly in float: outlier channels are spread over all
+# channels before the weights (GPTQ) or the activations (static int8) are quantized.
+register_recipe(
+    Recipe(
+        "w4a16-rotate",
+        "int4 weights: residual stream rotated by a randomized Hadamard (norms folded), then GPTQ (--calib data)",
+        _calibrated(lambda o: f"rotate,gptq{{bits=4,group_size={o.group_size},sym={o.sym},clip={o.clip}}}"),
+        needs_calibration=True,
+        options=WEIGHT_ONLY_OPTIONS - {"lm_head"},
+        bits=4,
+    )
+)
+register_recipe(Recipe(
+    "w8a8-static-rotate",
+    "W8A8 static: residual stream rotated (norms folded), a per-head transform on o_proj's input and an online "
+    "Hadamard on down_proj's input, then "
+    "static per-tensor uint8 activations (calibrated min/max) with the zero point folded into a bias",
+    lambda o: ("canonicalize,rotate{online_down=true,v_o=true},"
+               f"{_w8a8_qdq(o, 'static', ',method=minmax,dtype=uint8,sym=false')}"
+               + ("" if o.target == "npu" else f",fold-zero-point{{cpu_isa={o.cpu_isa}}}")),
+    needs_calibration=True, options=W8A8_OPTIONS, bits=8,
+))

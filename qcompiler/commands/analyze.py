@@ -57,11 +57,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     from qcompiler.distributed import add_ray_argument
 
     add_ray_argument(p, "calibration shards and the per-layer sensitivity reruns")
+    p.add_argument("--text", default=None,
+                   help="a second text (another domain): which linear inputs leave their calibrated static range "
+                        "on it, by how much, on which tokens (OUT/ranges.json, ranges.md)")
+    p.add_argument("--text-tokens", type=int, default=2048, help="tokens of --text, from a third of it on (2048)")
+    p.add_argument("--ranges-only", action="store_true", help="with --text: only the range check, no other analysis")
     p.set_defaults(func=run)
+
+
+def _ranges(args: argparse.Namespace) -> dict:
+    """The out-of-domain range check of ``--text`` (qcompiler/analysis/ranges.py)."""
+    from qcompiler.analysis.ranges import format_table, range_shift
+    from qcompiler.calibrate.windows import load_windows
+    from qcompiler.data import read_text, tokenize
+
+    calib = load_windows(args.model_dir, args.calib, args.samples, args.seq_len, args.seed).ids
+    ids = tokenize(args.model_dir, read_text(args.text))
+    start = len(ids) // 3 if len(ids) - len(ids) // 3 >= args.text_tokens else max(0, len(ids) - args.text_tokens)
+    n = max(1, min(args.text_tokens, len(ids) - start) // args.seq_len)
+    seq = min(args.seq_len, len(ids) - start)
+    text_ids = ids[start:start + n * seq].reshape(n, seq)
+    result = range_shift(args.model_dir, calib, text_ids, threads=args.threads)
+    result.update(calibration=str(args.calib), text=str(args.text))
+    result["table"] = format_table(result)
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
+    from pathlib import Path
+
+    from qcompiler.artifact import write_json
+    from qcompiler.errors import OptionError
+
+    if args.ranges_only:
+        if args.text is None:
+            raise OptionError("--ranges-only needs --text")
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()) and not args.force:
+            raise OptionError(f"{out} exists and is not empty (--force replaces it)")
+        result = _ranges(args)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "ranges.json", result)
+        (out / "ranges.md").write_text(result["table"] + "\n")
+        print(result["table"])
+        return 0
 
     from qcompiler.analysis import AnalyzeConfig, MeasureConfig, analyze
 
@@ -83,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
 
     with make_executor(args.ray) as executor:
         report = analyze(args.model_dir, args.out, cfg, force=args.force, executor=executor)
+    if args.text is not None:
+        result = _ranges(args)
+        write_json(Path(args.out) / "ranges.json", result)
+        (Path(args.out) / "ranges.md").write_text(result["table"] + "\n")
+        print(result["table"])
     brief = {
         "out": args.out,
         "llm_int8_dims": [d["dim"] for d in report["outliers"]["llm_int8"]["dims"]],

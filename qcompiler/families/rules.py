@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from qcompiler.irutil import is_linear
+from qcompiler.irutil import ROTATION_MARK, is_linear
 from qcompiler.models.llama import (
     ACTIVATIONS,
     FUSED_ATTENTION,
@@ -190,7 +190,11 @@ def rule_mlp(linear: ir.Node, ctx: RuleContext) -> dict[int, Role] | None:
     * ``act(part₀) ⊙ part₁`` of one linear cut in two — gate_up_proj (phi3);
     * ``act(x·W₁)`` — a plain two-layer MLP: ``W₁`` is up_proj (opt fc1, gpt2 c_fc, falcon h_to_4h).
     """
-    found = sources(skip_passthrough(linear.inputs[0]))  # type: ignore[arg-type]
+    x = linear.inputs[0]
+    rot = x.producer() if x is not None else None
+    if rot is not None and ROTATION_MARK in rot.metadata_props:  # passes/rotate.py's online transform
+        x = rot.inputs[0]
+    found = sources(skip_passthrough(x))  # type: ignore[arg-type]
     if not any(act for _, act in found.values()):
         return None
     by_linear: dict[int, tuple[ir.Node, set[int | None], bool]] = {}

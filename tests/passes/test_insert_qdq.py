@@ -147,3 +147,39 @@ def test_errors(synthetic_dir) -> None:
     with pytest.raises(CalibrationError, match=r"statistics missing for value '.*'"):
         model = load_model(folder / "model.onnx")
         run_passes(model, parse_pipeline("canonicalize,insert-qdq{act=static}", PassContext(calibrate=NoStats())))
+
+
+def test_margin_held_back_and_fallback(synthetic_dir, calib) -> None:
+    """margin widens every static range; held_back widens each by its leave-one-window-out overshoot
+    (top window abs-max / second); fallback leaves inputs above the threshold with float activations."""
+    folder, _ = synthetic_dir
+    lin = _float_linears(folder)
+    x = lin["layers.0.q_proj"][0]
+    stats = calib(load_model(folder / "model.onnx"), [StatRequest(x, ("minmax", "absmax_channel_window"))])
+    mm = stats.get(x, "minmax")
+    per = np.sort(np.asarray(stats.get(x, "absmax_channel_window").absmax).max(axis=1))
+    o = float(per[-1] / per[-2])
+    absmax = max(abs(float(mm.min)), abs(float(mm.max)))
+    for opts, factor in (("", 1.0), (",margin=1.5", 1.5), (",held_back=true", o), (",held_back=true,margin=2", 2 * o)):
+        _, ctx = compile_model(folder, f"canonicalize,insert-qdq{{act=static{opts}}}", calib)
+        rep = ctx.report["insert-qdq"]
+        np.testing.assert_allclose(rep["activations"]["layers.0.q_proj"]["scale"], absmax * factor / 127, rtol=1e-5)
+        if "held_back" in opts:
+            assert rep["held_back_overshoot"]["layers.0.q_proj"] == pytest.approx(o, abs=1e-3)
+    _, ctx = compile_model(folder, "canonicalize,insert-qdq{act=static,fallback=1.0}", calib)
+    rep = ctx.report["insert-qdq"]
+    # every input whose top window exceeds the others falls back (> 1.0); none is quantized statically
+    assert rep["fallback"] and set(rep["fallback"]).isdisjoint(rep["activations"])
+    assert all(v["held_back_overshoot"] > 1.0 for v in rep["fallback"].values())
+    # fallback_error: the static error on sampled calibration rows, recomputed here for layers.0.q_proj
+    _, ctx = compile_model(folder, "canonicalize,insert-qdq{act=static,fallback_error=1e-9}", calib)
+    rep = ctx.report["insert-qdq"]
+    assert not rep["activations"] and len(rep["fallback"]) == 8  # every input has some error
+    rows = np.asarray(calib(load_model(folder / "model.onnx"), [StatRequest(x, ("sample",))]).get(x, "sample").rows,
+                      np.float64)
+    scale = absmax / 127
+    xq = np.clip(np.rint(rows / scale), -128, 127) * scale
+    want = ((rows - xq) ** 2).sum() / (rows**2).sum()
+    assert rep["fallback"]["layers.0.q_proj"]["static_error"] == pytest.approx(want, rel=1e-3)
+    with pytest.raises(QCError, match="margin must be at least 1"):
+        parse_pipeline("insert-qdq{margin=0.5}")
