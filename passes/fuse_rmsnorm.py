@@ -5,7 +5,9 @@
 Written as onnxscript rewrite rules (pattern, check, replacement), one per form torch
 exports: ``Pow(x, 2) | Mul(x, x) → ReduceMean → Add ε → Sqrt →
 Reciprocal | Div(1, ·) → Mul(x, ·) → [Cast] → Mul γ`` and ``Div(x, √·)`` for the last
-steps, with γ on either side; the same without γ (then γ = 1).  onnxscript's own
+steps, with γ and each commutative step's operands in either order (as alternatives inside
+the pattern: ``commute`` would try 2⁴ rule variants at every node); the same without γ
+(then γ = 1).  onnxscript's own
 ``ort_fusions.rms_normalization`` rule covers only ``Pow`` + ``Reciprocal``, needs γ and
 does not check the reduced axis, so it is not used.  The check accepts exactly that
 function: ε added *inside* the square root, ``x`` itself the input (torch's identity Cast of
@@ -56,25 +58,31 @@ def _feeds_gamma(v: ir.Value, x: ir.Value) -> bool:
 class RMSNorm(pattern.RewriteRuleClassBase):
     """``[γ ⊙] x / √(mean(x²) + ε)`` → ``SimplifiedLayerNormalization(x, γ)``."""
 
-    def __init__(self, name: str, weighted: bool, div: bool) -> None:
+    def __init__(self, name: str, weighted: bool, div: bool, swap: bool = False) -> None:
         super().__init__(name)
-        self._weighted, self._div = weighted, div
+        self._weighted, self._div, self._swap = weighted, div, swap  # swap: the root's operands swapped
 
     def pattern(self, op, x, two, axes, eps, one, gamma):  # type: ignore[no-untyped-def]
-        # (onnxscript 0.7 needs tag_var on an OrValue whose alternatives are not all ops)
-        xc = x  # torch's identity Cast of the residual stays: the residual Add reads it too
-        square = pattern.OrValue([op.Pow(xc, two), op.Mul(xc, xc)], tag_var="square", tag_values=[0, 1])
-        rms = op.Sqrt(op.Add(op.ReduceMean(square, axes, _allow_other_attributes=True), eps))
+        # operand orders as alternatives inside one pattern, not as rule variants (``commute``
+        # would make 2⁴ rules, each tried at every node: minutes on a 135M model)
+        # (onnxscript 0.7 needs tag_var on an OrValue whose alternatives are not distinct ops)
+        square = pattern.OrValue([op.Pow(x, two), op.Mul(x, x)], tag_var="square", tag_values=[0, 1])
+        mean = op.ReduceMean(square, axes, _allow_other_attributes=True)
+        total = pattern.OrValue([op.Add(mean, eps), op.Add(eps, mean)], tag_var="eps_side", tag_values=[0, 1])
+        rms = op.Sqrt(total)
         if self._div:
-            normed = op.Div(xc, rms, _outputs=["normed"])
+            normed = op.Div(x, rms, _outputs=["normed"])
         else:
             inv = pattern.OrValue([op.Reciprocal(rms), op.Div(one, rms)], tag_var="inv", tag_values=[0, 1])
-            normed = op.Mul(xc, inv, _outputs=["normed"])
+            if not self._weighted:
+                return op.Mul(inv, x, _outputs=["normed"]) if self._swap else op.Mul(x, inv, _outputs=["normed"])
+            normed = pattern.OrValue([op.Mul(x, inv), op.Mul(inv, x)], name="normed", tag_var="x_side",
+                                     tag_values=[0, 1])
         if not self._weighted:
             return normed
         out = pattern.OrValue([op.Cast(normed, _allow_other_attributes=True), normed], tag_var="cast_out",
                               tag_values=[1, 0])
-        return op.Mul(out, gamma)
+        return op.Mul(gamma, out) if self._swap else op.Mul(out, gamma)
 
     def check(self, context, x, axes, eps, normed, two=None, one=None, gamma=None,  # type: ignore[no-untyped-def]
               **_) -> pattern.MatchResult:
@@ -114,10 +122,9 @@ class RMSNorm(pattern.RewriteRuleClassBase):
 
 
 RULES = pattern.RewriteRuleSet(
-    [RMSNorm.rule(f"rmsnorm{'-gamma' if w else ''}{'-div' if d else ''}", weighted=w, div=d)
-     for w in (True, False) for d in (False, True)],
-    commute=True,
-)
+    [RMSNorm.rule(f"rmsnorm{'-gamma' if w else ''}{'-div' if d else ''}{'-swap' if sw else ''}", weighted=w, div=d,
+                  swap=sw)
+     for w in (True, False) for d in (False, True) for sw in (False, True) if not (d and sw and not w)])
 
 
 @register_pass
