@@ -56,6 +56,12 @@ class AttentionMatch:
     k_norm: ir.Node | None = None
     q_gamma: np.ndarray | None = None  # the norms' weights, with a trailing constant scale folded in
     k_gamma: np.ndarray | None = None
+    # the 4-D heads ``[B, n, S, H]`` where their split from ``[B, S, n·H]`` is not the plain
+    # Reshape → Transpose (fused linears, partial or unfused rotary, scaled projections): the
+    # fused form reads them back through Transpose₀₂₁₃ → Reshape (``q``/``k``/``v`` then None)
+    q4: ir.Value | None = None
+    k4: ir.Value | None = None
+    v4: ir.Value | None = None
     nodes: list[ir.Node] = field(default_factory=list)
     tags: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
@@ -76,7 +82,8 @@ def _prod(v: ir.Value | None, *ops: str, domain: str = "") -> ir.Node:
 
 
 def _only_user(v: ir.Value, op: str) -> ir.Node:
-    users = [u.node for u in v.uses()]
+    """The one reader of ``v`` besides ``Shape`` nodes (those are rebuilt from the block's tags)."""
+    users = [u.node for u in v.uses() if not (u.node.op_type == "Shape" and u.node.domain == "")]
     _need(len(users) == 1 and users[0].op_type == op and users[0].domain == "", f"expected one {op} user")
     return users[0]
 
@@ -85,15 +92,49 @@ def _perm(node: ir.Node) -> list[int]:
     return list(node.attributes.get_ints("perm", []))
 
 
+_FLOAT_TYPES = (1, 10, 11, 16)
+
+
+def scalar_value(v: ir.Value | None, depth: int = 0) -> float | None:
+    """A scalar the graph computes from constants and static dims, e.g. GPT-2's
+    ``√(1/√Cast(Shape(q)[-1]))`` (the scale torch's SDPA decomposition splits over q and k)."""
+    c = scalar_const(v)
+    if c is not None or v is None or depth > 8:
+        return c
+    node = v.producer()
+    if node is None or node.domain != "" or len(node.outputs) != 1:
+        return None
+    op, ins = node.op_type, node.inputs
+    if op == "Cast" and node.attributes.get_int("to", 0) in _FLOAT_TYPES:
+        inner = scalar_value(ins[0], depth + 1)
+        if inner is None:
+            ints = int_value(ins[0])
+            inner = float(ints[0]) if ints is not None and len(ints) == 1 else None
+        return inner
+    if op in ("Identity", "Squeeze", "Unsqueeze", "Reshape"):
+        return scalar_value(ins[0], depth + 1)
+    if op in ("Sqrt", "Reciprocal", "Neg"):
+        x = scalar_value(ins[0], depth + 1)
+        if x is None or (op == "Sqrt" and x < 0) or (op == "Reciprocal" and x == 0):
+            return None
+        return {"Sqrt": lambda: float(np.sqrt(x)), "Reciprocal": lambda: 1.0 / x, "Neg": lambda: -x}[op]()
+    if op in ("Mul", "Div", "Add", "Sub") and len(ins) == 2:
+        a, b = scalar_value(ins[0], depth + 1), scalar_value(ins[1], depth + 1)
+        if a is None or b is None or (op == "Div" and b == 0):
+            return None
+        return {"Mul": a * b, "Div": a / b if b else 0.0, "Add": a + b, "Sub": a - b}[op]
+    return None
+
+
 def _peel_scale(v: ir.Value, m: AttentionMatch) -> tuple[ir.Value, float]:
-    """Strip ``Mul/Div`` by scalar constants: return (inner value, product of factors)."""
+    """Strip ``Mul/Div`` by scalars (constants or static-dim arithmetic): return (inner value, product of factors)."""
     factor = 1.0
     for _ in range(4):
         node = v.producer()
         if node is None or node.domain != "" or node.op_type not in ("Mul", "Div"):
             break
-        c1 = scalar_const(node.inputs[1])
-        c0 = scalar_const(node.inputs[0]) if node.op_type == "Mul" else None
+        c1 = scalar_value(node.inputs[1])
+        c0 = scalar_value(node.inputs[0]) if node.op_type == "Mul" else None
         if c1 is not None and c1 != 0:
             factor *= c1 if node.op_type == "Mul" else 1.0 / c1
             v = node.inputs[0]
@@ -213,6 +254,25 @@ def _split_heads(v: ir.Value, m: AttentionMatch, tag: str) -> tuple[ir.Value, in
     return x, n, head, norm  # type: ignore[return-value]
 
 
+def _heads_input(v4: ir.Value, m: AttentionMatch, tag: str, rotary: bool = True
+                 ) -> tuple[ir.Value | None, int, int, ir.Node | None, ir.Node | None, ir.Value | None]:
+    """The heads ``v4[B, n, S, H]`` as (x[B, S, n·H], n, H, norm, rotary, None) when they are
+    the plain split of a 3-D value (rotary and a q/k norm taken in), else (None, n, H, None,
+    None, v4): the block then starts at ``v4`` itself (whatever computed it stays)."""
+    mark = (len(m.nodes), dict(m.tags), m.q_gamma, m.k_gamma)
+    try:
+        vr, rot = _rotary(v4, m, tag) if rotary else (v4, None)
+        x, n, h, norm = _split_heads(vr, m, tag)
+        return x, n, h, norm, rot, None
+    except _NoMatch as e:
+        del m.nodes[mark[0]:]
+        m.tags, m.q_gamma, m.k_gamma = mark[1], mark[2], mark[3]
+        d = dims(v4)
+        _need(d is None or len(d) == 4, f"{e}; the {tag} heads are not 4-D")
+        n, h = (d[1], d[3]) if d is not None else (None, None)
+        return None, n if isinstance(n, int) else 0, h if isinstance(h, int) else 0, None, None, v4
+
+
 def _rotary(v: ir.Value, m: AttentionMatch, tag: str) -> tuple[ir.Value, ir.Node | None]:
     v = _through_casts(v, m, ("B", tag, "S", "H"))
     node = v.producer()
@@ -249,6 +309,9 @@ def _repeat_kv(v: ir.Value, m: AttentionMatch, n: int) -> ir.Value:
     od, sd, ed = dims(node.outputs[0]), dims(src), dims(ex.outputs[0])
     _need(od is not None and sd is not None and len(od) == 4 and len(sd) == 4, "repeat-kv ranks")
     target = int_value(node.inputs[1])
+    if not n:  # the query heads are matched at their 4-D form and their count unknown so far
+        n = od[1] if isinstance(od[1], int) else (target[1] if target is not None and len(target) == 4 else 0)
+        m.heads = n
     _need(od[1] == n or (target is not None and len(target) == 4 and target[1] == n), "repeat-kv head count")  # type: ignore[index]
     kv = sd[1] if isinstance(sd[1], int) else None  # type: ignore[index]
     reps_ok = ed is not None and len(ed) == 5 and kv is not None and ed[2] == n // kv
@@ -262,12 +325,26 @@ def _repeat_kv(v: ir.Value, m: AttentionMatch, n: int) -> ir.Value:
 
 
 def _output_reshape(pv: ir.Node, m: AttentionMatch) -> ir.Value:
-    tr = _only_user(pv.outputs[0], "Transpose")
+    first = pv.outputs[0]
+    users = [u.node for u in first.uses() if u.node.op_type != "Shape"]
+    if len(users) == 1 and users[0].op_type == "Reshape" and users[0].domain == "":  # Falcon: view(B, N, S, H)
+        same, pd = dims(users[0].outputs[0]), dims(first)
+        _need(same is not None and pd is not None and len(same) == len(pd) == 4
+              and all(isinstance(same[i], int) and same[i] == pd[i] for i in (1, 3)), "heads view keeps [B, N, S, H]")
+        m.nodes.append(users[0])
+        m.tags[id(users[0].outputs[0])] = ("B", "N", "S", "H")
+        first = users[0].outputs[0]
+    tr = _only_user(first, "Transpose")
     _need(_perm(tr) == [0, 2, 1, 3], "output transpose perm")
     rs = _only_user(tr.outputs[0], "Reshape")
-    od, qd = dims(rs.outputs[0]), dims(m.q)
+    od, qd = dims(rs.outputs[0]), dims(m.q) if m.q is not None else dims(m.q4)
+    if m.q is None and qd is not None and len(qd) == 4:
+        qd = [qd[0], qd[2]]  # [B, N, S, H] → B, S
     _need(od is not None and qd is not None and len(od) == 3, "output reshape rank")
-    _need(same_dim(od[0], qd[0]) and same_dim(od[1], qd[1]), "output reshape keeps batch and sequence")  # type: ignore[index]
+    # heads matched at their 4-D form may carry no batch/sequence symbols (a reshape to [B, -1, n, H]):
+    # then the reshape of [B, S, N, H] to a last axis of N·H (checked below) keeps them
+    _need((same_dim(od[0], qd[0]) and same_dim(od[1], qd[1])) or (m.q is None and not all(qd)),  # type: ignore[index]
+          "output reshape keeps batch and sequence")
     width = m.heads * m.head_size
     if od[2] != width:  # type: ignore[index]
         target = rs.inputs[1]
@@ -281,6 +358,21 @@ def _output_reshape(pv: ir.Node, m: AttentionMatch) -> ir.Value:
     m.tags[id(pv.outputs[0])] = ("B", "N", "S", "H")
     m.tags[id(tr.outputs[0])] = ("B", "S", "N", "H")
     return rs.outputs[0]
+
+
+def _resolve_layout(m: AttentionMatch, pv: ir.Node, hk: int, hv: int, kv_v: int) -> None:
+    """Head count and size (0 = unknown) of sides matched at their 4-D heads, from the others,
+    the cache inputs ``[B, KV, past, H]`` or the probabilities · V product ``[B, N, S, H]``."""
+    past = dims(m.past_k) if m.past_k is not None else None
+    out = dims(pv.outputs[0])
+    sizes = [x for x in (m.head_size, hk, hv, past[3] if past else None, out[3] if out else None)
+             if isinstance(x, int) and x > 0]
+    kvs = [x for x in (m.kv_heads, kv_v, past[1] if past else None) if isinstance(x, int) and x > 0]
+    heads = [x for x in (m.heads, out[1] if out else None) if isinstance(x, int) and x > 0]
+    _need(sizes and len(set(sizes)) == 1, "head size known and the same for q, k and v")
+    _need(kvs and len(set(kvs)) == 1, "kv head count known and the same for k and v")
+    _need(heads and len(set(heads)) == 1, "query head count known")
+    m.head_size, m.kv_heads, m.heads = sizes[0], kvs[0], heads[0]
 
 
 def _match(softmax: ir.Node) -> AttentionMatch:
@@ -325,19 +417,19 @@ def _match(softmax: ir.Node) -> AttentionMatch:
     m.tags[id(kt)] = ("B", "N", "H", "T")
     k_rep, k_factor2 = _peel_scale(tr_k.inputs[0], m)  # type: ignore[arg-type]
     m.scale = s_factor * q_factor * k_factor * k_factor2
-    q4r, m.rotary_q = _rotary(q4, m, "N")
-    m.q, m.heads, m.head_size, m.q_norm = _split_heads(q4r, m, "N")
+    m.q, m.heads, m.head_size, m.q_norm, m.rotary_q, m.q4 = _heads_input(q4, m, "N")
     k_all = _repeat_kv(k_rep, m, m.heads)
     k_new, m.past_k, present_k = _cache_concat(k_all, m)
-    k4r, m.rotary_k = _rotary(k_new, m, "KV")
-    m.k, m.kv_heads, hk, m.k_norm = _split_heads(k4r, m, "KV")
+    m.k, m.kv_heads, hk, m.k_norm, m.rotary_k, m.k4 = _heads_input(k_new, m, "KV")
     v_all = _repeat_kv(pv.inputs[1], m, m.heads)  # type: ignore[arg-type]
     v_new, m.past_v, present_v = _cache_concat(v_all, m)
-    m.v, kv_v, hv, v_norm = _split_heads(v_new, m, "KV")
+    m.v, kv_v, hv, v_norm, _, m.v4 = _heads_input(v_new, m, "KV", rotary=False)
     _need(v_norm is None, "no norm on v")
+    _resolve_layout(m, pv, hk, hv, kv_v)
+    hk = hv = m.head_size
+    kv_v = m.kv_heads
     _need(hk == hv == m.head_size and kv_v == m.kv_heads and m.heads % m.kv_heads == 0, "head layout")
     _need((m.past_k is None) == (m.past_v is None), "both or neither of k/v cached")
-    _need((m.rotary_k is None) == (m.rotary_q is None), "rotary on both q and k")
     if m.past_k is not None:
         m.present_k, m.present_v = present_k, present_v
         for past in (m.past_k, m.past_v):

@@ -331,6 +331,21 @@ def int_value(value: ir.Value | None) -> list[int] | None:
             return [data[i] for i in idx]
         except IndexError:
             return None
+    if op == "Slice" and len(node.inputs) >= 3:
+        shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
+        bounds = [int_value(i) for i in node.inputs[1:]]
+        if any(b is None or len(b) != 1 for b in bounds) or (len(bounds) > 2 and bounds[2] != [0]) \
+                or (len(bounds) > 3 and bounds[3] != [1]):
+            return None
+        if shape_node is not None and shape_node.op_type == "Shape" and shape_node.domain == "" \
+                and not shape_node.attributes:
+            d = dims(shape_node.inputs[0])  # only the sliced dims need to be known
+        else:
+            d = int_value(node.inputs[0])  # type: ignore[assignment]
+        if d is None:
+            return None
+        part = d[slice(bounds[0][0], bounds[1][0])]  # type: ignore[index]
+        return [int(x) for x in part] if all(isinstance(x, int) for x in part) else None
     if op == "Concat":
         parts = [int_value(i) for i in node.inputs]
         return None if any(p is None for p in parts) else [x for p in parts for x in p]  # type: ignore[union-attr]

@@ -167,6 +167,18 @@ def _shape_readers(m: AttentionMatch, interior: set[int]) -> list[tuple[ir.Node,
     return readers
 
 
+def _flat_heads(b: _Builder, v4: ir.Value, heads: int, size: int, tag: str) -> ir.Value:
+    """``v4[B, n, S, H]`` → ``[B, S, n·H]`` (Transpose₀₂₁₃, Reshape): the layout GQA reads."""
+    t = b("Transpose", [v4], f"{tag}_bsnh", perm=[0, 2, 1, 3]).outputs[0]
+    flat = b("Reshape", [t, b.const(f"flat_{heads * size}", np.array([0, 0, heads * size], np.int64))],
+             f"{tag}_flat").outputs[0]
+    d = dims(v4)
+    if d is not None and len(d) == 4:
+        flat.shape = ir.Shape([d[0], d[2], heads * size])
+    flat.type = v4.type
+    return flat
+
+
 def _head_normed(b: _Builder, x: ir.Value, norm: ir.Node | None, gamma: np.ndarray | None, heads: int, size: int,
                  tag: str) -> ir.Value:
     """``x[B, S, n·H]`` with the block's q/k norm (weight ``gamma``) applied per head (over ``H``), else ``x``."""
@@ -223,6 +235,10 @@ class FuseAttention(QCPass):
                  shared: _Shared) -> None:
         anchor = m.output.producer()
         b = _Builder(graph, anchor, f"{anchor.name or 'attention'}_gqa", shared.consts)  # type: ignore[union-attr]
+        for side, n in (("q", m.heads), ("k", m.kv_heads), ("v", m.kv_heads)):
+            v4 = getattr(m, f"{side}4")
+            if v4 is not None:  # the block starts at the 4-D heads: read them back as [B, S, n·H]
+                setattr(m, side, _flat_heads(b, v4, n, m.head_size, side))
         lens = _lengths(b, m, shared)
         for reader, tag in readers:
             replace_value(graph, reader.outputs[0], _shape_of(b, m, tag, reader, lens))

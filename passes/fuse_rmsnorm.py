@@ -2,14 +2,21 @@
 
     y = γ ⊙ x · 1/√(mean(x², axis=−1) + ε)  ≡  SimplifiedLayerNormalization(x, γ; axis=−1, epsilon=ε)
 
-The subgraph is found by :func:`qcompiler.models.llama.match_rmsnorm` (torch's export
-``Pow → ReduceMean → Add ε → Sqrt → Div(1, ·) → Mul(x, ·) → [Cast] → Mul γ`` and the
-``Reciprocal`` / ``x·x`` variants).  It is replaced only when it is exactly that
-function: ε added *inside* the square root, the mean over the last axis, every Cast
-inside the region an identity (same type in and out, so no precision change), every
-intermediate value used only inside the region, and γ a constant vector.  A norm
-without γ gets γ = 1.  Anything else is left alone and logged.  ORT computes the fused
-op in float32 (``stash_type=1``), like the float32 subgraph it replaces.
+Written as onnxscript rewrite rules (pattern, check, replacement), one per form torch
+exports: ``Pow(x, 2) | Mul(x, x) → ReduceMean → Add ε → Sqrt →
+Reciprocal | Div(1, ·) → Mul(x, ·) → [Cast] → Mul γ`` and ``Div(x, √·)`` for the last
+steps, with γ and each commutative step's operands in either order (as alternatives inside
+the pattern: ``commute`` would try 2⁴ rule variants at every node); the same without γ
+(then γ = 1).  onnxscript's own
+``ort_fusions.rms_normalization`` rule covers only ``Pow`` + ``Reciprocal``, needs γ and
+does not check the reduced axis, so it is not used.  The check accepts exactly that
+function: ε added *inside* the square root, ``x`` itself the input (torch's identity Cast of
+the residual stays: the residual Add reads it too; later passes see through it), the mean over the last axis with
+``keepdims=1``, every Cast an identity (same type in and out, so no precision change), γ a
+constant vector of the input's type and width.  The rewriter itself refuses a match whose
+intermediate values are read outside it.  ORT computes the fused op in float32
+(``stash_type=1``), like the float32 subgraph it replaces.  A weightless norm inside a
+γ-norm is left to the γ rule (its check fails when its output feeds ``Mul γ``).
 """
 
 from __future__ import annotations
@@ -18,47 +25,106 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from qcompiler.models.llama import match_rmsnorm
+from onnxscript.rewriter import pattern
 
+from qcompiler.irutil import const_array, scalar_const
 from qcompiler.pipeline import QCPass, register_pass
 
-from ._fusion import (
-    cleanup,
-    const,
-    dims,
-    infer_shapes,
-    is_closed,
-    is_identity_cast,
-    new_node,
-    record,
-    region,
-    replace_value,
-)
+from ._fusion import cleanup, dims, infer_shapes, record
 
 log = logging.getLogger(__name__)
 
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
-def _why_not(match, nodes: list[ir.Node] | None, graph: ir.Graph) -> str | None:
-    if nodes is None:
-        return "the subgraph reads values other than x and constants"
-    if not is_closed(nodes, [match.output], graph):
-        return "an intermediate value is used outside the norm"
-    if any(n.op_type in ("Cast", "Identity") and not is_identity_cast(n) for n in nodes):
-        return "a Cast inside the norm changes precision"
-    if match.input.dtype not in FLOATS:
-        return f"input type {match.input.dtype} is not a known float type"
-    if match.gamma is not None:
-        g = match.gamma.const_value
-        if g is None or len(g.shape) != 1 or g.dtype != match.input.dtype:
-            return "γ is not a constant vector of the input's type"
-        last = (dims(match.input) or [None])[-1]
-        if isinstance(last, int) and g.shape[0] != last:
-            return f"γ has {g.shape[0]} entries but the input's last axis has {last}"
-    elif not isinstance((dims(match.input) or [None])[-1], int):
-        return "weightless norm over an axis of unknown size"
-    return None
+def _is_gamma(v: ir.Value | None, x: ir.Value) -> bool:
+    g = const_array(v) if v is not None else None
+    last = (dims(x) or [None])[-1]
+    return (g is not None and g.ndim == 1 and v.dtype == x.dtype  # type: ignore[union-attr]
+            and (not isinstance(last, int) or g.shape[0] == last))
+
+
+def _feeds_gamma(v: ir.Value, x: ir.Value) -> bool:
+    """``v`` (through an identity Cast) is multiplied by a γ vector: the γ rule's match, not ours."""
+    for use in v.uses():
+        node = use.node
+        if node.op_type == "Cast" and node.domain == "" and len(node.outputs[0].uses()) == 1:
+            node = node.outputs[0].uses()[0].node
+        if node.op_type == "Mul" and node.domain == "" and any(_is_gamma(i, x) for i in node.inputs):
+            return True
+    return False
+
+
+class RMSNorm(pattern.RewriteRuleClassBase):
+    """``[γ ⊙] x / √(mean(x²) + ε)`` → ``SimplifiedLayerNormalization(x, γ)``."""
+
+    def __init__(self, name: str, weighted: bool, div: bool, swap: bool = False) -> None:
+        super().__init__(name)
+        self._weighted, self._div, self._swap = weighted, div, swap  # swap: the root's operands swapped
+
+    def pattern(self, op, x, two, axes, eps, one, gamma):  # type: ignore[no-untyped-def]
+        # operand orders as alternatives inside one pattern, not as rule variants (``commute``
+        # would make 2⁴ rules, each tried at every node: minutes on a 135M model)
+        # (onnxscript 0.7 needs tag_var on an OrValue whose alternatives are not distinct ops)
+        square = pattern.OrValue([op.Pow(x, two), op.Mul(x, x)], tag_var="square", tag_values=[0, 1])
+        mean = op.ReduceMean(square, axes, _allow_other_attributes=True)
+        total = pattern.OrValue([op.Add(mean, eps), op.Add(eps, mean)], tag_var="eps_side", tag_values=[0, 1])
+        rms = op.Sqrt(total)
+        if self._div:
+            normed = op.Div(x, rms, _outputs=["normed"])
+        else:
+            inv = pattern.OrValue([op.Reciprocal(rms), op.Div(one, rms)], tag_var="inv", tag_values=[0, 1])
+            if not self._weighted:
+                return op.Mul(inv, x, _outputs=["normed"]) if self._swap else op.Mul(x, inv, _outputs=["normed"])
+            normed = pattern.OrValue([op.Mul(x, inv), op.Mul(inv, x)], name="normed", tag_var="x_side",
+                                     tag_values=[0, 1])
+        if not self._weighted:
+            return normed
+        out = pattern.OrValue([op.Cast(normed, _allow_other_attributes=True), normed], tag_var="cast_out",
+                              tag_values=[1, 0])
+        return op.Mul(gamma, out) if self._swap else op.Mul(out, gamma)
+
+    def check(self, context, x, axes, eps, normed, two=None, one=None, gamma=None,  # type: ignore[no-untyped-def]
+              **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.dtype not in FLOATS:
+            return result.fail(f"input type {x.dtype} is not a known float type")
+        for n in context.nodes:
+            if n.op_type == "Cast" and n.attributes.get_int("to", -1) != (x.dtype.value if x.dtype else -2):
+                return result.fail("a Cast inside the norm changes precision")
+            if n.op_type == "ReduceMean" and n.attributes.get_int("keepdims", 1) != 1:
+                return result.fail("the mean drops its axis")
+        if two is not None and scalar_const(two) != 2.0:
+            return result.fail("Pow exponent is not 2")
+        if one is not None and scalar_const(one) != 1.0:
+            return result.fail("Div numerator is not 1")
+        if scalar_const(eps) is None:
+            return result.fail("ε is not a constant scalar")
+        ax = const_array(axes)
+        rank = len(dims(x) or [])
+        if ax is None or ax.size != 1 or int(ax.reshape(-1)[0]) not in (-1, rank - 1):
+            return result.fail("the mean is not over the last axis")
+        if self._weighted:
+            if not _is_gamma(gamma, x):
+                return result.fail("γ is not a constant vector of the input's type and width")
+        else:
+            if not isinstance((dims(x) or [None])[-1], int):
+                return result.fail("weightless norm over an axis of unknown size")
+            if _feeds_gamma(normed, x):
+                return result.fail("the γ rule's norm")
+        return result
+
+    def rewrite(self, op, x, eps, gamma=None, **_):  # type: ignore[no-untyped-def]
+        if gamma is None:
+            gamma = op.Constant(value=ir.tensor(np.ones(int(dims(x)[-1]), x.dtype.numpy())))  # type: ignore[index,union-attr]
+        return op.SimplifiedLayerNormalization(x, gamma, axis=-1, epsilon=float(scalar_const(eps)),  # type: ignore[arg-type]
+                                               stash_type=1)
+
+
+RULES = pattern.RewriteRuleSet(
+    [RMSNorm.rule(f"rmsnorm{'-gamma' if w else ''}{'-div' if d else ''}{'-swap' if sw else ''}", weighted=w, div=d,
+                  swap=sw)
+     for w in (True, False) for d in (False, True) for sw in (False, True) if not (d and sw and not w)])
 
 
 @register_pass
@@ -68,34 +134,8 @@ class FuseRMSNorm(QCPass):
     name = "fuse-rmsnorm"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
         infer_shapes(model)
-        count = 0
-        absorbed: set[int] = set()
-        # from the end, so that ``γ ⊙ normed`` is matched before its weightless inner ``normed``
-        for node in reversed(list(graph)):
-            if node.op_type != "Mul" or node.domain != "" or id(node) in absorbed:
-                continue
-            match = match_rmsnorm(node.outputs[0])
-            if match is None or match.fused:
-                continue
-            nodes = region(match.output, [match.input])
-            absorbed.update(id(n) for n in nodes or [])
-            reason = _why_not(match, nodes, graph)
-            if reason is not None:
-                log.info("fuse-rmsnorm: RMSNorm at %s left unfused: %s", node.name, reason)
-                continue
-            gamma = match.gamma
-            if gamma is None:
-                h = int(dims(match.input)[-1])  # type: ignore[index,arg-type]
-                gamma = const(graph, f"{node.name}_ones", np.ones(h, dtype=match.input.dtype.numpy()))
-            fused = new_node(
-                graph, "SimplifiedLayerNormalization", [match.input, gamma], f"{node.name}_SimplifiedLayerNorm",
-                attributes={"axis": -1, "epsilon": float(match.eps), "stash_type": 1},
-            )
-            graph.insert_before(node, fused)
-            replace_value(graph, match.output, fused.outputs[0])
-            count += 1
+        count = RULES.apply_to_model(model)
         if count:
             cleanup(model)
         record(self.context, self.name, count)

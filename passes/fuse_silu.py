@@ -4,9 +4,10 @@
 
 The SwiGLU MLP's ``act(gate) ⊙ up`` keeps its product Mul (ONNX Runtime has no CPU
 kernel for a fused SwiGLU); the activation becomes one op instead of two, computed
-by the same vectorized logistic (bit-identical on ONNX Runtime CPU).  Only the exact
-form is rewritten: the Sigmoid reads the same value the Mul multiplies, and nothing
-else reads the Sigmoid.
+by the same vectorized logistic (bit-identical on ONNX Runtime CPU).  Written as one
+onnxscript rewrite rule (pattern ``Mul(x, Sigmoid(x))`` in both operand orders; the
+rewriter removes the Sigmoid only when nothing else reads it, so a Sigmoid with other
+readers is left alone by the check).  onnxscript's ``ort_fusions`` has no SiLU rule.
 """
 
 from __future__ import annotations
@@ -14,24 +15,33 @@ from __future__ import annotations
 import logging
 
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 from qcompiler.irutil import MS_DOMAIN, ensure_opset
 from qcompiler.pipeline import QCPass, register_pass
 
-from ._fusion import cleanup, new_node, record, replace_value
+from ._fusion import cleanup, record
 
 log = logging.getLogger(__name__)
 
 
-def _silu_input(mul: ir.Node) -> ir.Value | None:
-    if mul.op_type != "Mul" or mul.domain != "" or len(mul.inputs) != 2:
-        return None
-    for i in (0, 1):
-        sig = mul.inputs[1 - i].producer() if mul.inputs[1 - i] is not None else None
-        if (sig is not None and sig.op_type == "Sigmoid" and sig.domain == "" and sig.inputs[0] is mul.inputs[i]
-                and len(sig.outputs[0].uses()) == 1 and not sig.outputs[0].is_graph_output()):
-            return mul.inputs[i]
-    return None
+class SiLU(pattern.RewriteRuleClassBase):
+    """``Mul(x, Sigmoid(x))`` → ``QuickGelu(x; alpha=1)``."""
+
+    def pattern(self, op, x):  # type: ignore[no-untyped-def]
+        return op.Mul(x, op.Sigmoid(x, _outputs=["sig"]))
+
+    def check(self, context, x, sig, **_) -> pattern.MatchResult:  # type: ignore[no-untyped-def]
+        result = pattern.MatchResult()
+        if len(sig.uses()) != 1 or sig.is_graph_output():
+            return result.fail("the Sigmoid has other readers")
+        return result
+
+    def rewrite(self, op, x, **_):  # type: ignore[no-untyped-def]
+        return op.QuickGelu(x, alpha=1.0, _domain=MS_DOMAIN)
+
+
+RULES = pattern.RewriteRuleSet([SiLU.rule("silu")], commute=True)
 
 
 @register_pass
@@ -41,17 +51,7 @@ class FuseSiLU(QCPass):
     name = "fuse-silu"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        count = 0
-        for mul in list(graph):
-            x = _silu_input(mul)
-            if x is None:
-                continue
-            fused = new_node(graph, "QuickGelu", [x], f"{mul.name or 'silu'}_QuickGelu", attributes={"alpha": 1.0},
-                             domain=MS_DOMAIN)
-            graph.insert_before(mul, fused)
-            replace_value(graph, mul.outputs[0], fused.outputs[0])
-            count += 1
+        count = RULES.apply_to_model(model)
         if count:
             ensure_opset(model, MS_DOMAIN, 1)
             cleanup(model)

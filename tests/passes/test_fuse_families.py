@@ -22,18 +22,9 @@ LAYERS = 2
 PROMPT = [int(t) for t in np.random.default_rng(11).integers(0, VOCAB, 8)]
 STEPS = 16
 
-#: family → why its attention is not fused to GroupQueryAttention yet (issue 24)
-#: (the matcher's words, from ``qcompiler.models.attention.match_attention``)
-NOT_FUSED: dict[str, str] = {
-    "cohere": "interleaved rotary (fuse-rotary leaves it): expected Transpose",
-    "falcon": "fused query_key_value split by Reshape to heads: expected Transpose",
-    "gpt2": "Conv1D-style fused c_attn split by Split: expected Transpose",
-    "gpt_neox": "fused query_key_value viewed per head before the split: expected Transpose",
-    "opt": "heads reshape keeps batch and sequence (scaled q before the split)",
-    "phi": "partial rotary (Slice of the head, rotary, Concat): expected Transpose",
-    "phi3": "qkv_proj sliced, rotary on a Slice of the head: expected Transpose",
-    "stablelm": "partial rotary (Slice of the head, rotary, Concat): expected Transpose",
-}
+#: family → why its attention is not fused to GroupQueryAttention (the matcher's words,
+#: from ``qcompiler.models.attention.match_attention``); none since issue 24
+NOT_FUSED: dict[str, str] = {}
 
 
 def _compile(model_type: str, recipe: str, out: Path, fuse: bool) -> Path:
