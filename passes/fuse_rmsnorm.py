@@ -10,10 +10,20 @@ inside the region an identity (same type in and out, so no precision change), ev
 intermediate value used only inside the region, and γ a constant vector.  A norm
 without γ gets γ = 1.  Anything else is left alone and logged.  ORT computes the fused
 op in float32 (``stash_type=1``), like the float32 subgraph it replaces.
+
+Half-precision graphs (fp16/bf16) hold the norm as transformers computes it: statistics in
+float32 and the normed value narrowed back before γ::
+
+    y = γ ⊙ Cast_h(x₃₂ · 1/√(mean(x₃₂²) + ε)),   x₃₂ = Cast_f32(x_h)
+
+The widening Cast is exact and the fused op keeps its statistics in float32 too, so the only
+difference is where the one rounding to the half type happens (after γ instead of before:
+≤ 1 ulp of the half type).  That region fuses to ``SimplifiedLayerNormalization(x_h, γ_h)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -40,12 +50,29 @@ log = logging.getLogger(__name__)
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
-def _why_not(match, nodes: list[ir.Node] | None, graph: ir.Graph) -> str | None:
+def _widened(match, nodes: list[ir.Node] | None) -> ir.Node | None:
+    """The widening ``Cast(x_h → float32)`` of a half-precision norm (module docstring), if the
+    region's only other precision change is the one Cast back to x_h's type."""
+    cast = match.input.producer()
+    if nodes is None or cast is None or cast.op_type != "Cast" or cast.domain != "" or cast.inputs[0] is None:
+        return None
+    half = cast.inputs[0].dtype
+    if half not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) or match.input.dtype != ir.DataType.FLOAT:
+        return None
+    if any(u.node not in nodes for u in match.input.uses()) or match.input.is_graph_output():
+        return None
+    changes = [n for n in nodes if n.op_type == "Cast" and not is_identity_cast(n)]
+    if len(changes) != 1 or changes[0].attributes.get_int("to", -1) != half.value:
+        return None
+    return cast
+
+
+def _why_not(match, nodes: list[ir.Node] | None, graph: ir.Graph, widened: bool = False) -> str | None:
     if nodes is None:
         return "the subgraph reads values other than x and constants"
     if not is_closed(nodes, [match.output], graph):
         return "an intermediate value is used outside the norm"
-    if any(n.op_type in ("Cast", "Identity") and not is_identity_cast(n) for n in nodes):
+    if not widened and any(n.op_type in ("Cast", "Identity") and not is_identity_cast(n) for n in nodes):
         return "a Cast inside the norm changes precision"
     if match.input.dtype not in FLOATS:
         return f"input type {match.input.dtype} is not a known float type"
@@ -80,8 +107,12 @@ class FuseRMSNorm(QCPass):
             if match is None or match.fused:
                 continue
             nodes = region(match.output, [match.input])
+            widen = _widened(match, nodes)
+            if widen is not None:  # half-precision norm: fuse from x_h, the two Casts inside
+                match = dataclasses.replace(match, input=widen.inputs[0])
+                nodes = [widen, *nodes]  # type: ignore[list-item]
             absorbed.update(id(n) for n in nodes or [])
-            reason = _why_not(match, nodes, graph)
+            reason = _why_not(match, nodes, graph, widened=widen is not None)
             if reason is not None:
                 log.info("fuse-rmsnorm: RMSNorm at %s left unfused: %s", node.name, reason)
                 continue
