@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from qcompiler.floattype import float_type, graph_float_type
 from qcompiler.passes._lowering import base_name, following_bias, remove_dead, shared_u8_quantize, take_over
 
+from qcompiler.floattype import float_type, graph_float_type
 from qcompiler.irutil import MS_DOMAIN, add_initializer, ensure_opset, remove_unused_initializers
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.intgemm import check_cpu_isa, encode_weight

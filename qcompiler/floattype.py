@@ -66,3 +66,53 @@ def type_name(dtype: ir.DataType) -> str:
         if v == dtype:
             return k
     return dtype.name.lower()
+
+
+def widen_bf16(proto) -> bool:
+    """Rewrite a bf16 ``onnx.ModelProto`` in place to compute in float32; returns whether it did.
+
+    ONNX Runtime's CPU provider has no bf16 MatMul, so calibration and the analysis sessions
+    run a bf16 graph widened: every bf16 initializer is read through ``Cast(→ float32)`` (the
+    weights stay where they are, in their external file), bf16 graph inputs, outputs, value
+    types, ``Constant`` / ``ConstantOfShape`` values and ``Cast(to=bf16)`` become float32.  bf16
+    → float32 is exact, so the statistics are those of the bf16 weights computed wide (the
+    bf16 rounding of intermediate activations is not reproduced).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    g = proto.graph
+    changed = False
+
+    def _retype(vi) -> None:
+        nonlocal changed
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == bf16:
+            vi.type.tensor_type.elem_type = f32
+            changed = True
+
+    for vi in (*g.input, *g.output, *g.value_info):
+        _retype(vi)
+    casts = []
+    for t in g.initializer:
+        if t.data_type == bf16:
+            wide = f"{t.name}__bf16"
+            casts.append(helper.make_node("Cast", [wide], [t.name], to=f32, name=f"{t.name}__widen"))
+            t.name = wide
+    for node in g.node:
+        if node.op_type == "Cast":
+            for a in node.attribute:
+                if a.name == "to" and a.i == bf16:
+                    a.i = f32
+                    changed = True
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == bf16:
+                arr = numpy_helper.to_array(a.t).astype(np.float32)
+                a.t.CopyFrom(numpy_helper.from_array(arr, a.t.name))
+                changed = True
+    if casts:
+        nodes = list(g.node)
+        del g.node[:]
+        g.node.extend([*casts, *nodes])
+        changed = True
+    return changed

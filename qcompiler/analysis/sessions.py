@@ -26,8 +26,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qcompiler.floattype import graph_float_type
 from qcompiler.errors import QCError
+from qcompiler.floattype import graph_float_type, widen_bf16
 
 _PAST_PREFIX = "past_key_values."
 _INLINE_LIMIT = 1 << 16
@@ -174,6 +174,7 @@ class PartRunner:
             from qcompiler.ops import register_library
 
             register_library(so)
+        widen_bf16(proto)  # a bf16 graph runs computed in float32 (no bf16 MatMul on CPU)
         try:
             self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types

@@ -37,6 +37,8 @@ QUANT_KEY = "qc.quant"
 PER_TOKEN_EPS = 1e-8
 #: fp16 cannot hold 1e-8 (nor ε/127 for ε < 127·2⁻²⁴): rows with |x| ≤ 1e-4 are zero rows there.
 PER_TOKEN_EPS_FP16 = 1e-4
+#: the first opset whose ``Round`` accepts bf16 (the per-token form of a bf16 graph needs it)
+BF16_ROUND_OPSET = 22
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ def emit_per_token_activation(graph: ir.Graph, matmul: ir.Node, base: str) -> li
     """Insert the dynamic per-token symmetric int8 fake-quantization on MatMul input 0."""
     x = matmul.inputs[0]
     ft = float_type(x, matmul.outputs[0], default=graph_float_type(graph))
+    if ft == ir.DataType.BFLOAT16 and graph.opset_imports.get("", 0) < BF16_ROUND_OPSET:
+        graph.opset_imports[""] = BF16_ROUND_OPSET  # Round takes bf16 from opset 22 on
     axes = add_initializer(graph, f"{base}_axes", np.array([-1], dtype=np.int64))
     eps = add_initializer(graph, f"{base}_eps", float_array(PER_TOKEN_EPS_FP16 if ft == ir.DataType.FLOAT16 else PER_TOKEN_EPS, ft))
     q127 = add_initializer(graph, f"{base}_127", float_array(127.0, ft))

@@ -20,10 +20,10 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
-from qcompiler.irutil import load_model
 from qcompiler.models.half import to_float_type
 from qcompiler.models.synthetic import SyntheticConfig, build_llama, write_model_dir
+
+from qcompiler.irutil import load_model
 from qcompiler.quantize import quantize
 from qcompiler.recipes import QuantizeOptions
 from tests.helpers import WINDOW, run_logits
