@@ -93,3 +93,30 @@ def test_export_rejects_unknown_dtype(tmp_path: Path) -> None:
 
     with pytest.raises(OptionError, match="fp16"):
         export("does-not-matter", tmp_path / "x", dtype="float16")
+
+
+@pytest.mark.slow
+def test_smollm2_fp16(smollm2_kv, smollm2_kv_fp16, eval_text, tmp_path) -> None:
+    """SmolLM2 in fp16: perplexity within 0.3% of fp32, every norm/rotary/attention fused after
+    w4a16-rtn (fp16 scales, 2/3 of the fp32 model's size), fp16 KV-cache generation."""
+    from qcompiler.data import read_text, tokenize
+    from qcompiler.eval import evaluate
+    from qcompiler.irutil import load_model, op_types
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions
+    from qcompiler.runtime import open_runner
+
+    r16 = evaluate(smollm2_kv_fp16, eval_text, max_tokens=1024)
+    r32 = evaluate(smollm2_kv, eval_text, max_tokens=1024)
+    assert abs(r16.perplexity / r32.perplexity - 1) < 0.003
+    out = tmp_path / "w4"
+    quantize(smollm2_kv_fp16, out, recipe="w4a16-rtn", options=QuantizeOptions(group_size=128))
+    ops = op_types(load_model(out / "model.onnx"))
+    assert ops["com.microsoft.GroupQueryAttention"] == 30 and ops["com.microsoft.SkipSimplifiedLayerNormalization"] == 60
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {t.data_type for t in m.graph.initializer if t.data_type in (F16, BF16, F32)} == {F16}
+    size = sum(f.stat().st_size for f in out.iterdir())
+    assert size < 0.75 * 175e6
+    runner = open_runner(out, threads=2)
+    ids = tokenize(out, read_text(eval_text))[:16]
+    assert len(list(runner.generate([int(t) for t in ids], max_new_tokens=8))) == 8
