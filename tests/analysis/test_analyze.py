@@ -139,7 +139,7 @@ def test_cli_refuses_impossible_budget_and_unwritable_folder(synthetic_dir, synt
 def test_fp16_range_reports_an_activation_past_65504(synthetic_text, tmp_path: Path) -> None:
     """A massive activation of 1e5 (the residual stream of position 0) is reported as past fp16's
     range from the residual it enters on; the default model (800) is fp16-safe."""
-    folder, truth = build_model_dir(tmp_path / "huge", SyntheticConfig(massive_value=1e5))
+    folder, _ = build_model_dir(tmp_path / "huge", SyntheticConfig(massive_value=1e5))
     report = analyze(folder, tmp_path / "report", _config(synthetic_text, tmp_path / "cache", e2e_top=0,
                                                          pareto_e2e=False))
     fp16 = report["outliers"]["fp16_range"]
