@@ -116,3 +116,19 @@ def test_bf16_graphs_type_check(recipe, target, folders, synthetic_text, tmp_pat
         onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True)
     assert _resolves(out) in ("ok", "no CPU kernel")
     assert json.loads((out / "quantization.json").read_text())["recipe"] == recipe
+
+
+@pytest.mark.parametrize(("label", "kw"), [("embeddings", {"quantize_embeddings": True}),
+                                           ("npu-asym", {"target": "npu"}),
+                                           ("no-fuse", {"fuse": False})])
+def test_fp16_variants(label, kw, folders, synthetic_text, tmp_path) -> None:
+    """int4 embeddings (GatherBlockQuantized, fp16 scales), the NPU re-quantization of an asymmetric
+    weight, and the unfused graph: fp16 throughout and as accurate as the fp32 graph's."""
+    opts = _options("w4a16-rtn", synthetic_text, **kw)
+    quantize(folders["fp16"], tmp_path / "q16", recipe="w4a16-rtn", options=opts)
+    quantize(folders["fp32"], tmp_path / "q32", recipe="w4a16-rtn", options=opts)
+    wrong = [(op, i, t) for op, i, t in _float_types(tmp_path / "q16") if t != "FLOAT16"]
+    assert not wrong, wrong
+    got, ref = run_logits(tmp_path / "q16", WINDOW), run_logits(tmp_path / "q32", WINDOW)
+    float_ref = run_logits(folders["fp32"], WINDOW)
+    assert l2_rel(float_ref, got) <= 1.3 * l2_rel(float_ref, ref) + 0.01
