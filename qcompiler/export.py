@@ -12,6 +12,7 @@ The folder appears only when everything succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -224,7 +225,8 @@ def export(
         raw = tmp / "_raw"
         log.info("exporting with optimum (%s)", task)
         try:
-            onnx_export_from_model(model, raw, task=task, opset=opset, do_validation=False)
+            with _no_ort_axis_fix(dtype == "bf16"):
+                onnx_export_from_model(model, raw, task=task, opset=opset, do_validation=False)
         except (ValueError, KeyError, NotImplementedError) as e:
             raise QCError(f"optimum cannot export {model_ref}: {e}") from None
         model_config = model.config
@@ -260,6 +262,23 @@ def export(
                                                    "wall_seconds": round(time.perf_counter() - t0, 2)})
     log.info("exported %s to %s in %.1fs", model_ref, out, time.perf_counter() - t0)
     return out
+
+
+@contextlib.contextmanager
+def _no_ort_axis_fix(active: bool):
+    """Skip optimum's ``fix_dynamic_axes`` (it renames output dims after running the graph in ONNX
+    Runtime CPU, which has no bf16 kernels): a bf16 graph keeps torch's dim names on its outputs."""
+    if not active:
+        yield
+        return
+    from optimum.exporters.onnx.base import OnnxConfig
+
+    orig = OnnxConfig.fix_dynamic_axes
+    OnnxConfig.fix_dynamic_axes = lambda *a, **k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        OnnxConfig.fix_dynamic_axes = orig  # type: ignore[method-assign]
 
 
 def drop_roundtrip_casts(model) -> int:
