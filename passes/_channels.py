@@ -47,6 +47,7 @@ import numpy as np
 import onnx_ir as ir
 from qcompiler.models.llama import FUSED_ATTENTION, SHAPE_OPS, RMSNormMatch, int_value, is_pv_matmul
 
+from qcompiler.floattype import float_array, float_type, graph_float_type
 from qcompiler.irutil import add_initializer, const_array, is_linear, linear_weight
 from qcompiler.spec import DECODER_ROLES, Role, linear_info
 
@@ -500,7 +501,7 @@ def apply_input_scale(graph: ir.Graph, group: LinearGroup, up: Upstream, d: np.n
             b = _const(add.inputs[slot]).astype(np.float64)  # type: ignore[union-attr]
             _set_private(graph, add, slot, b * cols.reshape(b.shape), f"{tag}_bias")
         return
-    dv = add_initializer(graph, f"{tag}_channel_scale", d.astype(np.float32))
+    dv = add_initializer(graph, f"{tag}_channel_scale", float_array(d, float_type(group.x, default=graph_float_type(graph))))
     mul = ir.node("Mul", [group.x, dv], name=f"{tag}_channel_scale_Mul")
     mul.outputs[0].name = f"{tag}_scaled_input"
     mul.outputs[0].shape, mul.outputs[0].type = group.x.shape, group.x.type

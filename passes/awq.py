@@ -51,6 +51,7 @@ from qcompiler.passes.quantize_weights import QuantizeWeightsConfig, quantizable
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from qcompiler.floattype import float_array, float_type
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.layerwise import DecoderLayer, LayerwiseRunner
 from qcompiler.pipeline import QCPass, register_pass
@@ -110,7 +111,8 @@ def _weight(node: ir.Node) -> ir.Value:
 
 
 def _set_weight(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=value.name)
+    """Write ``array`` (computed wide) back in the weight's own float type."""
+    value.const_value = ir.tensor(float_array(array, float_type(value)), name=value.name)
 
 
 @register_pass

@@ -18,6 +18,8 @@ The weight is stored as :func:`qcompiler.quant.intgemm.encode_weight` says (``cp
 ``(X_q)·(W_u − 128) = X_q·W_q``; ``cpu_isa=vnni``: int8 ``W_q``, u8×s8, which saturates on x86
 CPUs without VNNI).  ``X_q·W_q`` is exact in int32 (|X_q·W_q| ≤ K·255·127 < 2³¹ for K < 66000), so the result
 equals the unfolded QDQ graph up to float rounding of the scale product and the bias.
+In an fp16/bf16 graph the integer sum, its scaling and the bias stay float32 (a sum of K
+products of 8-bit values passes fp16's 65504) and the result is narrowed by one final Cast.
 Symmetric activations (``z_x = 0``) are rewritten the same way (no bias term) unless
 ``symmetric=false``.  Per-token forms are left to the target lowering.
 """
@@ -32,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from qcompiler.passes._lowering import base_name, following_bias, remove_dead, shared_u8_quantize, take_over
 
+from qcompiler.floattype import float_type, graph_float_type
 from qcompiler.irutil import MS_DOMAIN, add_initializer, ensure_opset, remove_unused_initializers
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.intgemm import check_cpu_isa, encode_weight
@@ -104,6 +107,7 @@ class FoldZeroPoint(QCPass):
         q = m.nodes[0]  # QuantizeLinear (pattern: Q, DQ, weight DQ, MatMul)
         base = base_name(m.matmul)
         y = m.matmul.outputs[0]
+        ft = float_type(m.x, y, default=graph_float_type(graph))  # the graph's float type
         n = m.w_q.shape[1]
         x_q, x_zero = q.outputs[0], int(m.x_zero or 0)
         if m.x_zero_dtype == "int8" and cfg.cpu_isa == "any":
@@ -136,10 +140,13 @@ class FoldZeroPoint(QCPass):
             if has_bias:
                 new.append(ir.node("Add", [mul.outputs[0], add_initializer(graph, f"{base}_folded_bias", bias)],
                                    name=f"{base}_BiasAdd"))
+        tagged = new[-1]
+        if ft != ir.DataType.FLOAT:  # integer sums pass 65504: scale in float32, narrow once at the end
+            new.append(ir.node("Cast", [new[-1].outputs[0]], {"to": ft}, name=f"{base}_out_Cast"))
         for node in new:
             node.meta.update(m.matmul.meta)
             node.metadata_props.update(m.matmul.metadata_props)
-        new[-1].metadata_props[QUANT_KEY] = "w8a8-static-folded"
+        tagged.metadata_props[QUANT_KEY] = "w8a8-static-folded"
         graph.insert_before(m.matmul, new)
         take_over(new[-1].outputs[0], found[1].outputs[0] if found else y)
         remove_dead(graph, [*m.nodes, *((found[1],) if found else ())])

@@ -35,6 +35,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from qcompiler.models.attention import AttentionMatch, match_attention
 
+from qcompiler.floattype import float_array, float_type, lowest
 from qcompiler.irutil import MS_DOMAIN, const_array, ensure_opset
 from qcompiler.pipeline import QCPass, register_pass
 
@@ -103,16 +104,18 @@ def _finite_bias(b: _Builder, m: AttentionMatch, lens: dict[str, ir.Value], shar
         return None
     if id(m.bias) in shared.masks:
         return shared.masks[id(m.bias)]
-    low = float(np.finfo(np.float32).min)
+    ft = float_type(m.bias)  # the mask's own float type (fp16 in a half graph)
+    low = lowest(ft)
     bias = m.bias
     node = bias.producer()
     consts = [const_array(i) for i in node.inputs[1:]] if node is not None and node.op_type == "Where" else []
     if len(consts) == 2 and all(c is not None and c.size == 1 for c in consts):
-        vals = [np.maximum(np.asarray(c, np.float32), low).reshape(np.shape(c)) for c in consts]  # type: ignore[arg-type]
+        vals = [float_array(np.maximum(np.asarray(c, np.float32), low).reshape(np.shape(c)), ft)  # type: ignore[arg-type]
+                for c in consts]
         bias = b("Where", [node.inputs[0], b.const("mask_keep", vals[0]), b.const("mask_drop", vals[1])],  # type: ignore[union-attr]
                  "mask_finite").outputs[0]
     else:
-        bias = b("Max", [bias, b.const("mask_low", np.array(low, np.float32))], "mask_finite").outputs[0]
+        bias = b("Max", [bias, b.const("mask_low", float_array(low, ft))], "mask_finite").outputs[0]
     bd = dims(m.bias)
     qd = dims(m.q) or [None, None]
     pd = dims(m.past_k) if m.past_k is not None else None

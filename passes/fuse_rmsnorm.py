@@ -50,7 +50,8 @@ def _feeds_gamma(v: ir.Value, x: ir.Value) -> bool:
         node = use.node
         if node.op_type == "Cast" and node.domain == "" and len(node.outputs[0].uses()) == 1:
             node = node.outputs[0].uses()[0].node
-        if node.op_type == "Mul" and node.domain == "" and any(_is_gamma(i, x) for i in node.inputs):
+        if node.op_type == "Mul" and node.domain == "" and any(
+                _is_gamma(i, x) or _is_gamma(i, node.outputs[0]) for i in node.inputs):  # γ_h after a narrowing Cast
             return True
     return False
 
@@ -58,11 +59,14 @@ def _feeds_gamma(v: ir.Value, x: ir.Value) -> bool:
 class RMSNorm(pattern.RewriteRuleClassBase):
     """``[γ ⊙] x / √(mean(x²) + ε)`` → ``SimplifiedLayerNormalization(x, γ)``."""
 
-    def __init__(self, name: str, weighted: bool, div: bool, swap: bool = False) -> None:
+    def __init__(self, name: str, weighted: bool, div: bool, swap: bool = False, widened: bool = False) -> None:
         super().__init__(name)
         self._weighted, self._div, self._swap = weighted, div, swap  # swap: the root's operands swapped
+        self._widened = widened  # half-precision form: x is Cast_f32(x_h), the norm narrowed back before γ
 
     def pattern(self, op, x, two, axes, eps, one, gamma):  # type: ignore[no-untyped-def]
+        if self._widened:  # x is x_h here; the norm reads its float32 widening
+            x = op.Cast(x, _allow_other_attributes=True, _outputs=["widened"])
         # operand orders as alternatives inside one pattern, not as rule variants (``commute``
         # would make 2⁴ rules, each tried at every node: minutes on a 135M model)
         # (onnxscript 0.7 needs tag_var on an OrValue whose alternatives are not distinct ops)
@@ -80,8 +84,11 @@ class RMSNorm(pattern.RewriteRuleClassBase):
                                      tag_values=[0, 1])
         if not self._weighted:
             return normed
-        out = pattern.OrValue([op.Cast(normed, _allow_other_attributes=True), normed], tag_var="cast_out",
-                              tag_values=[1, 0])
+        if self._widened:
+            out = op.Cast(normed, _allow_other_attributes=True)
+        else:
+            out = pattern.OrValue([op.Cast(normed, _allow_other_attributes=True), normed], tag_var="cast_out",
+                                  tag_values=[1, 0])
         return op.Mul(gamma, out) if self._swap else op.Mul(out, gamma)
 
     def check(self, context, x, axes, eps, normed, two=None, one=None, gamma=None,  # type: ignore[no-untyped-def]
@@ -89,7 +96,15 @@ class RMSNorm(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         if x.dtype not in FLOATS:
             return result.fail(f"input type {x.dtype} is not a known float type")
+        widening = None
+        if self._widened:
+            widening = next((n for n in context.nodes if n.op_type == "Cast" and n.inputs[0] is x), None)
+            if x.dtype not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) or widening is None \
+                    or widening.attributes.get_int("to", -1) != ir.DataType.FLOAT.value:
+                return result.fail("not a half-precision norm widened to float32")
         for n in context.nodes:
+            if n is widening:
+                continue
             if n.op_type == "Cast" and n.attributes.get_int("to", -1) != (x.dtype.value if x.dtype else -2):
                 return result.fail("a Cast inside the norm changes precision")
             if n.op_type == "ReduceMean" and n.attributes.get_int("keepdims", 1) != 1:
@@ -124,7 +139,9 @@ class RMSNorm(pattern.RewriteRuleClassBase):
 RULES = pattern.RewriteRuleSet(
     [RMSNorm.rule(f"rmsnorm{'-gamma' if w else ''}{'-div' if d else ''}{'-swap' if sw else ''}", weighted=w, div=d,
                   swap=sw)
-     for w in (True, False) for d in (False, True) for sw in (False, True) if not (d and sw and not w)])
+     for w in (True, False) for d in (False, True) for sw in (False, True) if not (d and sw and not w)]
+    + [RMSNorm.rule(f"rmsnorm-half{'-div' if d else ''}{'-swap' if sw else ''}", weighted=True, div=d, swap=sw,
+                    widened=True) for d in (False, True) for sw in (False, True)])
 
 
 @register_pass

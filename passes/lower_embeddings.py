@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.floattype import float_array, float_type
 from qcompiler.irutil import MS_DOMAIN, add_initializer, ensure_opset, remove_unused_initializers
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.packing import matmulnbits_block_size, pack_matmulnbits
@@ -139,7 +140,7 @@ class LowerEmbeddings(QCPass):
         packed, scales, zps = pack_matmulnbits(rb.q, rb.scale, rb.zero_point, rb.bits, block, rb.group)
         base = dq.name.removesuffix("_DequantizeLinear") if dq.name else "embedding"
         b_val = add_initializer(graph, f"{base}_nbits", packed)
-        s_val = add_initializer(graph, f"{base}_nbits_scales", scales)
+        s_val = add_initializer(graph, f"{base}_nbits_scales", float_array(scales, float_type(dq.inputs[1])))
         z_val = add_initializer(graph, f"{base}_nbits_zp", zps) if zps is not None else None
         for transpose, mm in matmuls:
             inputs = [mm.inputs[0], b_val, s_val] + ([z_val] if z_val is not None else [])

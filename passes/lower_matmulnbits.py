@@ -5,7 +5,8 @@ along K.  The weight is re-packed column-major (``qcompiler.quant.packing``):
 ``B[N, ceil(K/B), B/2]`` nibbles, ``scales[N·nb]``, packed ``zero_points``; symmetric
 int4 becomes ``q + 8`` with the implicit zero point 8.  Per-channel weights use one
 block of the next power of two ≥ K (K padded).  MatMulNBits takes ``X[..., K]`` of any
-rank; a bias Add is left as it is.  ``accuracy_level`` (0–4) lets ONNX Runtime compute
+rank; a bias Add is left as it is.  ``scales`` keep the DequantizeLinear scale's float type
+(MatMulNBits' ``T1``: A, scales and Y share it; fp16 on CPU and CUDA, bf16 on CUDA).  ``accuracy_level`` (0–4) lets ONNX Runtime compute
 with int8 activations (4) for speed; the default 0 keeps float accuracy.
 Nodes that don't match exactly (3-bit, other axes, a DQ shared with other users)
 are left alone and logged.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from qcompiler.floattype import float_array
 from qcompiler.irutil import MS_DOMAIN, add_initializer, ensure_opset, remove_unused_initializers
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.emit import read_dq_weight
@@ -65,7 +67,7 @@ class LowerMatMulNBits(QCPass):
             inputs = [
                 node.inputs[0],
                 add_initializer(graph, f"{base}_nbits", packed),
-                add_initializer(graph, f"{base}_nbits_scales", scales),
+                add_initializer(graph, f"{base}_nbits_scales", float_array(scales, dqw.scale_type)),
             ]
             if zps is not None:
                 inputs.append(add_initializer(graph, f"{base}_nbits_zp", zps))

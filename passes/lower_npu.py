@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError, UnsupportedModelError
+from qcompiler.floattype import float_array, float_type
 from qcompiler.irutil import (
     QUANT_OPSET,
     add_initializer,
@@ -164,11 +165,12 @@ class LowerNpu(QCPass):
         base = (old_dq.name or "w").removesuffix("_DequantizeLinear")
         dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
         qv = add_initializer(graph, f"{base}_npu_q{bits}", ir.Tensor(q.astype(np.int8), dtype=dtype))
+        ft = float_type(old_dq.inputs[1], old_dq.outputs[0])  # the old scale's (the graph's) float type
         if group:
-            sv = add_initializer(graph, f"{base}_npu_scale", scale.astype(np.float32))
+            sv = add_initializer(graph, f"{base}_npu_scale", float_array(scale, ft))
             attrs: dict[str, int] = {"axis": 0, "block_size": group}
         else:
-            sv = add_initializer(graph, f"{base}_npu_scale", scale.reshape(-1).astype(np.float32))
+            sv = add_initializer(graph, f"{base}_npu_scale", float_array(scale.reshape(-1), ft))
             attrs = {"axis": 1}
         dq = ir.node("DequantizeLinear", [qv, sv], attrs, name=f"{base}_npu_DequantizeLinear")
         out = old_dq.outputs[0]

@@ -27,8 +27,13 @@ VNNI (``2·255·127 > 32767``: 20% error on this project's AVX2 machine); ``cpu_
 writes int8 weights for users who declare VNNI/AMX/ARM CPUs only (measured here: u8×u8
 6.7 ms vs u8×s8 5.0 ms for 512×576·576×1536 on one thread, equal at one row; see
 ``qcompiler/quant/intgemm.py`` for the table).  A constant bias Add following a static GEMM
-folds into MatMulIntegerToFloat's ``bias``.  Only float32 graphs are lowered (the CPU
-kernel has float32 scales); others are left in the portable form and logged.
+folds into MatMulIntegerToFloat's ``bias``.
+
+fp16 graphs: the CPU kernel has float32 scales and output only, so the integer GEMM's float32
+result is rescaled in float32 and narrowed once, ``Cast_h(MatMulIntegerToFloat(…) ⊙ Cast_f32(s))``
+(the activation's quantization itself runs in fp16: ``QuantizeLinear`` has fp16 kernels, and
+``round(x/s)`` is an integer ≤ 127, exact in fp16).  bf16 graphs are left in the portable form
+and logged (no bf16 integer kernels on CPU; ``--target cuda`` lowers them to qcompiler's ops).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from qcompiler.passes._lowering import (
     take_over,
 )
 
+from qcompiler.floattype import float_array
 from qcompiler.irutil import (
     MS_DOMAIN,
     add_initializer,
@@ -93,14 +99,15 @@ class LowerW8A8Cpu(QCPass):
             if m is None:
                 continue
             wdq = node.inputs[1].producer() if node.inputs[1] is not None else None
-            if float_dtype(m.x, node.outputs[0], wdq.inputs[1] if wdq else None) != ir.DataType.FLOAT:
-                counts[f"{m.kind} left (not float32)"] += 1
+            ft = float_dtype(m.x, node.outputs[0], wdq.inputs[1] if wdq else None)
+            if ft not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                counts[f"{m.kind} left (not float32/float16)"] += 1
                 continue
             if m.kind == "static" and self.config.static:
-                self._static(graph, m)
+                self._static(graph, m, ft)
                 counts["static"] += 1
             elif m.kind == "per-token" and self.config.per_token:
-                self._per_token(graph, m)
+                self._per_token(graph, m, ft)
                 counts["per-token"] += 1
         lowered = counts["static"] + counts["per-token"]
         if lowered:
@@ -121,7 +128,7 @@ class LowerW8A8Cpu(QCPass):
         z = add_initializer(graph, f"{base}_w_zp", w_zero) if w_zero is not None else None
         return w, s, z
 
-    def _static(self, graph: ir.Graph, m: W8A8Match) -> None:
+    def _static(self, graph: ir.Graph, m: W8A8Match, ft: ir.DataType) -> None:
         q = m.nodes[0]  # QuantizeLinear (the pattern is Q, DQ, weight DQ, MatMul)
         base = base_name(m.matmul)
         w, s_w, z_w = self._weights(graph, m, base)
@@ -144,11 +151,12 @@ class LowerW8A8Cpu(QCPass):
         node = ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, name=f"{base}_MatMulIntegerToFloat")
         node.meta.update(m.matmul.meta)
         node.metadata_props.update(m.matmul.metadata_props)
-        graph.insert_before(m.matmul, node)
-        take_over(node.outputs[0], bias[1].outputs[0] if bias else y)
+        new = [node, *_narrow(node.outputs[0], ft, base)]
+        graph.insert_before(m.matmul, new)
+        take_over(new[-1].outputs[0], bias[1].outputs[0] if bias else y)
         remove_dead(graph, [*m.nodes, *((bias[1],) if bias else ())])
 
-    def _per_token(self, graph: ir.Graph, m: W8A8Match) -> None:
+    def _per_token(self, graph: ir.Graph, m: W8A8Match, ft: ir.DataType) -> None:
         # pattern nodes: Abs, ReduceMax, Max, Div (scale), Div, Round, Clip, Mul, weight DQ, MatMul
         scale_div, clip = m.nodes[3], m.nodes[6]
         base = base_name(m.matmul)
@@ -159,20 +167,33 @@ class LowerW8A8Cpu(QCPass):
         cast = _shared_u8_cast(clip)
         new = []
         if cast is None:
-            shift = ir.node("Add", [clip.outputs[0], add_initializer(graph, f"{base}_u8_shift", np.array(128.0, np.float32))],
+            shift = ir.node("Add", [clip.outputs[0], add_initializer(graph, f"{base}_u8_shift", float_array(128.0, ft))],
                             name=f"{base}_u8_shift_Add")
             cast = ir.node("Cast", [shift.outputs[0]], {"to": ir.DataType.UINT8}, name=f"{base}_q_Cast")
             new += [shift, cast]
         gemm_inputs = [cast.outputs[0], w, one, s_w, zp] + ([z_w] if z_w is not None else [])
         gemm = ir.node("MatMulIntegerToFloat", gemm_inputs, domain=MS_DOMAIN,
                        name=f"{base}_MatMulIntegerToFloat")
-        rescale = ir.node("Mul", [gemm.outputs[0], scale_div.outputs[0]], name=f"{base}_row_scale_Mul")
+        row_scale = scale_div.outputs[0]
+        if ft != ir.DataType.FLOAT:  # the row scale in float32, the product narrowed once
+            widen = ir.node("Cast", [row_scale], {"to": ir.DataType.FLOAT}, name=f"{base}_row_scale_Cast")
+            new.append(widen)
+            row_scale = widen.outputs[0]
+        rescale = ir.node("Mul", [gemm.outputs[0], row_scale], name=f"{base}_row_scale_Mul")
         for n in (gemm, rescale):
             n.meta.update(m.matmul.meta)
             n.metadata_props.update(m.matmul.metadata_props)
-        graph.insert_before(m.matmul, [*new, gemm, rescale])
-        take_over(rescale.outputs[0], m.matmul.outputs[0])
+        tail = [gemm, rescale, *_narrow(rescale.outputs[0], ft, base)]
+        graph.insert_before(m.matmul, [*new, *tail])
+        take_over(tail[-1].outputs[0], m.matmul.outputs[0])
         remove_dead(graph, m.nodes)
+
+
+def _narrow(y: ir.Value, ft: ir.DataType, base: str) -> list[ir.Node]:
+    """``[Cast(y → ft)]`` when the graph's float type ``ft`` is not float32 (the kernels' output)."""
+    if ft == ir.DataType.FLOAT:
+        return []
+    return [ir.node("Cast", [y], {"to": ft}, name=f"{base}_out_Cast")]
 
 
 def _shared_u8_cast(clip: ir.Node) -> ir.Node | None:

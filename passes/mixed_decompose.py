@@ -37,6 +37,7 @@ from tqdm import tqdm
 from qcompiler.calibrate import StatRequest
 from qcompiler.coverage import OUTLIER_SIDE, mark_kept_float
 from qcompiler.errors import CalibrationError
+from qcompiler.floattype import float_array, float_type, graph_float_type
 from qcompiler.irutil import QUANT_OPSET, add_initializer, ensure_opset
 from qcompiler.ops.emit import emit_outlier_split
 from qcompiler.pipeline import QCPass, register_pass
@@ -197,14 +198,16 @@ class MixedDecompose(QCPass):
 def _float_split(graph: ir.Graph, node: ir.Node, w: np.ndarray, idx: np.ndarray, base: str) -> None:
     """``MatMul(X, W)`` → ``MatMul(X ⊙ keep, W ⊙ keep) + MatMul(Gather(X, O), W[O])`` in float."""
     x, y = node.inputs[0], node.outputs[0]
+    ft = float_type(node.inputs[1], x, y, default=graph_float_type(graph))  # the weight's float type
     keep = np.ones(w.shape[0], np.float32)
     keep[idx] = 0.0
     wz = w.copy()
     wz[idx] = 0.0
+    keep, wz = float_array(keep, ft), float_array(wz, ft)
     mask = ir.node("Mul", [x, add_initializer(graph, f"{base}_keep", keep)], name=f"{base}_keep_Mul")
     gather = ir.node("Gather", [x, add_initializer(graph, f"{base}_outlier_idx", idx)], {"axis": -1},
                      name=f"{base}_outlier_Gather")
-    side = ir.node("MatMul", [gather.outputs[0], add_initializer(graph, f"{base}_w_outlier", w[idx])],
+    side = ir.node("MatMul", [gather.outputs[0], add_initializer(graph, f"{base}_w_outlier", float_array(w[idx], ft))],
                    name=f"{base}_outlier_MatMul")
     main = ir.node("MatMul", [mask.outputs[0], add_initializer(graph, f"{base}_w_inlier", wz)], name=f"{base}_MatMul")
     add = ir.node("Add", [main.outputs[0], side.outputs[0]], name=f"{base}_outlier_Add")

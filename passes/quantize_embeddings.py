@@ -27,6 +27,7 @@ from qcompiler.passes.canonicalize import canonical_summary
 from qcompiler.passes.quantize_weights import QuantizeWeightsConfig
 
 from qcompiler.errors import QCError
+from qcompiler.floattype import float_array, float_type
 from qcompiler.irutil import QUANT_OPSET, add_initializer, ensure_opset, is_weight, linear_weight, topo_index
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.emit import QWEIGHT_KEY, WeightDQ, emit_dequantized_weight
@@ -69,8 +70,10 @@ def _int_dtype(bits: int, symmetric: bool) -> ir.DataType:
     return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
 
 
-def emit_row_blocks(graph: ir.Graph, qw: QuantizedWeight, base: str) -> ir.Node:
-    """``DequantizeLinear`` of ``Ŵᵀ[V, H]`` (``qw`` quantizes ``W = Eᵀ[H, V]``) blocked along H."""
+def emit_row_blocks(graph: ir.Graph, qw: QuantizedWeight, base: str,
+                    ftype: ir.DataType = ir.DataType.FLOAT) -> ir.Node:
+    """``DequantizeLinear`` of ``Ŵᵀ[V, H]`` (``qw`` quantizes ``W = Eᵀ[H, V]``) blocked along H;
+    scales and output in ``ftype`` (the table's float type)."""
     spec = qw.spec
     h, v = qw.q.shape
     dtype = _int_dtype(spec.bits, spec.symmetric)
@@ -79,16 +82,16 @@ def emit_row_blocks(graph: ir.Graph, qw: QuantizedWeight, base: str) -> ir.Node:
     per_row = qw.group_size >= h
     if per_row:
         attrs = {"axis": 0}
-        inputs.append(add_initializer(graph, f"{base}_scale", qw.scale.reshape(v).astype(np.float32)))
+        inputs.append(add_initializer(graph, f"{base}_scale", float_array(qw.scale.reshape(v), ftype)))
         zp = None if qw.zero_point is None else qw.zero_point.reshape(v)
     else:
         attrs = {"axis": 1, "block_size": qw.group_size}
-        inputs.append(add_initializer(graph, f"{base}_scale", np.ascontiguousarray(qw.scale.T).astype(np.float32)))
+        inputs.append(add_initializer(graph, f"{base}_scale", float_array(qw.scale.T, ftype)))
         zp = None if qw.zero_point is None else np.ascontiguousarray(qw.zero_point.T)
     if zp is not None:
         inputs.append(add_initializer(graph, f"{base}_zp", ir.Tensor(zp.astype(np.uint8), dtype=dtype)))
     dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{base}_DequantizeLinear",
-                 outputs=[ir.Value(name=f"{base}_dq", shape=ir.Shape([v, h]), type=ir.TensorType(ir.DataType.FLOAT))])
+                 outputs=[ir.Value(name=f"{base}_dq", shape=ir.Shape([v, h]), type=ir.TensorType(ftype))])
     dq.meta[QWEIGHT_KEY] = WeightDQ(spec, qw.group_size, h, v)
     return dq
 
@@ -154,7 +157,7 @@ class QuantizeEmbeddings(QCPass):
                 qw = quantize_by_columns(method, e_val.const_value.numpy(), spec)
             except ValueError as e:
                 raise QCError(f"quantize-embeddings: {name}: {e}") from None
-            dq = emit_row_blocks(graph, qw, name)
+            dq = emit_row_blocks(graph, qw, name, float_type(e_val))
             order = topo_index(graph)
             graph.insert_before(min((*gathers, *transposes), key=lambda n: order[id(n)]), dq)
             for node in (*gathers, *transposes):

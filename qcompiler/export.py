@@ -1,8 +1,10 @@
 """Export a Hugging Face causal LM (hub id, local folder or .gguf file) to a model folder.
 
 The exporter is optimum's (``onnx_export_from_model``); qcompiler only resolves the
-input, loads it with transformers (GGUF files are dequantized to float32 by
-transformers), and re-saves the graph with all weights in one external-data file
+input, loads it with transformers in the requested float type (``dtype``: ``fp32``, ``fp16``
+or ``bf16``; a bf16/fp16 safetensors checkpoint is converted tensor by tensor as it loads, never
+through an fp32 copy; GGUF files are dequantized to float32 by transformers, then converted),
+traces it in that type, and re-saves the graph with all weights in one external-data file
 (``model.onnx_data``) so that models past 2 GB work and every later stage can map
 weights lazily.  Tokenizer, config and generation config are written beside it.
 The folder appears only when everything succeeded.
@@ -10,6 +12,7 @@ The folder appears only when everything succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qcompiler.artifact import MODEL_FILE, atomic_output_dir, check_output_dir, write_json
-from qcompiler.errors import InputError, QCError
+from qcompiler.errors import InputError, OptionError, QCError
 from qcompiler.gguf_check import check_gguf
 from qcompiler.irutil import load_model, save_model
 
@@ -113,8 +116,27 @@ def refuse_remote_code(folder: Path) -> None:
         )
 
 
-def load_hf_model(src: ModelSource, trust_remote_code: bool = False):
-    """Load (model, tokenizer) in float32 with transformers (safetensors or GGUF weights only)."""
+#: ``--dtype`` spellings and the torch float type each one loads and traces in.
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def torch_dtype(dtype: str):
+    """The torch float type of a ``--dtype`` spelling (``fp32``, ``fp16``, ``bf16``)."""
+    import torch
+
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise OptionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return table[dtype]
+
+
+def load_hf_model(src: ModelSource, trust_remote_code: bool = False, dtype: str = "fp32"):
+    """Load (model, tokenizer) in ``dtype`` with transformers (safetensors or GGUF weights only).
+
+    transformers converts each checkpoint tensor to ``torch_dtype`` as it loads it, so a bf16
+    checkpoint exported as fp16 never exists in fp32; a GGUF file is dequantized to float32 by
+    transformers and converted after loading.
+    """
     if src.kind == "folder":
         refuse_pickle_checkpoints(Path(src.path))
         if not trust_remote_code:
@@ -123,7 +145,13 @@ def load_hf_model(src: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, object] = {"trust_remote_code": trust_remote_code}
-    model_kwargs: dict[str, object] = {"torch_dtype": torch.float32}
+    want = torch_dtype(dtype)
+    model_kwargs: dict[str, object] = {"torch_dtype": want}
+    if want != torch.float32:
+        # torch's ONNX form of SDPA turns a boolean mask into a float32 additive one, which
+        # promotes softmax, P·V and o_proj (and the residual stream after it) to float32 in a
+        # half graph; transformers' eager attention keeps them in the model's type
+        model_kwargs["attn_implementation"] = "eager"
     if src.kind == "gguf":
         kwargs["gguf_file"] = src.gguf_file
     else:  # GGUF is not a pickle; for everything else only safetensors weights are read
@@ -132,7 +160,7 @@ def load_hf_model(src: ModelSource, trust_remote_code: bool = False):
         try:
             tok = AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(src.path, local_files_only=True, **model_kwargs, **kwargs)
-            return model, tok
+            return _to_dtype(model, want), tok
         except OSError:
             if not _hub_reachable():
                 raise InputError(
@@ -146,7 +174,15 @@ def load_hf_model(src: ModelSource, trust_remote_code: bool = False):
         what = Path(src.path) / src.gguf_file if src.gguf_file else src.path
         raise InputError(f"transformers cannot load {what}: {' '.join(str(e).split())}") from None  # one line
     model.eval()
-    return model, tok
+    return _to_dtype(model, want), tok
+
+
+def _to_dtype(model, want):
+    """``model`` with every floating parameter and buffer in ``want`` (a no-op when loaded so)."""
+    if any(p.is_floating_point() and p.dtype != want for p in model.parameters()):
+        log.info("converting the loaded model to %s", want)
+        model = model.to(want)
+    return model
 
 
 def export(
@@ -159,13 +195,17 @@ def export(
     keep_gguf_quant: bool = False,
     allow_requant: bool = False,
     accuracy_level: int = 0,
+    dtype: str = "fp32",
 ) -> Path:
     """Export ``model_ref`` to ``out_dir`` (see module docstring); returns the folder.
 
     With ``keep_gguf_quant`` (a .gguf source only) the quantized GGUF tensors are carried into the
     graph as they are (``qcompiler.gguf_transcode``) and ``quantization.json`` lists each one;
     ``accuracy_level`` is their MatMulNBits' (4: int8 activations, as llama.cpp computes).
+    ``dtype`` (``fp32``, ``fp16``, ``bf16``) is the float type of the graph: weights, activations,
+    KV cache and logits.
     """
+    torch_dtype(dtype)  # a bad spelling fails before anything is loaded
     out = Path(out_dir)
     local = Path(model_ref).expanduser()
     inputs = (local,) if local.exists() else ()
@@ -175,7 +215,7 @@ def export(
         raise InputError("--keep-gguf-quant / --allow-requant need a .gguf file as the model")
     t0 = time.perf_counter()
     log.info("loading %s (%s)", model_ref, src.kind)
-    model, tok = load_hf_model(src, trust_remote_code)
+    model, tok = load_hf_model(src, trust_remote_code, dtype)
     if not getattr(model.config, "is_decoder", True) and not hasattr(model, "generate"):
         raise QCError(f"{model_ref} is not a causal language model")
     task = "text-generation-with-past" if kv_cache else "text-generation"
@@ -185,12 +225,15 @@ def export(
         raw = tmp / "_raw"
         log.info("exporting with optimum (%s)", task)
         try:
-            onnx_export_from_model(model, raw, task=task, opset=opset, do_validation=False)
+            with _no_ort_axis_fix(dtype == "bf16"):
+                onnx_export_from_model(model, raw, task=task, opset=opset, do_validation=False)
         except (ValueError, KeyError, NotImplementedError) as e:
             raise QCError(f"optimum cannot export {model_ref}: {e}") from None
         model_config = model.config
         del model
         graph = load_model(raw / MODEL_FILE)
+        if dtype != "fp32":
+            drop_roundtrip_casts(graph)
         gguf_report = None
         if keep_gguf_quant:
             from qcompiler.gguf_transcode import transcode
@@ -212,13 +255,70 @@ def export(
         write_json(
             tmp / "qcompiler_export.json",
             {"source": model_ref, "source_kind": src.kind, "kv_cache": kv_cache, "task": task,
-             "keep_gguf_quant": keep_gguf_quant},
+             "keep_gguf_quant": keep_gguf_quant, "dtype": dtype},
         )
         if gguf_report is not None:
             write_json(tmp / "quantization.json", {"source": model_ref, **gguf_report,
                                                    "wall_seconds": round(time.perf_counter() - t0, 2)})
     log.info("exported %s to %s in %.1fs", model_ref, out, time.perf_counter() - t0)
     return out
+
+
+@contextlib.contextmanager
+def _no_ort_axis_fix(active: bool):
+    """Skip optimum's ``fix_dynamic_axes`` (it renames output dims after running the graph in ONNX
+    Runtime CPU, which has no bf16 kernels): a bf16 graph keeps torch's dim names on its outputs."""
+    if not active:
+        yield
+        return
+    from optimum.exporters.onnx.base import OnnxConfig
+
+    orig = OnnxConfig.fix_dynamic_axes
+    OnnxConfig.fix_dynamic_axes = lambda *a, **k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        OnnxConfig.fix_dynamic_axes = orig  # type: ignore[method-assign]
+
+
+def drop_roundtrip_casts(model) -> int:
+    """Remove exact round trips ``Cast_h(Cast_f32(x_h))`` → ``x_h`` (h = fp16/bf16).
+
+    Widening a half value to float32 is exact and narrowing it back returns the same bits, so
+    the pair is the identity; torch's export of a half model writes one after every softmax
+    computed ``dtype=float32`` (eager attention), where it hides ``Softmax → MatMul`` from the
+    attention fusion.  Returns how many pairs it removed.
+    """
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(strict_mode=False)(model)  # value types (weights are not read)
+    half = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    wide = (ir.DataType.FLOAT.value, ir.DataType.DOUBLE.value)
+    graph = model.graph
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Cast" or node.domain != "" or node.graph is not graph:
+            continue
+        first = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if first is None or first.op_type != "Cast" or first.domain != "" or first.inputs[0] is None:
+            continue
+        x = first.inputs[0]
+        if x.dtype not in half or first.attributes.get_int("to", -1) not in wide:
+            continue
+        if node.attributes.get_int("to", -1) != x.dtype.value:  # type: ignore[union-attr]
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        out.replace_all_uses_with(x)
+        graph.remove(node, safe=True)
+        if not first.outputs[0].uses() and not first.outputs[0].is_graph_output():
+            graph.remove(first, safe=True)
+        removed += 1
+    if removed:
+        log.info("export: %d exact round-trip Cast pair(s) (half → float32 → half) removed", removed)
+    return removed
 
 
 def retie_lm_head(model) -> bool:

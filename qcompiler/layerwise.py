@@ -45,6 +45,7 @@ from threadpoolctl import threadpool_limits
 
 from qcompiler.canonical import canonical_summary
 from qcompiler.errors import QCError, UnsupportedModelError
+from qcompiler.floattype import widen_bf16
 from qcompiler.irutil import topo_index
 from qcompiler.spec import Role, linear_info
 
@@ -446,6 +447,7 @@ class LayerwiseRunner:
         so.enable_cpu_mem_arena = False  # freed between sessions: memory stays at one layer's working set
         if root is not None:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(root))
+        widen_bf16(proto)  # a bf16 graph runs computed in float32 (no bf16 MatMul on CPU)
         try:
             session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types

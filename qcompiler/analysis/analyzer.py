@@ -256,6 +256,13 @@ def _diagnostics(sites: ModelSites, ms: Measurements, cfg: AnalyzeConfig, model_
         frac = st.get(v, "outliers").channel_fraction
         severity.append({"value": v, "layer": s0.layer, "linears": readers, **sev,
                          "outlier_channels": int((frac >= crit.min_token_fraction).sum())})
+    ranges = [(label, layer, v, float(np.max(st.get(v, "absmax_channel")))) for label, layer, v in sites.residuals()]
+    ranges += [(f"{sites.linears[r[0]].key} input", sites.linears[r[0]].layer, v, float(st.get(v, "minmax").absmax))
+               for v, r in sites.inputs().items()]
+    fp16 = dg.fp16_range(ranges, crit)
+    if not fp16["fp16_safe"]:
+        log.warning("analyze: %d value(s) pass fp16's range (max |x| = %.4g > 65504) on the calibration text: "
+                    "export with --dtype fp32 or bf16 (docs/half.md)", len(fp16["overflow"]), fp16["max_abs"])
     dims = sorted({d for m in by_value for d in m["dims"]})
     positions = sorted({int(p) for m in by_value for p in m["positions"]})
     return {
@@ -266,6 +273,7 @@ def _diagnostics(sites: ModelSites, ms: Measurements, cfg: AnalyzeConfig, model_
                     "dims": dims, "positions": positions, "by_value": by_value, "examples": examples},
         "super_weights": supers,
         "severity": severity,
+        "fp16_range": fp16,
         "_fraction": (int8["fraction"], [f"{layer}:{'attn' if i % 2 == 0 else 'mlp'}" for i, (layer, _) in
                                          enumerate(hidden)]),
     }

@@ -12,6 +12,9 @@
   whose input channel ``k`` spikes (``max|x_k| ≥ 10 × median_k``), whose output channel
   ``n`` spikes, and whose product ``max|x_k|·|W[k, n]|`` explains at least half of that
   output spike — a single weight producing a massive activation.
+* **fp16 range**: every residual-stream value and linear input whose calibrated ``max|x|``
+  passes fp16's largest finite value 65504 (it would be ``inf`` in an fp16 graph), or comes
+  within a factor ``fp16_headroom`` of it (a slightly different text may pass it).
 * **Severity** of each linear input: ``max|x| / std(x)`` in classes (< 10 mild,
   < 20 moderate, < 30 high, else severe) and the kurtosis ``E[(x − μ)⁴]/σ⁴`` (3 for a
   Gaussian), both over the sampled rows except ``max|x|`` (all calibration rows).
@@ -36,6 +39,19 @@ class Criteria:
     spike_ratio: float = 10.0
     super_share: float = 0.5
     severity_bounds: tuple[float, float, float] = (10.0, 20.0, 30.0)
+    fp16_headroom: float = 4.0
+
+
+def fp16_range(values: list[tuple[str, int, str, float]], crit: Criteria = Criteria()) -> dict[str, Any]:
+    """Values past (or within ``fp16_headroom`` of) fp16's range: ``(label, layer, value, max|x|)`` each."""
+    from qcompiler.floattype import FP16_MAX
+
+    over = [{"label": lb, "layer": layer, "value": v, "absmax": a} for lb, layer, v, a in values if a > FP16_MAX]
+    near = [{"label": lb, "layer": layer, "value": v, "absmax": a} for lb, layer, v, a in values
+            if FP16_MAX / crit.fp16_headroom < a <= FP16_MAX]
+    top = max((a for *_, a in values), default=0.0)
+    return {"limit": FP16_MAX, "headroom": crit.fp16_headroom, "max_abs": top, "fp16_safe": not over,
+            "overflow": over, "near": near}
 
 
 SEVERITY_CLASSES = ("mild", "moderate", "high", "severe")

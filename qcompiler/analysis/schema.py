@@ -101,6 +101,11 @@ SCHEMA: dict[str, Any] = {
                 "class": {"enum": ["mild", "moderate", "high", "severe"]}, "kurtosis": _NUM,
                 "outlier_channels": _INT,
             })),
+            "fp16_range": _obj({
+                "limit": _NUM, "headroom": _NUM, "max_abs": _NUM, "fp16_safe": {"type": "boolean"},
+                "overflow": _arr(_obj({"label": _STR, "layer": _INT, "value": _STR, "absmax": _NUM})),
+                "near": _arr(_obj({"label": _STR, "layer": _INT, "value": _STR, "absmax": _NUM})),
+            }, desc="residual-stream values and linear inputs past (overflow) or within headroom× of fp16's 65504"),
         }),
         "candidates": _arr(_obj({
             "name": _STR, "description": _STR, "weight": {"type": ["object", "null"]},

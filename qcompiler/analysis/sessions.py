@@ -27,6 +27,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompiler.errors import QCError
+from qcompiler.floattype import graph_float_type, widen_bf16
 
 _PAST_PREFIX = "past_key_values."
 _INLINE_LIMIT = 1 << 16
@@ -129,6 +130,10 @@ def prune_with_cuts(proto: onnx.ModelProto, outputs: Sequence[str], cuts: Iterab
     del graph.value_info[:]
 
 
+#: ORT input type → numpy type for half inputs fed from float32 computations
+_HALF_FEEDS = {"tensor(float16)": np.dtype(np.float16)}
+
+
 class PartRunner:
     """A session computing ``outputs`` of ``model`` from graph inputs and fed cut values.
 
@@ -145,12 +150,13 @@ class PartRunner:
             for o in node.outputs:
                 values[o.name] = o
         types: dict[str, onnx.TypeProto] = {}
+        unknown = int(graph_float_type(model.graph))  # a value of unknown type: the graph's float type
         for name in [*cuts, *self.outputs]:
             v = values.get(name)
             if v is None:
                 raise QCError(f"internal error: the model has no value '{name}'")
             tp = onnx.TypeProto()
-            tp.tensor_type.elem_type = int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
+            tp.tensor_type.elem_type = int(v.dtype) if v.dtype is not None else unknown
             types[name] = tp
         # in-memory weights are written to the scratch folder, which lives as long as the session
         self._scratch = tempfile.TemporaryDirectory(prefix="qc-part-")
@@ -168,12 +174,15 @@ class PartRunner:
             from qcompiler.ops import register_library
 
             register_library(so)
+        widen_bf16(proto)  # a bf16 graph runs computed in float32 (no bf16 MatMul on CPU)
         try:
             self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             self._scratch.cleanup()
             raise QCError(f"ONNX Runtime cannot run a part of the model: {str(e).splitlines()[0]}") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self._types = {i.name: i.type for i in (*self.session.get_inputs(),
+                                                *self.session.get_overridable_initializers())}
         self.overridable = [n for n in overridable if n in self.inputs]
 
     def feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -208,6 +217,10 @@ class PartRunner:
         missing = [n for n in self.inputs if n not in feeds and n not in self.overridable]
         if missing:
             raise QCError(f"don't know how to feed model input(s) {', '.join(missing)}")
+        for name, arr in feeds.items():  # values computed wide (float32) enter a half graph in its type
+            want = _HALF_FEEDS.get(self._types.get(name, ""))
+            if want is not None and arr.dtype != want:
+                feeds[name] = np.asarray(arr).astype(want)
         return self.session.run(list(outputs) if outputs else self.outputs, feeds)
 
     def close(self) -> None:

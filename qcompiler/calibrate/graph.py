@@ -39,6 +39,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompiler.errors import CalibrationError, QCError
+from qcompiler.floattype import widen_bf16
 from qcompiler.runtime import DecoderRunner
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ def session_from_proto(proto: onnx.ModelProto, root: Path, outputs: Sequence[str
         from qcompiler.ops import register_library  # raises a QCError naming the build command
 
         register_library(so)
+    widen_bf16(proto)  # a bf16 graph is observed computed in float32 (no bf16 MatMul on CPU)
     try:
         session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types

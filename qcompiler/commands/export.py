@@ -1,4 +1,4 @@
-"""qc export MODEL OUT_DIR [--no-kv-cache] [--force]"""
+"""qc export MODEL OUT_DIR [--no-kv-cache] [--force] [--dtype fp32|fp16|bf16]"""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
                    help="with --keep-gguf-quant: MatMulNBits accuracy_level (4: int8 activations, as llama.cpp "
                    "computes; fast 8-bit kernels, so Q8_0/Q5/Q6_K stay one 8-bit tensor); default 0 (fp32)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="float type of the graph (weights, activations, KV cache, logits); default fp32. "
+                   "fp16 runs on ONNX Runtime CPU and CUDA; bf16 is for --target cuda (docs/half.md)")
     p.set_defaults(func=run)
 
 
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         keep_gguf_quant=args.keep_gguf_quant or args.allow_requant,
         allow_requant=args.allow_requant,
         accuracy_level=args.accuracy_level,
+        dtype=args.dtype,
     )
     print(out)
     return 0

@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.coverage import OUTLIER_SIDE, mark_kept_float
+from qcompiler.floattype import float_array, float_type, graph_float_type
 from qcompiler.irutil import QC_DOMAIN, add_initializer, const_array, linear_weight
 from qcompiler.quant.w8a8 import QUANT_KEY, W8A8Match, emit_int8_weight, emit_per_token_activation, match_w8a8
 
@@ -127,13 +128,14 @@ def emit_outlier_split(
         graph.remove(matmul, safe=True)
         nodes = [node]
     else:
+        ft = float_type(old_w, x, y, default=graph_float_type(graph))  # the graph's float type
         keep = np.ones(k, np.float32)
         keep[idx] = 0
-        mask = ir.node("Mul", [x, add_initializer(graph, f"{base}_keep", keep)], name=f"{base}_keep_Mul")
+        mask = ir.node("Mul", [x, add_initializer(graph, f"{base}_keep", float_array(keep, ft))], name=f"{base}_keep_Mul")
         gather = ir.node("Gather", [x, add_initializer(graph, f"{base}_outlier_idx", idx)], {"axis": -1},
                          name=f"{base}_outlier_Gather")
         side = ir.node("MatMul", [gather.outputs[0],
-                                  add_initializer(graph, f"{base}_w_outlier", np.asarray(w_outlier, np.float32))],
+                                  add_initializer(graph, f"{base}_w_outlier", float_array(w_outlier, ft))],
                        name=f"{base}_outlier_MatMul")
         mark_kept_float(side, OUTLIER_SIDE)  # the coverage contract: float by design, not unsupported
         graph.insert_before(matmul, [mask, gather, side])

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
+from qcompiler.floattype import float_array, float_type, graph_float_type
 from qcompiler.irutil import add_initializer, linear_weight
 from qcompiler.quant.numerics import QuantizedWeight
 from qcompiler.spec import QuantSpec, set_weight_spec
@@ -49,15 +50,16 @@ def emit_dequantized_weight(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight,
     if not np.isfinite(qw.scale).all():  # never write a NaN/Inf scale, whichever method made it
         raise QCError(f"{base_name}: quantization produced non-finite scales (NaN/Inf in the weight or its range)")
     dtype = _int_dtype(spec.bits, spec.symmetric)
+    ftype = float_type(old_w, node.outputs[0], default=graph_float_type(graph))  # the scale and Ŵ take the weight's float type
     q_np = qw.q.astype(np.int8 if spec.symmetric else np.uint8)
     q_val = add_initializer(graph, f"{base_name}_q{spec.bits}", ir.Tensor(q_np, dtype=dtype))
     per_channel = qw.group_size >= k and qw.scale.shape[0] == 1
     if per_channel:
-        scale = qw.scale.reshape(n).astype(np.float32)
+        scale = float_array(qw.scale.reshape(n), ftype)
         zp = None if qw.zero_point is None else qw.zero_point.reshape(n)
         attrs: dict[str, int] = {"axis": 1}
     else:
-        scale = qw.scale.astype(np.float32)
+        scale = float_array(qw.scale, ftype)
         zp = qw.zero_point
         attrs = {"axis": 0, "block_size": qw.group_size}
     s_val = add_initializer(graph, f"{base_name}_scale", scale)
@@ -69,7 +71,7 @@ def emit_dequantized_weight(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight,
         inputs,
         attributes=attrs,
         name=f"{base_name}_DequantizeLinear",
-        outputs=[ir.Value(name=f"{base_name}_dq", shape=ir.Shape([k, n]), type=ir.TensorType(ir.DataType.FLOAT))],
+        outputs=[ir.Value(name=f"{base_name}_dq", shape=ir.Shape([k, n]), type=ir.TensorType(ftype))],
     )
     graph.insert_before(node, dq)
     node.replace_input_with(1, dq.outputs[0])
@@ -96,11 +98,12 @@ class DQWeight:
 
     dq: ir.Node
     q: np.ndarray  # [K, N] int8/uint8 values
-    scale: np.ndarray  # [G, N]
+    scale: np.ndarray  # [G, N] float32 (read wide)
     zero_point: np.ndarray | None  # [G, N]
     bits: int
     symmetric: bool
     group_size: int  # K for per-channel
+    scale_type: ir.DataType = ir.DataType.FLOAT  # the scale's type in the graph (the graph's float type)
 
 
 def read_dq_weight(value: ir.Value) -> DQWeight | None:
@@ -147,4 +150,5 @@ def read_dq_weight(value: ir.Value) -> DQWeight | None:
         scale = scale.reshape(1, n)
         zp = zp.reshape(1, n) if zp is not None else None
         group = k
-    return DQWeight(dq, q, scale, None if zp is None else zp.astype(np.uint8), bits, symmetric, group)
+    return DQWeight(dq, q, scale, None if zp is None else zp.astype(np.uint8), bits, symmetric, group,
+                    float_type(sv))

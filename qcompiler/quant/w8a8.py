@@ -30,10 +30,15 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import CalibrationError, QCError
+from qcompiler.floattype import float_array, float_type, graph_float_type
 from qcompiler.irutil import add_initializer, const_array, scalar_const
 
 QUANT_KEY = "qc.quant"
 PER_TOKEN_EPS = 1e-8
+#: fp16 cannot hold 1e-8 (nor ε/127 for ε < 127·2⁻²⁴): rows with |x| ≤ 1e-4 are zero rows there.
+PER_TOKEN_EPS_FP16 = 1e-4
+#: the first opset whose ``Round`` accepts bf16 (the per-token form of a bf16 graph needs it)
+BF16_ROUND_OPSET = 22
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ def emit_int8_weight(graph: ir.Graph, matmul: ir.Node, w_q: np.ndarray, w_scale:
     _check_finite(w_scale, f"{base} weight")
     old = matmul.inputs[1]
     q = add_initializer(graph, f"{base}_q8", ir.Tensor(w_q.astype(np.int8)))
-    s = add_initializer(graph, f"{base}_scale", w_scale.astype(np.float32).reshape(-1))
+    s = add_initializer(graph, f"{base}_scale", float_array(w_scale.reshape(-1), float_type(old, matmul.outputs[0], default=graph_float_type(graph))))
     dq = _node(graph, "DequantizeLinear", [q, s], f"{base}_DequantizeLinear", axis=1)
     graph.insert_before(matmul, dq)
     matmul.replace_input_with(1, dq.outputs[0])
@@ -91,7 +96,7 @@ def emit_static_activation(
     _check_finite(np.asarray(scale), f"{base} activation")
     x = matmul.inputs[0]
     np_dtype = np.int8 if dtype == "int8" else np.uint8
-    s = add_initializer(graph, f"{base}_x_scale", np.array(scale, dtype=np.float32))
+    s = add_initializer(graph, f"{base}_x_scale", float_array(scale, float_type(x, matmul.outputs[0], default=graph_float_type(graph))))
     z = add_initializer(graph, f"{base}_x_zp", np.array(zero_point, dtype=np_dtype))
     qn = _node(graph, "QuantizeLinear", [x, s, z], f"{base}_QuantizeLinear")
     dqn = _node(graph, "DequantizeLinear", [qn.outputs[0], s, z], f"{base}_x_DequantizeLinear")
@@ -104,11 +109,14 @@ def emit_static_activation(
 def emit_per_token_activation(graph: ir.Graph, matmul: ir.Node, base: str) -> list[ir.Node]:
     """Insert the dynamic per-token symmetric int8 fake-quantization on MatMul input 0."""
     x = matmul.inputs[0]
+    ft = float_type(x, matmul.outputs[0], default=graph_float_type(graph))
+    if ft == ir.DataType.BFLOAT16 and graph.opset_imports.get("", 0) < BF16_ROUND_OPSET:
+        graph.opset_imports[""] = BF16_ROUND_OPSET  # Round takes bf16 from opset 22 on
     axes = add_initializer(graph, f"{base}_axes", np.array([-1], dtype=np.int64))
-    eps = add_initializer(graph, f"{base}_eps", np.array(PER_TOKEN_EPS, dtype=np.float32))
-    q127 = add_initializer(graph, f"{base}_127", np.array(127.0, dtype=np.float32))
-    lo = add_initializer(graph, f"{base}_lo", np.array(-127.0, dtype=np.float32))
-    hi = add_initializer(graph, f"{base}_hi", np.array(127.0, dtype=np.float32))
+    eps = add_initializer(graph, f"{base}_eps", float_array(PER_TOKEN_EPS_FP16 if ft == ir.DataType.FLOAT16 else PER_TOKEN_EPS, ft))
+    q127 = add_initializer(graph, f"{base}_127", float_array(127.0, ft))
+    lo = add_initializer(graph, f"{base}_lo", float_array(-127.0, ft))
+    hi = add_initializer(graph, f"{base}_hi", float_array(127.0, ft))
     n_abs = _node(graph, "Abs", [x], f"{base}_pt_Abs")
     n_max = _node(graph, "ReduceMax", [n_abs.outputs[0], axes], f"{base}_pt_ReduceMax", keepdims=1)
     n_clamp = _node(graph, "Max", [n_max.outputs[0], eps], f"{base}_pt_Max")

@@ -134,3 +134,21 @@ def test_cli_refuses_impossible_budget_and_unwritable_folder(synthetic_dir, synt
     rc = main(["analyze", str(folder), "--calib", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r")])
     assert rc == 3 and "no such text file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_fp16_range_reports_an_activation_past_65504(synthetic_text, tmp_path: Path) -> None:
+    """A massive activation of 1e5 (the residual stream of position 0) is reported as past fp16's
+    range from the residual it enters on; the default model (800) is fp16-safe."""
+    folder, _ = build_model_dir(tmp_path / "huge", SyntheticConfig(massive_value=1e5))
+    report = analyze(folder, tmp_path / "report", _config(synthetic_text, tmp_path / "cache", e2e_top=0,
+                                                         pareto_e2e=False))
+    fp16 = report["outliers"]["fp16_range"]
+    assert not fp16["fp16_safe"] and fp16["max_abs"] > 65504
+    assert fp16["overflow"] and all(o["absmax"] > 65504 for o in fp16["overflow"])
+    assert {o["label"] for o in fp16["overflow"]} >= {"layers.1.input"}
+
+
+def test_fp16_range_safe_model(analyzed) -> None:
+    _, report, _ = analyzed
+    fp16 = report["outliers"]["fp16_range"]
+    assert fp16["fp16_safe"] and fp16["overflow"] == [] and 0 < fp16["max_abs"] < 65504

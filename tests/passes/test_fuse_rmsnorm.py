@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from qcompiler.models.synthetic import SyntheticConfig
 
@@ -65,3 +66,44 @@ def test_values_match_formula() -> None:
     assert all(abs(n.attributes.get_float("epsilon", 0) - 3e-4) < 1e-9 for n in norms)
     assert all(n.inputs[1].const_value is not None and n.inputs[1].const_value.shape == (cfg.hidden,) for n in norms)
     assert np.isclose(norms[0].inputs[1].const_value.numpy()[cfg.outlier_dims[0]], cfg.outlier_gamma)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_half_norm_widened_to_float32_fuses_from_the_half_input(swap: bool) -> None:
+    """transformers' fp16 norm: ``γ_h ⊙ Cast_h(x₃₂ / √(mean(x₃₂²) + ε))``, ``x₃₂ = Cast_f32(x_h)`` →
+    one ``SimplifiedLayerNormalization(x_h, γ_h)`` (no Cast left), equal within fp16 rounding."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    width = 16
+    gamma = (1 + 0.1 * rng.standard_normal(width)).astype(np.float16)
+    nodes = [
+        h.make_node("Cast", ["x"], ["xf"], to=T.FLOAT),
+        h.make_node("Pow", ["xf", "two"], ["sq"]),
+        h.make_node("ReduceMean", ["sq", "axes"], ["mean"]),
+        h.make_node("Add", ["mean", "eps"], ["tot"]),
+        h.make_node("Sqrt", ["tot"], ["rms"]),
+        h.make_node("Div", ["one", "rms"], ["inv"]),
+        h.make_node("Mul", ["xf", "inv"], ["normed"]),
+        h.make_node("Cast", ["normed"], ["nh"], to=T.FLOAT16),
+        h.make_node("Mul", ["gamma", "nh"] if swap else ["nh", "gamma"], ["y"]),
+    ]
+    inits = [nh.from_array(np.array(2, np.float32), "two"), nh.from_array(np.array([-1], np.int64), "axes"),
+             nh.from_array(np.array(1e-5, np.float32), "eps"), nh.from_array(np.array(1, np.float32), "one"),
+             nh.from_array(gamma, "gamma")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT16, [2, 3, width])],
+                         [h.make_tensor_value_info("y", T.FLOAT16, [2, 3, width])], inits)
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    fused = run(ir.from_proto(proto), "fuse-rmsnorm")
+    assert [n.op_type for n in fused.graph] == ["SimplifiedLayerNormalization"]
+    norm = next(iter(fused.graph))
+    assert norm.inputs[0].dtype == ir.DataType.FLOAT16 and norm.inputs[1].dtype == ir.DataType.FLOAT16
+    x = (3 * rng.standard_normal((2, 3, width))).astype(np.float16)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(ir.to_proto(fused).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
