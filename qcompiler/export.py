@@ -159,6 +159,9 @@ def export(
     keep_gguf_quant: bool = False,
     allow_requant: bool = False,
     accuracy_level: int = 0,
+    dtype: str = "fp32",
+    stream: bool = False,
+    max_memory: int | None = None,
 ) -> Path:
     """Export ``model_ref`` to ``out_dir`` (see module docstring); returns the folder.
 
@@ -173,6 +176,8 @@ def export(
     src = resolve_source(model_ref)
     if (keep_gguf_quant or allow_requant) and src.kind != "gguf":
         raise InputError("--keep-gguf-quant / --allow-requant need a .gguf file as the model")
+    if stream or dtype != "fp32":
+        return _export_streaming(model_ref, src, out, inputs, kv_cache, force, trust_remote_code, dtype, max_memory)
     t0 = time.perf_counter()
     log.info("loading %s (%s)", model_ref, src.kind)
     model, tok = load_hf_model(src, trust_remote_code)
@@ -218,6 +223,27 @@ def export(
             write_json(tmp / "quantization.json", {"source": model_ref, **gguf_report,
                                                    "wall_seconds": round(time.perf_counter() - t0, 2)})
     log.info("exported %s to %s in %.1fs", model_ref, out, time.perf_counter() - t0)
+    return out
+
+
+def _export_streaming(model_ref: str, src: ModelSource, out: Path, inputs: tuple, kv_cache: bool, force: bool,
+                      trust_remote_code: bool, dtype: str, max_memory: int | None) -> Path:
+    """``export(stream=True)``: see ``qcompiler.export_stream`` (a local safetensors folder only)."""
+    from qcompiler.export_stream import export_streaming
+
+    if src.kind != "folder":
+        raise InputError(f"--stream (and --dtype other than fp32) reads a local safetensors model folder, not a "
+                         f"{src.kind} source ({model_ref}); use the normal export")
+    if trust_remote_code:
+        raise QCError("--stream writes the graph itself and never runs model code: drop --trust-remote-code")
+    refuse_pickle_checkpoints(Path(src.path))
+    t0 = time.perf_counter()
+    with atomic_output_dir(out, force, inputs) as tmp:
+        info = export_streaming(src.path, tmp, dtype=dtype, kv_cache=kv_cache, max_memory=max_memory)
+        task = "text-generation-with-past" if kv_cache else "text-generation"
+        write_json(tmp / "qcompiler_export.json", {"source": model_ref, "source_kind": src.kind, "kv_cache": kv_cache,
+                                                   "task": task, "keep_gguf_quant": False, **info})
+    log.info("exported %s to %s in %.1fs (streaming)", model_ref, out, time.perf_counter() - t0)
     return out
 
 

@@ -26,11 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
                    help="with --keep-gguf-quant: MatMulNBits accuracy_level (4: int8 activations, as llama.cpp "
                    "computes; fast 8-bit kernels, so Q8_0/Q5/Q6_K stay one 8-bit tensor); default 0 (fp32)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="float type of the exported graph")
+    p.add_argument("--stream", action="store_true",
+                   help="Llama/Mistral/Qwen2 safetensors folder: write the graph directly and copy the weights "
+                   "tensor by tensor (memory independent of the model's size; docs/scaling.md)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 8G: sizes --stream's copy blocks; fails early if it cannot be met")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from qcompiler.export import export
+    from qcompiler.memory import parse_size
 
     out = export(
         args.model,
@@ -42,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         keep_gguf_quant=args.keep_gguf_quant or args.allow_requant,
         allow_requant=args.allow_requant,
         accuracy_level=args.accuracy_level,
+        dtype=args.dtype,
+        stream=args.stream,
+        max_memory=parse_size(args.max_memory) if args.max_memory else None,
     )
     print(out)
     return 0
