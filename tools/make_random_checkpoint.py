@@ -66,7 +66,7 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np.
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, shape in tensors:
+        for _name, shape in tensors:
             if len(shape) == 1:
                 f.write(_bf16(np.ones(shape, np.float32)))
                 continue
