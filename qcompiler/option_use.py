@@ -45,7 +45,7 @@ def flag(name: str) -> str:
 def used_options(recipe: str | None, target: str) -> frozenset[str] | None:
     """Options read by ``recipe`` (``None``: a ``--passes`` pipeline) on ``target``; ``None`` if the
     recipe declares nothing (every option passes)."""
-    used = {"target"} | TARGET_OPTIONS.get(target, frozenset())
+    used = {"target", "max_memory"} | TARGET_OPTIONS.get(target, frozenset())  # every run checks its memory bound
     if recipe is None:
         return frozenset(used | CALIB_OPTIONS | WEIGHT_ONLY_TARGET_OPTIONS.get(target, frozenset()))
     r = get_recipe(recipe)

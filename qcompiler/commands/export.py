@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qcompiler.export import export
-    from qcompiler.memory import parse_size
+    from qcompiler.calibrate.plan import parse_memory
 
     out = export(
         args.model,
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         accuracy_level=args.accuracy_level,
         dtype=args.dtype,
         stream=args.stream,
-        max_memory=parse_size(args.max_memory) if args.max_memory else None,
+        max_memory=parse_memory(args.max_memory),
     )
     print(out)
     return 0
