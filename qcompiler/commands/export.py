@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qcompiler.export import export
     from qcompiler.calibrate.plan import parse_memory
+    from qcompiler.export import export
 
     out = export(
         args.model,
