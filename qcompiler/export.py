@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -178,6 +179,8 @@ def export(
         raise InputError("--keep-gguf-quant / --allow-requant need a .gguf file as the model")
     if stream or dtype != "fp32":
         return _export_streaming(model_ref, src, out, inputs, kv_cache, force, trust_remote_code, dtype, max_memory)
+    if max_memory is not None:
+        _check_optimum_memory(src, max_memory)
     t0 = time.perf_counter()
     log.info("loading %s (%s)", model_ref, src.kind)
     model, tok = load_hf_model(src, trust_remote_code)
@@ -245,6 +248,21 @@ def _export_streaming(model_ref: str, src: ModelSource, out: Path, inputs: tuple
                                                    "task": task, "keep_gguf_quant": False, **info})
     log.info("exported %s to %s in %.1fs (streaming)", model_ref, out, time.perf_counter() - t0)
     return out
+
+
+def _check_optimum_memory(src: ModelSource, max_memory: int) -> None:
+    """``--max-memory`` without ``--stream``: torch's fp32 copy plus the exporter's, measured 2.2× the fp32 model."""
+    if src.kind != "folder" or not any(Path(src.path).glob("*.safetensors")):
+        raise QCError("--max-memory bounds the streaming export (--stream, a local safetensors folder); "
+                      "the normal export holds the whole model in torch")
+    from qcompiler.export_stream import read_safetensors_index
+
+    values = sum(math.prod(t.shape) for t in read_safetensors_index(src.path).values())
+    need = int(2.2 * 4 * values)
+    if need > max_memory:
+        raise QCError(f"--max-memory {max_memory / 2**30:.1f} GiB: the normal export of {src.path} needs about "
+                      f"{need / 2**30:.1f} GiB (torch's fp32 model and the exporter's copy); pass --stream "
+                      "(Llama/Mistral/Qwen2) to export within the bound")
 
 
 def retie_lm_head(model) -> bool:

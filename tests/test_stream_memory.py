@@ -110,3 +110,14 @@ def test_max_memory_is_checked_before_any_work(synthetic_dir: tuple[Path, object
     with pytest.raises(QCError, match="below the streaming export's minimum"):
         export(str(tmp_path / "hf"), tmp_path / "e", stream=True, max_memory=64 << 20)
     assert not (tmp_path / "e").exists()
+
+
+def test_max_memory_without_stream_names_the_fix(tmp_path: Path) -> None:
+    from qcompiler.errors import QCError
+    from qcompiler.export import export
+    from tools.make_random_checkpoint import build
+
+    build(tmp_path / "hf", dict(CFG, num_hidden_layers=1), 10**9)  # 33 M values: ~290 MiB for the normal export
+    with pytest.raises(QCError, match="pass --stream"):
+        export(str(tmp_path / "hf"), tmp_path / "e", max_memory=200 << 20)
+    assert not (tmp_path / "e").exists()
