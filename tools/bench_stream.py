@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize-from", default="fp32", choices=("fp32", "fp16"), help="export the quantizers read")
     ap.add_argument("--max-memory", default=None, help="passed to export and quantize")
     ap.add_argument("--eval-tokens", type=int, default=256)
+    ap.add_argument("--gen-tokens", type=int, default=16)
+    ap.add_argument("--quantize-args", default="", help="extra qc quantize arguments, e.g. --no-fuse")
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
     ckpt, work = Path(args.checkpoint), Path(args.work)
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     log = work / "stages.log"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), TQDM_DISABLE="1")
     mem = ["--max-memory", args.max_memory] if args.max_memory else []
+    qextra = args.quantize_args.split()
     text = work / "eval.txt"
     if not text.exists():  # the word-level tokenizer of make_random_checkpoint: one token per word
         import random
@@ -126,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         "export-fp16": (["export", str(ckpt), str(work / "fp16"), "--stream", "--dtype", "fp16", "--force", *mem],
                         work / "fp16"),
         "export-fp32": (["export", str(ckpt), str(work / "fp32"), "--stream", "--force", *mem], work / "fp32"),
-        "rtn": (["quantize", str(src), str(work / "rtn"), "--recipe", "w4a16-rtn", "--force", *mem], work / "rtn"),
-        "hqq": (["quantize", str(src), str(work / "hqq"), "--recipe", "w4a16-hqq", "--force", *mem], work / "hqq"),
+        "rtn": (["quantize", str(src), str(work / "rtn"), "--recipe", "w4a16-rtn", "--force", *mem, *qextra], work / "rtn"),
+        "hqq": (["quantize", str(src), str(work / "hqq"), "--recipe", "w4a16-hqq", "--force", *mem, *qextra], work / "hqq"),
         "eval": (["eval", str(work / "rtn"), "--text", str(text), "--max-tokens", str(args.eval_tokens),
                   "--seq-len", str(args.eval_tokens)], None),
-        "generate": (["generate", str(work / "rtn"), "--prompt", "w1 w17 w33 w4095", "--max-new-tokens", "16",
+        "generate": (["generate", str(work / "rtn"), "--prompt", "w1 w17 w33 w4095", "--max-new-tokens", str(args.gen_tokens),
                       "--ignore-eos"], None),
     }
     recs = []
