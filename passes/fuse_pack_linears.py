@@ -76,11 +76,16 @@ def _optional(node: ir.Node, i: int) -> ir.Value | None:
     return node.inputs[i] if len(node.inputs) > i else None
 
 
-def _member(node: ir.Node) -> _Member | None:
+def _member(node: ir.Node, load: bool = True) -> _Member | None:
+    """The linear as a pack member; ``load=False`` only keys it (no weight is read: an unpacked
+    float lm_head would otherwise be read and copied whole just to find it has no siblings)."""
     op, dom = node.op_type, node.domain
     if op == "MatMul" and dom == "":
         w = node.inputs[1]
         if is_weight(w):
+            if not load:
+                t = w.const_value  # type: ignore[union-attr]
+                return _Member(node, ("float", t.dtype, t.shape[0]), t.shape[1])  # type: ignore[union-attr]
             a, dt = _arr(w)  # type: ignore[misc]
             return _Member(node, ("float", dt, a.shape[0]), a.shape[1], {1: (a.T.copy(), dt)})
         dq = w.producer() if w is not None else None
@@ -186,7 +191,7 @@ class FusePackLinears(QCPass):
         common_passes.CommonSubexpressionEliminationPass()(model)
         groups: dict[tuple, list[_Member]] = defaultdict(list)
         for node in graph:
-            m = _member(node) if node.inputs and node.inputs[0] is not None else None
+            m = _member(node, load=False) if node.inputs and node.inputs[0] is not None else None
             if m is not None:
                 m.pieces = {}  # re-read per group below: keeping every linear's arrays costs ~a byte per weight
                 groups[(id(node.inputs[0]), m.key)].append(m)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -196,6 +197,8 @@ def export(
     allow_requant: bool = False,
     accuracy_level: int = 0,
     dtype: str = "fp32",
+    stream: bool = False,
+    max_memory: int | None = None,
 ) -> Path:
     """Export ``model_ref`` to ``out_dir`` (see module docstring); returns the folder.
 
@@ -213,6 +216,10 @@ def export(
     src = resolve_source(model_ref)
     if (keep_gguf_quant or allow_requant) and src.kind != "gguf":
         raise InputError("--keep-gguf-quant / --allow-requant need a .gguf file as the model")
+    if stream:
+        return _export_streaming(model_ref, src, out, inputs, kv_cache, force, trust_remote_code, dtype, max_memory)
+    if max_memory is not None:
+        _check_optimum_memory(src, max_memory)
     t0 = time.perf_counter()
     log.info("loading %s (%s)", model_ref, src.kind)
     model, tok = load_hf_model(src, trust_remote_code, dtype)
@@ -319,6 +326,40 @@ def drop_roundtrip_casts(model) -> int:
     if removed:
         log.info("export: %d exact round-trip Cast pair(s) (half → float32 → half) removed", removed)
     return removed
+def _export_streaming(model_ref: str, src: ModelSource, out: Path, inputs: tuple, kv_cache: bool, force: bool,
+                      trust_remote_code: bool, dtype: str, max_memory: int | None) -> Path:
+    """``export(stream=True)``: see ``qcompiler.export_stream`` (a local safetensors folder only)."""
+    from qcompiler.export_stream import export_streaming
+
+    if src.kind != "folder":
+        raise InputError(f"--stream reads a local safetensors model folder, not a "
+                         f"{src.kind} source ({model_ref}); use the normal export")
+    if trust_remote_code:
+        raise QCError("--stream writes the graph itself and never runs model code: drop --trust-remote-code")
+    refuse_pickle_checkpoints(Path(src.path))
+    t0 = time.perf_counter()
+    with atomic_output_dir(out, force, inputs) as tmp:
+        info = export_streaming(src.path, tmp, dtype=dtype, kv_cache=kv_cache, max_memory=max_memory)
+        task = "text-generation-with-past" if kv_cache else "text-generation"
+        write_json(tmp / "qcompiler_export.json", {"source": model_ref, "source_kind": src.kind, "kv_cache": kv_cache,
+                                                   "task": task, "keep_gguf_quant": False, **info})
+    log.info("exported %s to %s in %.1fs (streaming)", model_ref, out, time.perf_counter() - t0)
+    return out
+
+
+def _check_optimum_memory(src: ModelSource, max_memory: int) -> None:
+    """``--max-memory`` without ``--stream``: torch's fp32 copy plus the exporter's, measured 2.2× the fp32 model."""
+    if src.kind != "folder" or not any(Path(src.path).glob("*.safetensors")):
+        raise QCError("--max-memory bounds the streaming export (--stream, a local safetensors folder); "
+                      "the normal export holds the whole model in torch")
+    from qcompiler.export_stream import read_safetensors_index
+
+    values = sum(math.prod(t.shape) for t in read_safetensors_index(src.path).values())
+    need = int(2.2 * 4 * values)
+    if need > max_memory:
+        raise QCError(f"--max-memory {max_memory / 2**30:.1f} GiB: the normal export of {src.path} needs about "
+                      f"{need / 2**30:.1f} GiB (torch's fp32 model and the exporter's copy); pass --stream "
+                      "(Llama/Mistral/Qwen2) to export within the bound")
 
 
 def retie_lm_head(model) -> bool:

@@ -22,17 +22,33 @@ log = logging.getLogger(__name__)
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 
+#: Values checked at a time: the bool mask (and a bfloat16 block's fp32 copy) stay this small.
+_BLOCK = 1 << 22
+
+
 def nonfinite_summary(a: np.ndarray) -> str:
-    """``""`` if every value is finite, else e.g. ``"2 NaN/Inf value(s), the first at [3, 4]"``."""
+    """``""`` if every value is finite, else e.g. ``"2 NaN/Inf value(s), the first at [3, 4]"``.
+
+    Checked in blocks of ``_BLOCK`` values (a memory-mapped weight is never copied whole).
+    """
     arr = np.asarray(a)
-    if arr.dtype.kind not in "fc":
-        arr = arr.astype(np.float32)  # bfloat16 and friends
-    finite = np.isfinite(arr)
-    if finite.all():
+    flat = arr.reshape(-1)
+    bad, first = 0, None
+    for i in range(0, flat.size, _BLOCK):
+        block = flat[i:i + _BLOCK]
+        if block.dtype.kind not in "fc":
+            block = block.astype(np.float32)  # bfloat16 and friends
+        finite = np.isfinite(block)
+        if finite.all():
+            continue
+        idx = np.flatnonzero(~finite)
+        bad += len(idx)
+        if first is None:
+            first = i + int(idx[0])
+    if not bad:
         return ""
-    where = np.argwhere(~finite)
-    first = list(map(int, where[0])) if arr.ndim else []
-    return f"{len(where)} NaN/Inf value(s), the first at {first}"
+    where = list(map(int, np.unravel_index(first, arr.shape))) if arr.ndim else []
+    return f"{bad} NaN/Inf value(s), the first at {where}"
 
 
 def require_finite(a: np.ndarray, what: str) -> None:

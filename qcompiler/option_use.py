@@ -50,7 +50,7 @@ def used_options(recipe: str | None, target: str, kv_cache: str = "float") -> fr
     """Options read by ``recipe`` (``None``: a ``--passes`` pipeline) on ``target``; ``None`` if the
     recipe declares nothing (every option passes).  A quantized ``kv_cache`` (on a target whose lowering
     reads it) adds the KV-cache options and the calibration options."""
-    used = {"target"} | TARGET_OPTIONS.get(target, frozenset())
+    used = {"target", "max_memory"} | TARGET_OPTIONS.get(target, frozenset())  # every run checks its memory bound
     if kv_cache != "float" and "kv_cache" in used:
         used |= KV_CACHE_OPTIONS | CALIB_OPTIONS
     if recipe is None:

@@ -128,6 +128,7 @@ def quantize(
             log.warning("nonfinite=skip: linears with NaN/Inf weights stay float; the whole-model check is off")
         else:
             check_model_weights(model)  # any recipe: a NaN/Inf weight, bias or norm weight stops here
+        _check_memory_bound(model, options.max_memory)
         family = coverage.model_type(src.path)
         _preflight(model, family, options.allow_partial)
         unknown = unknown_ops(model)
@@ -184,6 +185,22 @@ def quantize(
         log.info("kept in float: %s", ", ".join(f"{k.role or k.node} ({k.reason})" for k in cov.kept_float[:6]))
     log.info("wrote %s in %.1fs (peak RSS %.0f MiB)", out, summary["wall_seconds"], summary["peak_rss_mb"])
     return summary
+
+
+def _check_memory_bound(model: ir.Model, max_memory: str | None) -> None:
+    """``--max-memory``: refuse, before any pass, a run whose estimated peak exceeds the bound."""
+    if max_memory is None:
+        return
+    from qcompiler.calibrate.plan import format_bytes, parse_memory
+    from qcompiler.memory import quantize_peak_bytes
+
+    bound = parse_memory(max_memory)
+    est = quantize_peak_bytes(model)
+    detail = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in est.items() if k != "total")
+    if est["total"] > bound:  # type: ignore[operator]
+        raise QCError(f"--max-memory {max_memory}: quantizing this model needs about {format_bytes(est['total'])} "
+                      f"({detail}); raise the bound (the largest tensor alone is resident while it is read)")
+    log.info("memory: estimated peak %s within --max-memory %s (%s)", format_bytes(est["total"]), max_memory, detail)
 
 
 def _preflight(model, family: str, allow_partial: bool) -> None:

@@ -29,10 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="float type of the graph (weights, activations, KV cache, logits); default fp32. "
                    "fp16 runs on ONNX Runtime CPU and CUDA; bf16 is for --target cuda (docs/half.md)")
+    p.add_argument("--stream", action="store_true",
+                   help="Llama/Mistral/Qwen2 safetensors folder: write the graph directly and copy the weights "
+                   "tensor by tensor (memory independent of the model's size; docs/scaling.md)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 8G: sizes --stream's copy blocks; fails early if it cannot be met")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from qcompiler.calibrate.plan import parse_memory
     from qcompiler.export import export
 
     out = export(
@@ -46,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         allow_requant=args.allow_requant,
         accuracy_level=args.accuracy_level,
         dtype=args.dtype,
+        stream=args.stream,
+        max_memory=parse_memory(args.max_memory),
     )
     print(out)
     return 0

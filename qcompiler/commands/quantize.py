@@ -22,7 +22,8 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 512)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
-    p.add_argument("--max-memory", default=None, help="calibration memory bound, e.g. 4GB")
+    p.add_argument("--max-memory", default=None, help="memory bound, e.g. 8G: checked before any pass (error if the "
+                   "estimated peak exceeds it); calibration plans its sweeps within it")
     p.add_argument("--alpha", type=float, default=None, help="smoothing strength (recipes that smooth)")
     p.add_argument("--budget", type=float, default=None, help="average weight bits (mixed precision)")
     p.add_argument("--max-size", dest="max_size_mb", type=float, default=None, help="size budget in MB (mixed)")

@@ -28,7 +28,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompiler.quant.numerics import QuantizedWeight, _grouped, group_size_for, scales_from_range
+from qcompiler.quant import numerics
+from qcompiler.quant.numerics import (
+    QuantizedWeight,
+    _grouped,
+    column_blocks,
+    group_size_for,
+    scales_from_range,
+)
 from qcompiler.spec import QuantSpec
 
 
@@ -45,10 +52,21 @@ def quantize_hqq(
     beta: float = 10.0,
     kappa: float = 1.01,
 ) -> QuantizedWeight:
-    """HQQ refinement of ``W[K, N]``'s per-group integer zero points (symmetric: scales); see the module docstring."""
-    w = np.asarray(w, dtype=np.float32)
+    """HQQ refinement of ``W[K, N]``'s per-group integer zero points (symmetric: scales); see the module docstring.
+
+    Every column's groups are independent, so a wide weight is processed in column blocks
+    (:func:`qcompiler.quant.numerics.column_blocks`; same result, bounded temporaries).
+    """
     k, n = w.shape
     group = group_size_for(spec, k)
+    blocks = column_blocks(k, n, numerics.BLOCK_VALUES // 4)
+    if len(blocks) > 1:
+        parts = [quantize_hqq(w[:, sl], spec, iters, p, beta, kappa) for sl in blocks]
+        zps = [part.zero_point for part in parts]
+        return QuantizedWeight(np.concatenate([part.q for part in parts], axis=1),
+                               np.concatenate([part.scale for part in parts], axis=1),
+                               None if zps[0] is None else np.concatenate(zps, axis=1), spec, group)  # type: ignore[arg-type]
+    w = np.asarray(w, dtype=np.float32)
     wd, pad = _grouped(w, group)  # [G, g, N]
     valid = np.ones(wd.shape[:2], dtype=np.float32)
     if pad:

@@ -23,6 +23,9 @@ import numpy as np
 
 from qcompiler.spec import Granularity, QuantSpec
 
+#: Values per column block of the blockwise quantizers (16 MiB in fp32): bounds their temporaries.
+BLOCK_VALUES = 1 << 22
+
 
 @dataclass(frozen=True)
 class QuantizedWeight:
@@ -115,23 +118,50 @@ def quantize_with(
     return np.clip(np.rint(w / s) + z, lo, hi).astype(np.uint8)
 
 
+def column_blocks(k: int, n: int, block_values: int | None = None) -> list[slice]:
+    """Column slices of a ``[K, N]`` weight holding at most ``block_values`` values each (≥ 1 column)."""
+    cb = max(1, (block_values or BLOCK_VALUES) // max(k, 1))
+    return [slice(c, min(c + cb, n)) for c in range(0, n, cb)]
+
+
 def quantize_rtn(w: np.ndarray, spec: QuantSpec, clip_ratio: np.ndarray | float = 1.0) -> QuantizedWeight:
-    """Round-to-nearest with exact per-group min/max (optionally shrunk by ``clip_ratio``)."""
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
-    group = group_size_for(spec, w.shape[0])
-    wmin, wmax = group_ranges(w, group)
-    wmin, wmax = wmin * clip_ratio, wmax * clip_ratio
-    scale, zp = scales_from_range(wmin, wmax, spec)
-    q = quantize_with(w, scale, zp, spec, group)
+    """Round-to-nearest with exact per-group min/max (optionally shrunk by ``clip_ratio``).
+
+    Processed in column blocks (:func:`column_blocks`): every column's groups are independent,
+    so the result is the same as on the whole matrix while the fp32 copy and the grouped
+    temporaries (about 5× a block) stay bounded; ``w`` may be a memory-mapped fp16/bf16/fp32
+    array, only one block of it is ever converted.  Outputs: ``q`` one byte per value, scales.
+    """
+    if np.ndim(w) != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {np.shape(w)}")
+    k, n = w.shape
+    group = group_size_for(spec, k)
+    g_count = -(-k // group)
+    q = np.empty((k, n), dtype=np.int8 if spec.symmetric else np.uint8)
+    scale = np.empty((g_count, n), dtype=np.float32)
+    zp = None if spec.symmetric else np.empty((g_count, n), dtype=np.uint8)
+    ratio = np.asarray(clip_ratio)
+    for sl in column_blocks(k, n):
+        wb = np.asarray(w[:, sl], dtype=np.float32)
+        wmin, wmax = group_ranges(wb, group)
+        r = ratio[:, sl] if ratio.ndim == 2 else clip_ratio
+        s, z = scales_from_range(wmin * r, wmax * r, spec)
+        q[:, sl] = quantize_with(wb, s, z, spec, group)
+        scale[:, sl] = s
+        if zp is not None:
+            zp[:, sl] = z
+        del wb
     return QuantizedWeight(q, scale, zp, spec, group)
 
 
 def mse_clip_ratios(
     w: np.ndarray, spec: QuantSpec, grid: int = 20, min_ratio: float = 0.5, norm: float = 2.4
 ) -> np.ndarray:
-    """Per-group shrink ratio of the range minimizing ``Σ|W − Ŵ|^norm`` (grid search)."""
+    """Per-group shrink ratio of the range minimizing ``Σ|W − Ŵ|^norm`` (grid search, by column blocks)."""
+    k, n = w.shape
+    blocks = column_blocks(k, n, BLOCK_VALUES // 4)
+    if len(blocks) > 1:
+        return np.concatenate([mse_clip_ratios(w[:, sl], spec, grid, min_ratio, norm) for sl in blocks], axis=1)
     w = np.asarray(w, dtype=np.float32)
     group = group_size_for(spec, w.shape[0])
     wg, pad = _grouped(w, group)
