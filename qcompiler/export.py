@@ -123,12 +123,16 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 def torch_dtype(dtype: str):
     """The torch float type of a ``--dtype`` spelling (``fp32``, ``fp16``, ``bf16``)."""
+    check_dtype(dtype)
     import torch
 
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in table:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def check_dtype(dtype: str) -> None:
+    """Refuse a ``--dtype`` spelling other than ``fp32``, ``fp16``, ``bf16`` (without importing torch)."""
+    if dtype not in ("fp32", "fp16", "bf16"):
         raise OptionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    return table[dtype]
 
 
 def load_hf_model(src: ModelSource, trust_remote_code: bool = False, dtype: str = "fp32"):
@@ -208,7 +212,7 @@ def export(
     ``dtype`` (``fp32``, ``fp16``, ``bf16``) is the float type of the graph: weights, activations,
     KV cache and logits.
     """
-    torch_dtype(dtype)  # a bad spelling fails before anything is loaded
+    check_dtype(dtype)  # a bad spelling fails before anything is loaded (torch is not imported: --stream)
     out = Path(out_dir)
     local = Path(model_ref).expanduser()
     inputs = (local,) if local.exists() else ()
