@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from qcompiler.cli import main
+from qcompiler.distributed import RayExecutor, Resources
 
 ray = pytest.importorskip("ray")
 
 MODEL_FILES = ("model.onnx", "model.onnx_data")
+NO_RESOURCES = Resources()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,6 +36,18 @@ def ray_cluster() -> object:
 @pytest.fixture(autouse=True)
 def _private_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "calib-cache"))
+
+
+class _Counting(RayExecutor):
+    """A Ray executor that records which functions became tasks."""
+
+    def __init__(self) -> None:
+        super().__init__("local")
+        self.seen: list[str] = []
+
+    def map(self, fn, calls, resources: Resources = NO_RESOURCES, desc: str = ""):  # type: ignore[no-untyped-def]
+        self.seen.append(fn.__name__)
+        return super().map(fn, calls, resources, desc)
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -51,7 +65,7 @@ def _npz_arrays(folder: Path) -> dict[str, bytes]:
 def test_calibrate_with_ray_equals_one_process_bit_for_bit(synthetic_dir, synthetic_text: Path, tmp_path: Path) -> None:
     """Every observer (Hessians and Σ|x| included), several sweeps with hand-offs, 3 shards of 2 windows."""
     from qcompiler.calibrate import CalibConfig, Calibrator, ObserverConfig, linear_requests
-    from qcompiler.distributed import Executor, RayExecutor
+    from qcompiler.distributed import Executor
     from qcompiler.irutil import load_model
 
     model_dir = synthetic_dir[0]
@@ -89,6 +103,9 @@ def test_calibrate_with_ray_equals_one_process_bit_for_bit(synthetic_dir, synthe
 
 def test_quantize_w8a8_smooth_with_ray_is_byte_identical(synthetic_dir, synthetic_text: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions
+
     outs = {}
     for mode in ("one", "ray"):
         monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / f"cache-{mode}"))  # both compute, neither reuses
@@ -98,6 +115,13 @@ def test_quantize_w8a8_smooth_with_ray_is_byte_identical(synthetic_dir, syntheti
         assert main(argv + (["--ray", "local"] if mode == "ray" else [])) == 0
         outs[mode] = _digests(out)
     assert outs["one"] == outs["ray"]
+    # the work really went to Ray: calibration shards and the α searches
+    monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "cache-api"))
+    executor = _Counting()
+    opts = QuantizeOptions(calib=str(synthetic_text), calib_samples=12, seq_len=32)
+    quantize(synthetic_dir[0], tmp_path / "api", recipe="w8a8-smooth", options=opts, executor=executor)
+    assert {"observe_shard", "search_alpha"} <= set(executor.seen)
+    assert _digests(tmp_path / "api") == outs["one"]
 
 
 def test_without_the_flag_nothing_imports_ray(synthetic_dir, synthetic_text: Path, tmp_path: Path) -> None:
@@ -119,14 +143,15 @@ def test_without_the_flag_nothing_imports_ray(synthetic_dir, synthetic_text: Pat
 def test_analyze_with_ray_gives_the_same_sensitivity_ranking(synthetic_dir, synthetic_text: Path,
                                                              tmp_path: Path) -> None:
     from qcompiler.analysis import AnalyzeConfig, MeasureConfig, analyze
-    from qcompiler.distributed import RayExecutor
 
     measure = MeasureConfig(samples=6, seq_len=64, rows=128, block_windows=2, block_seq_len=32, progress=False)
     reports = {}
-    for name, executor in (("one", None), ("ray", RayExecutor("local"))):
+    counting = _Counting()
+    for name, executor in (("one", None), ("ray", counting)):
         cfg = AnalyzeConfig(calib=str(synthetic_text), cache_dir=str(tmp_path / f"cache-{name}"), measure=measure,
                             budget=5.0, pareto_budgets=(5.0,), e2e_top=0, pareto_e2e=False)
         reports[name] = analyze(synthetic_dir[0], tmp_path / name, cfg, executor=executor)
+    assert {"observe_shard", "_layers_task"} <= set(counting.seen)
     one, ray_ = reports["one"], reports["ray"]
     assert one["ranking"] == ray_["ranking"] and len(one["ranking"]) > 4
     assert one["mixed"]["assignment"] == ray_["mixed"]["assignment"]

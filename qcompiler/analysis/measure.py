@@ -74,7 +74,7 @@ def derived_calibrator(base: Calibrator, samples: int, seq_len: int, rows: int) 
     """A calibrator on the same text with its own window count/length and sample size."""
     cfg = dataclasses.replace(base.config, samples=samples, seq_len=seq_len,
                               observer=dataclasses.replace(base.config.observer, sample_rows=rows))
-    return Calibrator(base.model_dir, cfg)
+    return Calibrator(base.model_dir, cfg, base.executor)
 
 
 def measure(model: ir.Model, sites: ModelSites, calibrator: Calibrator, candidates: list[Candidate],
