@@ -24,7 +24,8 @@ with ``r = 1`` (``clip=minmax``) or, with ``clip=mse``, the ratio in [0.5, 1] mi
 ``Σ_t (x − x̂)²`` over the calibration sample rows (per channel or per tensor).  Per-channel
 keys are KIVI's choice (a few key channels carry large magnitudes after rotary).  Values
 would prefer per-token scales (KIVI); the kernel has no such mode, so values are per channel
-(one static scale per kv head and dim) or per tensor.
+(one static scale per kv head and dim) or per tensor, like the keys (the CPU kernel refuses
+``k_quant_type ≠ v_quant_type``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class KVCacheConfig:
         for g in (self.k_granularity, self.v_granularity):
             if g not in GRANULARITY:
                 raise ValueError(f"granularity must be tensor or channel, got '{g}'")
+        if self.k_granularity != self.v_granularity:  # measured: group_query_attention.cc refuses it at run time
+            raise ValueError("ONNX Runtime's CPU GroupQueryAttention requires k_quant_type == v_quant_type: "
+                             f"k_granularity={self.k_granularity} and v_granularity={self.v_granularity} differ")
         if self.clip not in ("minmax", "mse"):
             raise ValueError(f"clip must be minmax or mse, got '{self.clip}'")
 

@@ -58,6 +58,19 @@ def graph_io(model_dir: str | os.PathLike) -> tuple[list[str], list[str], set[st
     return inputs, outputs, {o.domain for o in proto.opset_import}
 
 
+def _past_elem_type(model_dir: Path) -> str:
+    """The element type of the first ``past_key_values.*`` input (``float``, ``int8``, ``uint8``, ...)."""
+    import onnx
+
+    from qcompiler.irutil import load_proto_header
+
+    proto = load_proto_header(open_model_dir(model_dir).model_path)
+    for i in proto.graph.input:
+        if _PAST.match(i.name):
+            return onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name.replace("float32", "float")
+    return ""
+
+
 def optimum_problems(model_dir: str | os.PathLike) -> list[str]:
     """What would stop ``ORTModelForCausalLM.from_pretrained(model_dir)`` from loading and generating."""
     md = open_model_dir(model_dir)
@@ -80,6 +93,11 @@ def optimum_problems(model_dir: str | os.PathLike) -> list[str]:
         problems.append(f"config.json says {config.get('num_hidden_layers')} layers, the graph has {len(past) // 2} caches")
     if "qcompiler" in domains:
         problems.append("the graph uses qcompiler's own ops, which optimum cannot register (lower for --target cpu)")
+    if past and _past_elem_type(md.path) == "uint8":
+        # measured: ORTModelForCausalLM feeds an empty [B, KV, 0, head_size] cache, the graph wants head_size / 2
+        problems.append("the KV cache is int4 (uint8, two values per byte), whose empty cache optimum allocates "
+                        "with head_size entries instead of head_size / 2; use --kv-cache int8 for optimum, or "
+                        "run it with qc generate / ONNX Runtime (docs/kv_cache.md)")
     if not md.has_tokenizer():
         problems.append("no tokenizer.json / tokenizer.model")
     return problems

@@ -72,9 +72,9 @@ def _kv_cache_step(o: QuantizeOptions) -> str:
 
     if o.kv_cache == "float":
         return ""
-    v = "tensor" if o.kv_granularity == "tensor" else "channel"
-    return (f"quantize-kv-cache{{bits={KV_CACHE_BITS[o.kv_cache]},k_granularity={o.kv_granularity},"
-            f"v_granularity={v},clip={o.kv_clip}}}")
+    g = o.kv_granularity  # keys and values alike: ORT's CPU kernel requires k_quant_type == v_quant_type
+    return (f"quantize-kv-cache{{bits={KV_CACHE_BITS[o.kv_cache]},k_granularity={g},"
+            f"v_granularity={g},clip={o.kv_clip}}}")
 
 
 for _target in ("cpu", "cuda"):

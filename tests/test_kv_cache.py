@@ -118,3 +118,10 @@ def test_bench_rows_with_a_quantized_cache(synthetic_dir, synthetic_text: Path, 
         assert set(r["decode_tok_s_at"]) == {"64", "300"} and all(v > 0 for v in r["decode_tok_s_at"].values())
     md = (out / "bench.md").read_text()
     assert "| cache B/token | decode tok/s @64 | decode tok/s @300 |" in md
+
+
+def test_deploy_names_the_int4_cache_for_optimum(kv_models: dict[str, Path]) -> None:
+    from qcompiler.deploy import optimum_problems
+
+    assert not [p for p in optimum_problems(kv_models["int8"]) if "KV cache" in p]
+    assert any("int4" in p and "head_size / 2" in p for p in optimum_problems(kv_models["int4"]))

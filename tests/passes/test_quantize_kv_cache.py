@@ -171,3 +171,5 @@ def test_config_refuses() -> None:
         KVCacheConfig(bits=2)
     with pytest.raises(ValueError, match="granularity"):
         KVCacheConfig(k_granularity="token")
+    with pytest.raises(ValueError, match="k_quant_type == v_quant_type"):
+        KVCacheConfig(k_granularity="channel", v_granularity="tensor")
