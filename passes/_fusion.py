@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -298,10 +298,24 @@ def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
             used.add(name)
 
 
+def _is_sorted(graph: ir.Graph) -> bool:
+    """Every node's inputs are made by earlier nodes (or are graph inputs / initializers): one linear scan,
+    where a topological sort of the whole graph after every fusion cost a tenth of a compile."""
+    seen: set[int] = set()
+    for node in graph:
+        for v in node.inputs:
+            p = v.producer() if v is not None else None
+            if p is not None and p.graph is graph and id(p) not in seen:
+                return False
+        seen.add(id(node))
+    return True
+
+
 def cleanup(model: ir.Model) -> int:
     """Drop nodes and initializers nothing uses, and restore topological order; returns nodes removed."""
     graph = model.graph
-    common_passes.TopologicalSortPass()(model)  # consumers after producers: one reverse sweep suffices
+    if not _is_sorted(graph):  # consumers after producers: one reverse sweep suffices
+        common_passes.TopologicalSortPass()(model)
     outputs = {id(v) for v in graph.outputs}
     removed = 0
     for node in reversed(list(graph)):
@@ -312,6 +326,46 @@ def cleanup(model: ir.Model) -> int:
     remove_unused_initializers(graph)
     shapes_current(model)  # the fusions give every value they replace the replaced one's shape
     return removed
+
+
+def apply_rules(model: ir.Model, rules: Sequence[object], candidate: Callable[[ir.Node], bool]) -> int:
+    """Apply onnxscript rewrite rules (``RewriteRule``: pattern, check, replacement) at the nodes
+    ``candidate`` accepts, first rule that matches wins; returns the number of rewrites.
+
+    What ``RewriteRuleSet.apply_to_model`` does for the main graph, minus trying every rule at
+    every node: a cheap structural test of the root first (the matcher costs ~0.1 ms per try, so
+    several rules over a 5000-node decoder spent more time failing than the fusion is worth).
+    """
+    import onnxscript.optimizer
+    from onnx_ir import convenience
+
+    graph, count = model.graph, 0
+    for node in list(graph):
+        if node.graph is not graph or not candidate(node):
+            continue
+        for rule in rules:
+            delta = rule.try_rewrite(model, graph, node)  # type: ignore[attr-defined]
+            if delta is None:
+                continue
+            for init in delta.new_initializers:
+                if init.name not in graph.initializers:
+                    graph.register_initializer(init)
+            onnxscript.optimizer.basic_constant_propagation(delta.new_nodes)
+            convenience.replace_nodes_and_values(graph, node, delta.match.nodes if rule.remove_nodes else [],  # type: ignore[attr-defined]
+                                                 delta.new_nodes, delta.match.outputs, delta.new_outputs)
+            count += 1
+            break
+    return count
+
+
+def reaches(node: ir.Node, op: str, depth: int) -> bool:
+    """Whether an ``op`` node is among the producers of ``node``'s inputs, at most ``depth`` steps up."""
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [p for n in frontier for v in n.inputs if v is not None and (p := v.producer()) is not None]
+        if any(p.op_type == op for p in frontier):
+            return True
+    return False
 
 
 def record(context: object, key: str, value: object) -> None:

@@ -7,7 +7,8 @@ exports: ``Pow(x, 2) | Mul(x, x) → ReduceMean → Add ε → Sqrt →
 Reciprocal | Div(1, ·) → Mul(x, ·) → [Cast] → Mul γ`` and ``Div(x, √·)`` for the last
 steps, with γ and each commutative step's operands in either order (as alternatives inside
 the pattern: ``commute`` would try 2⁴ rule variants at every node); the same without γ
-(then γ = 1).  onnxscript's own
+(then γ = 1).  The rules are tried only at Mul/Div nodes with a Sqrt a few steps up
+(:func:`._fusion.apply_rules`), not at every node as ``RewriteRuleSet`` would.  onnxscript's own
 ``ort_fusions.rms_normalization`` rule covers only ``Pow`` + ``Reciprocal``, needs γ and
 does not check the reduced axis, so it is not used.  The check accepts exactly that
 function: ε added *inside* the square root, ``x`` itself the input (torch's identity Cast of
@@ -30,7 +31,7 @@ from onnxscript.rewriter import pattern
 from qcompiler.irutil import const_array, scalar_const
 from qcompiler.pipeline import QCPass, register_pass
 
-from ._fusion import cleanup, dims, infer_shapes, record
+from ._fusion import apply_rules, cleanup, dims, infer_shapes, reaches, record
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,14 @@ FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 def _is_gamma(v: ir.Value | None, x: ir.Value) -> bool:
-    g = const_array(v) if v is not None else None
+    """A constant vector of ``x``'s type and width (read from the tensor's header, not its data)."""
+    if v is None:
+        return False
+    node = v.producer()
+    t = v.const_value if node is None else (node.attributes.get_tensor("value") if node.op_type == "Constant" else None)
     last = (dims(x) or [None])[-1]
-    return (g is not None and g.ndim == 1 and v.dtype == x.dtype  # type: ignore[union-attr]
-            and (not isinstance(last, int) or g.shape[0] == last))
+    return (t is not None and len(t.shape) == 1 and t.dtype == x.dtype
+            and (not isinstance(last, int) or t.shape[0] == last))
 
 
 def _feeds_gamma(v: ir.Value, x: ir.Value) -> bool:
@@ -136,12 +141,17 @@ class RMSNorm(pattern.RewriteRuleClassBase):
                                                stash_type=1)
 
 
-RULES = pattern.RewriteRuleSet(
+RULES = (
     [RMSNorm.rule(f"rmsnorm{'-gamma' if w else ''}{'-div' if d else ''}{'-swap' if sw else ''}", weighted=w, div=d,
                   swap=sw)
      for w in (True, False) for d in (False, True) for sw in (False, True) if not (d and sw and not w)]
     + [RMSNorm.rule(f"rmsnorm-half{'-div' if d else ''}{'-swap' if sw else ''}", weighted=True, div=d, swap=sw,
                     widened=True) for d in (False, True) for sw in (False, True)])
+
+
+def _candidate(node: ir.Node) -> bool:
+    """A root worth matching: a Mul/Div with a Sqrt at most four steps up (γ → Cast → Mul → Div → Sqrt)."""
+    return node.op_type in ("Mul", "Div") and node.domain == "" and reaches(node, "Sqrt", 4)
 
 
 @register_pass
@@ -152,7 +162,7 @@ class FuseRMSNorm(QCPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         infer_shapes(model)
-        count = RULES.apply_to_model(model)
+        count = apply_rules(model, RULES, _candidate)
         if count:
             cleanup(model)
         record(self.context, self.name, count)

@@ -7,7 +7,8 @@ kernel for a fused SwiGLU); the activation becomes one op instead of two, comput
 by the same vectorized logistic (bit-identical on ONNX Runtime CPU).  Written as one
 onnxscript rewrite rule (pattern ``Mul(x, Sigmoid(x))`` in both operand orders; the
 rewriter removes the Sigmoid only when nothing else reads it, so a Sigmoid with other
-readers is left alone by the check).  onnxscript's ``ort_fusions`` has no SiLU rule.
+readers is left alone by the check), tried only at Mul nodes reading a Sigmoid
+(:func:`._fusion.apply_rules`).  onnxscript's ``ort_fusions`` has no SiLU rule.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from onnxscript.rewriter import pattern
 from qcompiler.irutil import MS_DOMAIN, ensure_opset
 from qcompiler.pipeline import QCPass, register_pass
 
-from ._fusion import cleanup, record
+from ._fusion import apply_rules, cleanup, reaches, record
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,11 @@ class SiLU(pattern.RewriteRuleClassBase):
         return op.QuickGelu(x, alpha=1.0, _domain=MS_DOMAIN)
 
 
-RULES = pattern.RewriteRuleSet([SiLU.rule("silu")], commute=True)
+RULES = SiLU.rule("silu").commute()  # x·σ(x) and σ(x)·x
+
+
+def _candidate(node: ir.Node) -> bool:
+    return node.op_type == "Mul" and node.domain == "" and reaches(node, "Sigmoid", 1)
 
 
 @register_pass
@@ -51,7 +56,7 @@ class FuseSiLU(QCPass):
     name = "fuse-silu"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = RULES.apply_to_model(model)
+        count = apply_rules(model, RULES, _candidate)
         if count:
             ensure_opset(model, MS_DOMAIN, 1)
             cleanup(model)
