@@ -11,8 +11,10 @@ with ``Q`` once their weight ``γ`` is folded away::
 2. **Rotate**: the token embedding ``E ← E·Q`` (the stream starts as ``h_0·Q``), every reader
    ``W ← Qᵀ·W`` (``z·Q·Qᵀ·W = z·W``), every writer into the stream (o_proj, down_proj) ``W ← W·Q``
    and its bias ``b ← b·Q``, so that each residual ``Add`` adds rotated terms.  A tied lm_head
-   (``MatMul(x, Transpose(E))``) is untied: it gets its own ``Qᵀ·diag(γ)·Eᵀ`` (the
-   embedding table is then stored twice).
+   (``MatMul(x, Transpose(E))``) keeps its tie by default: the stream is rotated by a constant
+   ``D × D`` MatMul after the embedding ``Gather`` and rotated back (``·Qᵀ``) before the final
+   norm, whose weight then stays in place (2·D² multiply-adds per token, 0.5% of SmolLM2's);
+   ``untie=true`` gives lm_head its own ``Qᵀ·diag(γ)·Eᵀ`` instead (the table stored twice).
 3. **Online Hadamard** (``online_down=true``): ``x_d·W_d = (x_d·H)·(Hᵀ·W_d)`` with an
    orthogonal ``H`` on down_proj's input, written as a constant ``MatMul`` before down_proj
    (marked ``qcompiler.rotation``: not a linear to quantize).  It spreads the massive
@@ -73,6 +75,7 @@ class RotateConfig:
     seed: int = 0
     online_down: bool = False  # an online orthogonal transform on down_proj's input
     v_o: bool = False  # a per-head orthogonal transform folded into v_proj's columns and o_proj's rows
+    untie: bool = False  # a tied lm_head: untie it (E stored twice) instead of two online D×D transforms
     random: bool = True  # random signs (and the random odd factor); false: plain Sylvester × identity
 
     def __post_init__(self) -> None:
@@ -362,6 +365,22 @@ def _set_linear(graph: ir.Graph, node: ir.Node, w: np.ndarray, transposed: bool,
     node.replace_input_with(1, new)
 
 
+def _online(graph: ir.Graph, value: ir.Value, m: np.ndarray, name: str, after: ir.Node | None) -> None:
+    """Every reader of ``value`` reads ``value·m`` instead (a constant MatMul marked :data:`ROTATION_MARK`)."""
+    uses = list(value.uses())
+    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+    mm = ir.node("MatMul", [value, add_initializer(graph, name, m.astype(dtype))], name=f"{name}_MatMul")
+    mm.metadata_props[ROTATION_MARK] = "tied"
+    mm.outputs[0].name = f"{name}_output"
+    mm.outputs[0].shape, mm.outputs[0].type = value.shape, value.type
+    if after is not None:
+        graph.insert_after(after, mm)
+    else:
+        graph.insert_before(uses[0][0], mm)
+    for node, idx in uses:
+        node.replace_input_with(idx, mm.outputs[0])
+
+
 def fold_norm(graph: ir.Graph, norm: RMSNormMatch, readers: list[ir.Node], q: np.ndarray | None,
               tag: str) -> None:
     """``W ← Qᵀ·diag(γ)·W`` for each reader, then ``γ ← 1`` (a private copy if shared)."""
@@ -394,12 +413,24 @@ class Rotate(QCPass):
         p = plan(model)
         graph = model.graph
         q = random_orthogonal(p.dim, cfg.seed, cfg.random)
-        for node, slot in p.embeddings:
-            table = _const(node.inputs[slot])
-            _set_private(graph, node, slot, table.astype(np.float64) @ q, "rotate_embedding")  # type: ignore[union-attr]
-        untied = [_where(n) for _, ls in p.readers for n in ls if linear_weight(n)[1]]  # type: ignore[index]
+        tied = [(norm, ls) for norm, ls in p.readers if any(linear_weight(n)[1] for n in ls)]  # type: ignore[index]
+        keep_tied = bool(tied) and not cfg.untie
+        if keep_tied:  # E and lm_head stay as they are: h_0·Q after the Gather, h_L·Qᵀ before the final norm
+            for node, _ in p.embeddings:
+                _online(graph, node.outputs[0], q, "rotate_embedding_Q", after=node)
+            for norm, _ in tied:
+                _online(graph, norm.input, q.T, "rotate_final_Qt", after=norm.input.producer())
+        else:
+            for node, slot in p.embeddings:
+                table = _const(node.inputs[slot])
+                _set_private(graph, node, slot, table.astype(np.float64) @ q, "rotate_embedding")  # type: ignore[union-attr]
+        untied = [] if keep_tied else [_where(n) for _, ls in tied for n in ls]
+        folded = 0
         for i, (norm, readers) in enumerate(p.readers):
+            if keep_tied and any(norm is t for t, _ in tied):
+                continue
             fold_norm(graph, norm, readers, q, f"rotate_{i}")
+            folded += 1
         for node, bias in p.writers:
             w, transposed = _weight64(node)
             _set_linear(graph, node, w @ q, transposed, f"rotate_{_where(node).replace('.', '_')}")
@@ -417,10 +448,11 @@ class Rotate(QCPass):
             "rotation": "randomized Hadamard" if cfg.random else "Hadamard",
             "factor": f"H_{p.dim & -p.dim} ⊗ R_{p.dim // (p.dim & -p.dim)}",
             "seed": cfg.seed,
-            "norms_folded": len(p.readers),
+            "norms_folded": folded,
             "readers": sum(len(ls) for _, ls in p.readers),
             "writers": len(p.writers),
             "untied": untied,
+            "tied_kept": keep_tied,
             "online_down": online,
             "v_o": v_o,
         }

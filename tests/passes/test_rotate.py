@@ -57,7 +57,7 @@ def test_float_exact_and_weights_rotated(synthetic_dir, tmp_path) -> None:
 def test_tied_embeddings_untied_and_online_down(tmp_path) -> None:
     folder, _ = build_model_dir(tmp_path / "tied", SyntheticConfig(tie_embeddings=True, seed=4))
     ref = run_logits(folder, WINDOW)
-    model, ctx = _rotate(folder, "canonicalize,rotate{online_down=true,v_o=true,seed=3}")
+    model, ctx = _rotate(folder, "canonicalize,rotate{online_down=true,v_o=true,seed=3,untie=true}")
     out = run_logits(model, WINDOW, tmp_path / "out")
     assert _rel(ref, out) < 1e-4, _rel(ref, out)
     assert ctx.report["rotate"]["untied"] == ["lm_head"] and ctx.report["rotate"]["online_down"] == 2
@@ -66,6 +66,23 @@ def test_tied_embeddings_untied_and_online_down(tmp_path) -> None:
     assert len(marked) == 2 and all(linear_info(n) is None for n in marked)
     lm = next(n for n in model.graph if (i := linear_info(n)) is not None and i.role == Role.LM_HEAD)
     assert lm.inputs[1].const_value is not None  # its own weight, no Transpose of the embedding
+
+
+def test_tied_embeddings_kept_by_default(tmp_path) -> None:
+    """A tied lm_head stays tied: Q after the embedding Gather, Qᵀ before the final norm (2 small MatMuls)."""
+    folder, _ = build_model_dir(tmp_path / "tied", SyntheticConfig(tie_embeddings=True, seed=4))
+    ref = run_logits(folder, WINDOW)
+    before = load_model(folder / "model.onnx")
+    table = next(n for n in before.graph if n.op_type == "Gather").inputs[0].const_value.numpy().copy()
+    model, ctx = _rotate(folder, "canonicalize,rotate{seed=3}")
+    assert _rel(ref, run_logits(model, WINDOW, tmp_path / "out")) < 1e-4
+    rep = ctx.report["rotate"]
+    assert rep["tied_kept"] and rep["untied"] == [] and rep["norms_folded"] == 4
+    gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[1].is_graph_input())
+    np.testing.assert_array_equal(gather.inputs[0].const_value.numpy(), table)  # the table is untouched
+    assert sum(ROTATION_MARK in n.metadata_props for n in model.graph) == 2
+    lm = next(n for n in model.graph if (i := linear_info(n)) is not None and i.role == Role.LM_HEAD)
+    assert lm.inputs[1].producer() is not None and lm.inputs[1].producer().op_type == "Transpose"
 
 
 def test_refuses_layernorm(tmp_path) -> None:
