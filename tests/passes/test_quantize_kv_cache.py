@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as oh
+from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
+from qcompiler.passes.quantize_kv_cache import KVCacheConfig, QuantizeKVCache, cache_scales, fake_quant
 
 from qcompiler.data import tokenize
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import load_model
-from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
-from qcompiler.passes.quantize_kv_cache import KVCacheConfig, QuantizeKVCache, cache_scales, fake_quant
 from qcompiler.pipeline import run_passes
 from tests.passes.calib_helpers import calib_context
 from tests.passes.fusion_util import ALL_FUSIONS, run, runner
