@@ -133,3 +133,20 @@ def test_truncated_shard_is_bad_input(tmp_path: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(InputError, match=r"truncated|past the end"):
         read_safetensors_index(src)
+
+
+def test_streamed_graph_quantizes_and_fuses_like_optimums(tmp_path: Path) -> None:
+    """w4a16-rtn of the streamed graph: every CPU fusion fires and the logits equal those of optimum's export."""
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions
+
+    base = family_export("llama")
+    streamed = export(str(base / "hf"), tmp_path / "s", stream=True)
+    opts = QuantizeOptions(group_size=32)
+    ref = quantize(base / "onnx", tmp_path / "q_opt", recipe="w4a16-rtn", options=opts)
+    got = quantize(streamed, tmp_path / "q_str", recipe="w4a16-rtn", options=opts)
+    fusion = got["report"]["fusion"]
+    for name in ("fuse-rmsnorm", "fuse-skip-rmsnorm", "fuse-rotary", "fuse-attention", "fuse-pack-linears", "fuse-silu"):
+        assert fusion[name] >= ref["report"]["fusion"][name] > 0, (name, fusion, ref["report"]["fusion"])
+    a, b = open_runner(tmp_path / "q_opt").logits(IDS), open_runner(tmp_path / "q_str").logits(IDS)
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, float(np.abs(a).max()))
