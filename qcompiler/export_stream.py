@@ -88,7 +88,19 @@ class SafeTensor:
 def read_safetensors_index(folder: str | os.PathLike) -> dict[str, SafeTensor]:
     """Every tensor of the folder's ``*.safetensors`` shards, from their headers only."""
     folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # the shards transformers reads (not e.g. Mistral's consolidated.safetensors beside them)
+        try:
+            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{index} is not a safetensors index: {e}") from None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"{index} names shard(s) that are missing: {', '.join(missing[:3])}")
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise InputError(f"{folder} holds no .safetensors file; {_NORMAL_EXPORT}")
     out: dict[str, SafeTensor] = {}

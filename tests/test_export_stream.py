@@ -133,3 +133,42 @@ def test_truncated_shard_is_bad_input(tmp_path: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(InputError, match=r"truncated|past the end"):
         read_safetensors_index(src)
+
+
+def test_streamed_graph_quantizes_and_fuses_like_optimums(tmp_path: Path) -> None:
+    """w4a16-rtn of the streamed graph: every CPU fusion fires and the logits equal those of optimum's export."""
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions
+
+    base = family_export("llama")
+    streamed = export(str(base / "hf"), tmp_path / "s", stream=True)
+    opts = QuantizeOptions(group_size=32)
+    ref = quantize(base / "onnx", tmp_path / "q_opt", recipe="w4a16-rtn", options=opts)
+    got = quantize(streamed, tmp_path / "q_str", recipe="w4a16-rtn", options=opts)
+    fusion = got["report"]["fusion"]
+    for name in ("fuse-rmsnorm", "fuse-skip-rmsnorm", "fuse-rotary", "fuse-attention", "fuse-pack-linears", "fuse-silu"):
+        assert fusion[name] >= ref["report"]["fusion"][name] > 0, (name, fusion, ref["report"]["fusion"])
+    a, b = open_runner(tmp_path / "q_opt").logits(IDS), open_runner(tmp_path / "q_str").logits(IDS)
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, float(np.abs(a).max()))
+
+
+def test_index_names_the_shards(tmp_path: Path) -> None:
+    """With an index only its shards are read: a stray consolidated.safetensors beside them is ignored."""
+    import shutil
+
+    from tools.make_random_checkpoint import build
+
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, max_position_embeddings=256)
+    build(tmp_path / "hf", cfg, shard_bytes=100_000)
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shutil.copyfile(shards[0], tmp_path / "hf" / "consolidated.safetensors")
+    names = set(read_safetensors_index(tmp_path / "hf"))
+    assert "lm_head.weight" in names and len(names) == 2 + 2 * 9 + 1
+    out = export(str(tmp_path / "hf"), tmp_path / "out", stream=True)
+    ref = _reference(tmp_path / "hf")
+    assert np.abs(open_runner(out).logits(IDS) - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
+    shards[-1].unlink()
+    with pytest.raises(InputError, match="missing"):
+        read_safetensors_index(tmp_path / "hf")
