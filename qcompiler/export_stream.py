@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -429,7 +430,11 @@ def build_graph(s: LlamaShape, g: _Graph, kv_cache: bool) -> onnx.ModelProto:
     pad = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const(np.array([1, 2], i64))], "/model/mask/Unsqueeze_1")],
                "/model/mask/Cast", to=TensorProto.BOOL)
     allowed = g.op("And", [causal, pad], "/model/mask/And")
-    mask_bias = g.op("Where", [allowed, g.const(np.float32(0.0)), g.const(np.float32(np.finfo(np.float32).min))],
+    # the mask in the graph's type (its lowest finite value, as transformers' eager attention):
+    # scores, mask and Softmax stay in T, the form the attention fusion reads (GroupQueryAttention
+    # accumulates its softmax in float32 whatever T)
+    low = float(ml_dtypes.finfo(helper.tensor_dtype_to_np_dtype(T)).min)
+    mask_bias = g.op("Where", [allowed, g.const(np.float32(0.0), T), g.const(np.float32(low), T)],
                      "/model/mask/Where")
 
     scale = 1.0 / math.sqrt(math.sqrt(hd))  # applied to q and to kᵀ: q·kᵀ/√d
@@ -468,11 +473,8 @@ def build_graph(s: LlamaShape, g: _Graph, kv_cache: bool) -> onnx.ModelProto:
         kt = g.op("Mul", [g.op("Transpose", [k], f"{p}/self_attn/Transpose_k", perm=[0, 1, 3, 2]),
                           g.const(np.float32(scale), T)], f"{p}/self_attn/Mul_k")
         scores = g.op("MatMul", [qs, kt], f"{p}/self_attn/MatMul")
-        if T != F:
-            scores = g.op("Cast", [scores], f"{p}/self_attn/Cast", to=F)
         probs = g.op("Softmax", [g.op("Add", [scores, mask_bias], f"{p}/self_attn/Add_mask")],
                      f"{p}/self_attn/Softmax", axis=-1)
-        probs = g.to_t(probs, f"{p}/self_attn/Cast_1")
         attn = g.op("MatMul", [probs, v], f"{p}/self_attn/MatMul_1")
         attn = g.op("Reshape", [g.op("Transpose", [attn], f"{p}/self_attn/Transpose_o", perm=[0, 2, 1, 3]),
                                 g.const(np.array([0, 0, nh * hd], i64))], f"{p}/self_attn/Reshape_o")

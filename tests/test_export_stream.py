@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,23 @@ def test_streamed_graph_quantizes_and_fuses_like_optimums(tmp_path: Path) -> Non
         assert fusion[name] >= ref["report"]["fusion"][name] > 0, (name, fusion, ref["report"]["fusion"])
     a, b = open_runner(tmp_path / "q_opt").logits(IDS), open_runner(tmp_path / "q_str").logits(IDS)
     assert np.abs(a - b).max() < 1e-4 * max(1.0, float(np.abs(a).max()))
+
+
+def test_streamed_fp16_graph_fuses_attention_and_keeps_its_logits(tmp_path: Path) -> None:
+    """fp16 stream: scores, mask and Softmax in fp16 (the mask at fp16's lowest value), so w4a16-rtn
+    fuses every attention block into GroupQueryAttention, and the int4 graph stays near the float one."""
+    from qcompiler.irutil import load_model, op_types
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions
+
+    base = family_export("llama")
+    streamed = export(str(base / "hf"), tmp_path / "s16", stream=True, dtype="fp16")
+    got = quantize(streamed, tmp_path / "q16", recipe="w4a16-rtn", options=QuantizeOptions(group_size=32))
+    layers = int(json.loads((base / "hf" / "config.json").read_text())["num_hidden_layers"])
+    assert got["report"]["fusion"]["fuse-attention"] == layers
+    assert op_types(load_model(tmp_path / "q16" / "model.onnx"))["com.microsoft.GroupQueryAttention"] == layers
+    f16, q16 = open_runner(streamed).logits(IDS), open_runner(tmp_path / "q16").logits(IDS)
+    assert np.isfinite(q16).all() and _cos(q16, f16) >= 0.99
 
 
 def test_index_names_the_shards(tmp_path: Path) -> None:
