@@ -147,3 +147,17 @@ def test_real_model_deploys_to_optimum_and_genai(smollm2_kv: Path, tmp_path: Pat
     assert ids == list(open_runner(out).generate(prompt, 8, eos_token_id=2))
     assert main(["deploy", str(out), "--check", "--max-new-tokens", "4"]) == 0
     assert "genai generate:" in capsys.readouterr().out
+
+
+def test_check_names_a_runtime_failure_in_one_line(synthetic_int4: Path, monkeypatch, capsys) -> None:
+    """``qc deploy --check``: an error raised while a runtime generates is a ``qc: error`` line (exit 3), no traceback."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    def fail(*_a, **_k):
+        raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got: 64 Expected: 32\nmore detail")
+
+    monkeypatch.setattr(deploy, "optimum_generate", fail)
+    rc = main(["deploy", str(synthetic_int4), "--check"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "optimum could not generate with it" in err and "Got: 64 Expected: 32" in err
+    assert "Traceback" not in err and "more detail" not in err

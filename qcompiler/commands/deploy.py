@@ -42,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         if problems:
             raise QCError(f"{md.path} cannot be loaded by optimum: {problems[0]}")
-        text = deploy.optimum_generate(md.path, args.prompt, args.max_new_tokens)
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+        try:
+            text = deploy.optimum_generate(md.path, args.prompt, args.max_new_tokens)
+        except (Fail, InvalidArgument, RuntimeException, RuntimeError, ValueError) as e:  # ORT's run errors, optimum's checks
+            raise QCError(f"{md.path}: optimum could not generate with it: {str(e).splitlines()[0][:300]}") from None
         print(f"optimum generate: {args.prompt!r} → {text!r}")
         genai_file = md.path / deploy.GENAI_CONFIG
         if genai_file.is_file():
@@ -50,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
             if issues:
                 raise QCError(f"{genai_file} does not match the documented genai config: {issues[0]}")
             if deploy.genai_available():
-                _, gtext = deploy.genai_generate(md.path, args.prompt, args.max_new_tokens)
+                try:
+                    _, gtext = deploy.genai_generate(md.path, args.prompt, args.max_new_tokens)
+                except RuntimeError as e:  # onnxruntime-genai raises RuntimeError for every load/run failure
+                    raise QCError(f"{md.path}: onnxruntime-genai could not generate with it: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
                 print(f"genai generate: {args.prompt!r} → {gtext!r}")
             else:
                 print("genai: onnxruntime-genai is not installed; genai_config.json validated against the documented schema only")
