@@ -27,7 +27,7 @@ def test_sweeps_with_hand_offs_on_the_real_graph(smollm2_kv: Path, calib_text: P
     requests = [StatRequest(v, OBS) for v, keys in inputs.items() if any(k.startswith(tuple(layers)) for k in keys)]
     one = calibrator(smollm2_kv, calib_text, tmp_path / "one", samples=2, seq_len=32)(model, requests)
     cal = calibrator(smollm2_kv, calib_text, tmp_path / "many", samples=2, seq_len=32,
-                     max_memory=220 << 20, overhead_bytes=0)
+                     max_memory=240 << 20, overhead_bytes=0)  # layer 29 down_proj input alone: ~230 MiB with the per-shard Hessian
     many = cal(model, requests)
     assert len(many.meta["groups"]) >= 3
     assert all(g["cut"] > 0 for g in many.meta["groups"][1:])
