@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qcompiler.artifact import MODEL_FILE, atomic_output_dir, check_output_dir, write_json
 from qcompiler.errors import InputError, OptionError, QCError
+from qcompiler.floattype import DTYPE_NAMES
 from qcompiler.gguf_check import check_gguf
 from qcompiler.irutil import load_model, save_model
 
@@ -118,7 +119,7 @@ def refuse_remote_code(folder: Path) -> None:
 
 
 #: ``--dtype`` spellings and the torch float type each one loads and traces in.
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = tuple(DTYPE_NAMES)  # the --dtype spellings (qcompiler.floattype)
 
 
 def torch_dtype(dtype: str):
@@ -131,7 +132,7 @@ def torch_dtype(dtype: str):
 
 def check_dtype(dtype: str) -> None:
     """Refuse a ``--dtype`` spelling other than ``fp32``, ``fp16``, ``bf16`` (without importing torch)."""
-    if dtype not in ("fp32", "fp16", "bf16"):
+    if dtype not in DTYPE_NAMES:
         raise OptionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
 
 

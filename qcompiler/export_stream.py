@@ -46,12 +46,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.errors import InputError, QCError, UnsupportedModelError
+from qcompiler.floattype import DTYPE_NAMES, lowest
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ DEFAULT_CHUNK = 32 << 20
 #: The interpreter, numpy, onnx and qcompiler's own modules, measured (MiB).
 BASE_MB = 120
 _ST_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
-#: --dtype name → (ONNX element type, bytes per element)
-TARGET_DTYPES = {"fp32": (TensorProto.FLOAT, 4), "fp16": (TensorProto.FLOAT16, 2), "bf16": (TensorProto.BFLOAT16, 2)}
+#: --dtype name → (ONNX element type, bytes per element), from floattype's one table of spellings
+TARGET_DTYPES = {name: (int(t), int(t.itemsize)) for name, t in DTYPE_NAMES.items()}
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                "chat_template.jinja", "chat_template.json")
@@ -433,7 +434,7 @@ def build_graph(s: LlamaShape, g: _Graph, kv_cache: bool) -> onnx.ModelProto:
     # the mask in the graph's type (its lowest finite value, as transformers' eager attention):
     # scores, mask and Softmax stay in T, the form the attention fusion reads (GroupQueryAttention
     # accumulates its softmax in float32 whatever T)
-    low = float(ml_dtypes.finfo(helper.tensor_dtype_to_np_dtype(T)).min)
+    low = lowest(ir.DataType(T))
     mask_bias = g.op("Where", [allowed, g.const(np.float32(0.0), T), g.const(np.float32(low), T)],
                      "/model/mask/Where")
 
