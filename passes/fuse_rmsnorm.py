@@ -97,16 +97,14 @@ class RMSNorm(pattern.RewriteRuleClassBase):
         return op.Mul(gamma, out) if self._swap else op.Mul(out, gamma)
 
     def check(self, context, x, axes, eps, normed, two=None, one=None, gamma=None,  # type: ignore[no-untyped-def]
-              **_) -> pattern.MatchResult:
+              widened=None, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         if x.dtype not in FLOATS:
             return result.fail(f"input type {x.dtype} is not a known float type")
-        widening = None
-        if self._widened:
-            widening = next((n for n in context.nodes if n.op_type == "Cast" and n.inputs[0] is x), None)
-            if x.dtype not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) or widening is None \
-                    or widening.attributes.get_int("to", -1) != ir.DataType.FLOAT.value:
-                return result.fail("not a half-precision norm widened to float32")
+        widening = widened.producer() if widened is not None else None  # the half form's Cast_f32(x_h)
+        if self._widened and (x.dtype not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) or widening is None
+                              or widening.attributes.get_int("to", -1) != ir.DataType.FLOAT.value):
+            return result.fail("not a half-precision norm widened to float32")
         for n in context.nodes:
             if n is widening:
                 continue
