@@ -65,7 +65,8 @@ from qcompiler.recipes import QuantizeOptions
 
 log = logging.getLogger(__name__)
 
-REFERENCE = "fp32"
+#: the reference row is named after the model's float type (:func:`reference_name`)
+REFERENCE_NAMES = ("fp32", "fp16", "bf16")
 #: a bench row that is a model folder built elsewhere: ``dir:PATH`` (evaluated and timed, not compiled)
 FOLDER_PREFIX = "dir:"
 PLUGINS_ENV = "QC_PLUGINS"
@@ -208,7 +209,7 @@ def resolve_rows(names: str | list[str] | None) -> list[tuple[str, str]]:
                 folders.append(name)
                 continue
             expand = {"all": [*recipes, *ANCHORS], "recipes": list(recipes), "anchors": list(ANCHORS)}.get(name, [name])
-            wanted.extend(n for n in expand if n not in wanted and n != REFERENCE)
+            wanted.extend(n for n in expand if n not in wanted and n not in REFERENCE_NAMES)
     unknown = [n for n in wanted if n not in recipes and n not in ANCHORS]
     if unknown:
         raise QCError(
@@ -267,7 +268,8 @@ def run_bench(
     if calib is not None:
         read_text(calib)
         options = replace(options, calib=str(Path(calib).resolve()))
-    rows = [(REFERENCE, "reference"), *resolve_rows(recipes)]
+    reference = reference_name(src.path)
+    rows = [(reference, "reference"), *resolve_rows(recipes)]
     t0 = time.perf_counter()
     result = BenchResult(
         model=str(src.path),
@@ -285,7 +287,7 @@ def run_bench(
             if executor is not None and executor.distributed:
                 from qcompiler.distributed import Resources
 
-                ref = _run_row_process(REFERENCE, "reference", src.path, Path(text), options, config, work, root)
+                ref = _run_row_process(reference, "reference", src.path, Path(text), options, config, work, root)
                 jobs = [(name, kind, src.path, Path(text), options, config, work, root) for name, kind in rows[1:]]
                 cpus = float(config.resolved_threads())  # what each row's ONNX Runtime uses
                 done = [ref, *executor.map(_run_row_process, jobs, Resources(cpus, None), desc="bench rows")]
@@ -351,6 +353,19 @@ def _row_brief(row: BenchRow) -> str:
     return ", ".join(parts)
 
 
+def reference_name(model_dir: Path) -> str:
+    """The reference row's name: the float type of the model's logits (``fp32``, ``fp16`` or ``bf16``)."""
+    import onnx
+    import onnx_ir as ir
+
+    from qcompiler.artifact import MODEL_FILE
+    from qcompiler.floattype import type_name
+
+    graph = onnx.load(str(Path(model_dir) / MODEL_FILE), load_external_data=False).graph
+    out = next((o for o in graph.output if o.name == "logits"), graph.output[0])
+    return type_name(ir.DataType(out.type.tensor_type.elem_type))
+
+
 def _run_row_process(
     name: str, kind: str, model_dir: Path, text: Path, options: QuantizeOptions, config: BenchConfig, work: Path, root: Path
 ) -> BenchRow:
@@ -373,6 +388,7 @@ def _run_row_process(
         "options": asdict(options),
         "config": asdict(config),
         "ref_logits": str(work / "ref_logits"),
+        "ref_name": reference_name(model_dir),
     }
     spec_path = work / f"{name}.spec.json"
     result_path = work / f"{name}.result.json"
@@ -593,7 +609,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         res.update(perplexity=ev.perplexity, kl=0.0, top1=1.0)
     else:
         ref = CachedLogits(ref_dir, windows)
-        ev = evaluate_windows(runner, windows, ref, name=name, ref_name=REFERENCE, progress=False)  # type: ignore[arg-type]
+        ev = evaluate_windows(runner, windows, ref, name=name, ref_name=spec["ref_name"], progress=False)  # type: ignore[arg-type]
         res.update(perplexity=ev.perplexity, kl=ev.kl, top1=ev.top1_agreement)
     res["eval_s"] = round(time.perf_counter() - t1, 2)
     if cfg.speed:

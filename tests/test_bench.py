@@ -168,3 +168,17 @@ def test_a_model_folder_built_elsewhere_is_a_row(synthetic_dir, synthetic_text: 
     assert rows["prebuilt"]["status"] == "ok" and rows["prebuilt"]["kind"] == "folder"
     assert rows["prebuilt"]["kl"] < 1e-6 and rows["prebuilt"]["compile_s"] is None  # the same model, nothing compiled
     assert copy.is_dir()  # a folder row is read, never removed
+
+
+@pytest.mark.parametrize("elem, name", [(1, "fp32"), (10, "fp16"), (16, "bf16")])
+def test_reference_row_is_named_after_the_models_float_type(tmp_path: Path, elem: int, name: str) -> None:
+    import onnx
+    from onnx import helper
+
+    from qcompiler.bench import reference_name
+
+    x = helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["b", "s"])
+    y = helper.make_tensor_value_info("logits", elem, ["b", "s", 8])
+    node = helper.make_node("Cast", ["input_ids"], ["logits"], to=elem)
+    onnx.save(helper.make_model(helper.make_graph([node], "g", [x], [y])), tmp_path / "model.onnx")
+    assert reference_name(tmp_path) == name
