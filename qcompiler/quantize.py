@@ -36,6 +36,7 @@ from qcompiler.artifact import (
 from qcompiler.distributed import Executor
 from qcompiler.errors import QCError, UnsupportedModelError
 from qcompiler.finite import check_model_weights
+from qcompiler.floattype import file_float_type
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
 from qcompiler.option_use import applied_options
@@ -54,11 +55,22 @@ SCOPE_NOTE = (
 )
 
 
-def build_pipeline_text(recipe: str | None, passes: str | None, options: QuantizeOptions, lower: bool = True) -> str:
+#: The fp16 overflow guard every recipe runs on an fp16 graph with ``--calib`` (passes/keep_fp32.py),
+#: right after ``canonicalize``: before any pass quantizes, so a kept linear is quantized in float32.
+HALF_GUARD = "keep-fp32"
+
+
+def build_pipeline_text(recipe: str | None, passes: str | None, options: QuantizeOptions, lower: bool = True,
+                        fp16: bool = False) -> str:
+    """The recipe's (or ``--passes``') pipeline plus the target's lowering; with ``fp16`` (the graph is
+    fp16) and a calibration text, a recipe gets :data:`HALF_GUARD` after its ``canonicalize``."""
     if bool(recipe) == bool(passes):
         raise QCError("give exactly one of --recipe NAME or --passes PIPELINE")
     check_target(options.target)
     text = get_recipe(recipe).build(options) if recipe else str(passes)
+    if recipe and fp16 and options.calib and HALF_GUARD not in text:
+        head, sep, tail = text.partition("canonicalize")
+        text = f"{head}canonicalize,{HALF_GUARD}{tail}" if sep else f"{HALF_GUARD},{text}"
     if lower:
         tail = lowering_pipeline(options.target, options)
         if tail:
@@ -117,7 +129,11 @@ def quantize(
         raise QCError(f"recipe '{recipe}' needs calibration data: pass --calib PATH")
     if options.needs_calibration and not options.calib:
         raise QCError(f"--kv-cache {options.kv_cache} calibrates the cache scales: pass --calib PATH")
-    text = build_pipeline_text(recipe, passes, options)
+    fp16 = file_float_type(src.model_path) == ir.DataType.FLOAT16
+    if fp16 and recipe and not options.calib:
+        log.warning("fp16 graph without --calib: activations past fp16's 65504 are not looked for; pass --calib "
+                    "TEXT to keep the ops that overflow in float32 (docs/half.md)")
+    text = build_pipeline_text(recipe, passes, options, fp16=fp16)
     context = make_context(src.path, options, executor=executor)
     pass_list = parse_pipeline(text, context)
     log.info("pipeline: %s", pipeline_text(pass_list))
@@ -166,7 +182,7 @@ def quantize(
             "recipe": recipe,
             "pipeline": pipeline_text(pass_list),
             "target": options.target,
-            "options": applied_options(recipe, options),  # only what the pipeline read
+            "options": applied_options(recipe, options, fp16=fp16),  # only what the pipeline read
             "scope": SCOPE_NOTE,
             "model_type": family,
             "coverage": cov.to_dict(),
