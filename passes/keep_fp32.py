@@ -9,8 +9,8 @@ overflow costs a few Casts.
    the calibration text, on a float32-widened copy of the graph
    (:data:`qcompiler.calibrate.graph.WIDEN_META`: initializers read through ``Cast``, Casts
    to fp16 retargeted), so a value past 65504 is measured instead of being ``inf``.
-2. **Select** (:mod:`qcompiler.islands`): hot values pass ``fraction × 65504`` (softmax
-   inputs: only upward); the ops kept are their producers and consumers, plus the residual
+2. **Select** (:mod:`qcompiler.islands`): hot values pass ``fraction × 65504`` (default 1/2;
+   softmax inputs: only upward); the ops kept are their producers and consumers, plus the residual
    ``Add`` segment between the first and last hot residual ``Add``.
 3. **Rewrite** each kept node ``n`` to compute in float32, which is exact for the island
    (float32 ⊇ fp16) and changes nothing outside it::
@@ -47,6 +47,7 @@ from qcompiler.irutil import add_initializer, remove_unused_initializers, unique
 from qcompiler.islands import (
     IslandCriteria,
     candidates,
+    counted,
     hot_values,
     islands,
     select_nodes,
@@ -62,7 +63,7 @@ F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 
 @dataclass(frozen=True)
 class KeepFp32Config:
-    fraction: float = 0.25  # a value past fraction × 65504 is hot (IslandCriteria)
+    fraction: float = 0.5  # a value past fraction × 65504 is hot (IslandCriteria)
 
 
 @register_pass
@@ -92,9 +93,10 @@ class KeepFp32(QCPass):
             ranges = {v: (stats.get(v, "minmax").min, stats.get(v, "minmax").max) for v in names}
         finally:
             del graph.meta[WIDEN_META]
-        hot = hot_values(ranges, softmax_bound(graph), crit)
+        bound = softmax_bound(graph)
+        hot = hot_values(ranges, bound, crit)
         nodes = select_nodes(graph, hot)
-        top = max((max(abs(lo), abs(hi)) for lo, hi in ranges.values()), default=0.0)
+        top = max((counted(lo, hi, v in bound) for v, (lo, hi) in ranges.items()), default=0.0)
         report = {"limit": crit.limit, "fraction": crit.fraction, "values_checked": len(names),
                   "max_abs": float(top), "hot_values": {k: round(v, 1) for k, v in hot.items()}}
         if not nodes:
