@@ -3,10 +3,12 @@
 
     python tools/check_half.py MODEL_DIR...
 
-For each folder: the logits' type, the float types of its initializers, ``onnx.checker`` full
-check (standard-domain graphs), and ONNX Runtime CPU graph resolution: either a session is
-created, or ORT names the first node without a CPU kernel (graph resolution, which type-checks
-every node, runs before kernel assignment, so that refusal means the types are consistent).
+For each folder: the logits' type, the float types of its initializers, the count of
+qcompiler ops, ``onnx.checker`` full check (standard ops checked fully; other domains' nodes
+as nodes), and ONNX Runtime CPU graph resolution (qcompiler's op library registered when the
+graph uses it): either a session is created, or ORT names the first node without a CPU kernel
+(graph resolution, which type-checks every node, runs before kernel assignment, so that
+refusal means the types are consistent).
 A type error is printed as ``TYPE ERROR`` and makes the exit status 1.
 """
 
@@ -27,16 +29,22 @@ def check(folder: str) -> bool:
                                  if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                     onnx.TensorProto.BFLOAT16))
     logits = [name(o.type.tensor_type.elem_type) for o in m.graph.output if o.name == "logits"]
-    checker = "-"
-    if all(n.domain in ("", "ai.onnx") for n in m.graph.node):
-        try:
-            onnx.checker.check_model(path, full_check=True)
-            checker = "full check ok"
-        except Exception as e:  # onnx raises several checker/inference error types
-            checker = f"FAILED: {str(e)[:200]}"
-    ok = not checker.startswith("FAILED")
+    types = _value_types(m)
+    qc_ops = collections.Counter(f"{n.op_type}({name(types.get(n.input[0], 0))})" for n in m.graph.node
+                                 if n.domain == "qcompiler")
     try:
-        ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        onnx.checker.check_model(path, full_check=True)
+        checker = "full check ok"
+    except Exception as e:  # onnx raises several checker/inference error types
+        checker = f"FAILED: {str(e)[:200]}"
+    ok = not checker.startswith("FAILED")
+    so = ort.SessionOptions()
+    if qc_ops:
+        from qcompiler.ops import build_library
+
+        so.register_custom_ops_library(str(build_library(cuda=False).cpu_library))
+    try:
+        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         ort_res = "CPU session created"
     except Exception as e:  # ORT raises its own exception types
         msg = str(e)
@@ -44,8 +52,15 @@ def check(folder: str) -> bool:
             ort_res = "resolved; no CPU kernel for " + msg.split("Could not find an implementation for ")[1][:80]
         else:
             ort_res, ok = "TYPE ERROR " + msg[:300], False
-    print(f"{folder}: logits {logits}, float initializers {dict(floats)}, onnx.checker {checker}, ORT {ort_res}")
+    print(f"{folder}: logits {logits}, float initializers {dict(floats)}, qcompiler ops {dict(qc_ops)}, "
+          f"onnx.checker {checker}, ORT {ort_res}")
     return ok
+
+
+def _value_types(m: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value ONNX shape inference types (graph inputs included)."""
+    inferred = onnx.shape_inference.infer_shapes(m)
+    return {vi.name: vi.type.tensor_type.elem_type for vi in (*inferred.graph.value_info, *inferred.graph.input)}
 
 
 if __name__ == "__main__":
