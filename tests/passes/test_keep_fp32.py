@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from qcompiler.models.half import to_float_type
+from qcompiler.models.half import inject_overflow, to_float_type
 from qcompiler.models.synthetic import SyntheticConfig, build_llama, write_model_dir
 from qcompiler.passes.keep_fp32 import KeepFp32
 
@@ -50,16 +50,8 @@ def _output_of(proto: onnx.ModelProto, prefix: str) -> str:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    proto, _ = build_llama(CFG)
     root = tmp_path_factory.mktemp("keep_fp32")
-    probe = write_model_dir(proto, root / "probe", CFG)
-    (prod,) = _values(probe, [_output_of(proto, "/model/layers.0/mlp/Mul")], WINDOW[None])
-    row = int(np.argmax(np.abs(prod[0, 0])))  # the first token's largest MLP channel
-    for t in proto.graph.initializer:
-        if t.name == "/model/layers.0/mlp/down_proj.weight":
-            w = onnx.numpy_helper.to_array(t).copy()
-            w[row, COL] += MASSIVE / prod[0, 0, row]
-            t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+    proto = inject_overflow(build_llama(CFG)[0], MASSIVE, COL)
     return {"fp32": write_model_dir(proto, root / "fp32", CFG),
             "fp16": write_model_dir(to_float_type(proto, ir.DataType.FLOAT16), root / "fp16", CFG),
             "safe": write_model_dir(to_float_type(build_llama(CFG)[0], ir.DataType.FLOAT16), root / "safe", CFG)}
