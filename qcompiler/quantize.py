@@ -129,7 +129,7 @@ def quantize(
         raise QCError(f"recipe '{recipe}' needs calibration data: pass --calib PATH")
     if options.needs_calibration and not options.calib:
         raise QCError(f"--kv-cache {options.kv_cache} calibrates the cache scales: pass --calib PATH")
-    fp16 = file_float_type(src.model_path) == ir.DataType.FLOAT16
+    fp16 = _is_fp16(src.model_path)
     if fp16 and recipe and not options.calib:
         log.warning("fp16 graph without --calib: activations past fp16's 65504 are not looked for; pass --calib "
                     "TEXT to keep the ops that overflow in float32 (docs/half.md)")
@@ -201,6 +201,14 @@ def quantize(
         log.info("kept in float: %s", ", ".join(f"{k.role or k.node} ({k.reason})" for k in cov.kept_float[:6]))
     log.info("wrote %s in %.1fs (peak RSS %.0f MiB)", out, summary["wall_seconds"], summary["peak_rss_mb"])
     return summary
+
+
+def _is_fp16(path: Path) -> bool:
+    """Whether the saved graph is fp16 (False if it cannot be read: loading it reports why)."""
+    try:
+        return file_float_type(path) == ir.DataType.FLOAT16
+    except Exception:  # a corrupt file is load_model's error to report, with its message
+        return False
 
 
 def _check_memory_bound(model: ir.Model, max_memory: str | None) -> None:
