@@ -5,8 +5,8 @@ into one residual channel, Sun et al. 2024) make ``inf`` there, then ``NaN`` at 
 norm.  Keeping the whole model in float32 doubles every float byte; keeping the few ops that
 overflow costs a few Casts.
 
-1. **Measure wide.**  Every fp16 value computed from the tokens gets a ``minmax`` observer on
-   the calibration text, on a float32-widened copy of the graph
+1. **Measure wide.**  Every fp16 value computed from the inputs gets a ``minmax`` observer on
+   (at most ``samples`` windows of) the calibration text, on a float32-widened copy of the graph
    (:data:`qcompiler.calibrate.graph.WIDEN_META`: initializers read through ``Cast``, Casts
    to fp16 retargeted), so a value past 65504 is measured instead of being ``inf``.
 2. **Select** (:mod:`qcompiler.islands`): hot values pass ``fraction × 65504`` (default 1/2;
@@ -33,6 +33,7 @@ does nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.calibrate import StatRequest
+from qcompiler.calibrate import Calibrator, StatRequest
 from qcompiler.calibrate.graph import WIDEN_META
 from qcompiler.floattype import graph_float_type, type_name
 from qcompiler.irutil import add_initializer, remove_unused_initializers, unique_name
@@ -64,6 +65,7 @@ F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 @dataclass(frozen=True)
 class KeepFp32Config:
     fraction: float = 0.5  # a value past fraction × 65504 is hot (IslandCriteria)
+    samples: int = 32  # calibration windows observed at most (0: all the recipe's): a range, not a Hessian
 
 
 @register_pass
@@ -87,9 +89,10 @@ class KeepFp32(QCPass):
         crit = IslandCriteria(self.config.fraction)
         types = value_types(model)
         names = candidates(model, types)
+        calibrate = _fewer_windows(self.context.calibrate, self.config.samples)
         graph.meta[WIDEN_META] = True
         try:
-            stats = self.context.calibrate(model, [StatRequest(v, ("minmax",)) for v in names])
+            stats = calibrate(model, [StatRequest(v, ("minmax",)) for v in names])
             ranges = {v: (stats.get(v, "minmax").min, stats.get(v, "minmax").max) for v in names}
         finally:
             del graph.meta[WIDEN_META]
@@ -114,6 +117,13 @@ class KeepFp32(QCPass):
         log.info("keep-fp32: %d value(s) past %.0f (max %.4g): %d op(s) in %d float32 island(s), %s", len(hot),
                  crit.limit, top, len(nodes), len(groups), ", ".join(f"{v} {k}" for k, v in counts.items()))
         return ir.passes.PassResult(model, modified=True)
+
+
+def _fewer_windows(calibrate, samples: int):
+    """The recipe's calibrator drawing at most ``samples`` windows (the same text and seed)."""
+    if samples <= 0 or not isinstance(calibrate, Calibrator) or calibrate.config.samples <= samples:
+        return calibrate
+    return Calibrator(calibrate.model_dir, dataclasses.replace(calibrate.config, samples=samples), calibrate.executor)
 
 
 def keep_in_float32(graph: ir.Graph, nodes: list[ir.Node], types: dict[str, int]) -> Counter[str]:
