@@ -235,3 +235,32 @@ def _preflight(model, family: str, allow_partial: bool) -> None:
     bad = [k.node for k in coverage.measure(model).unsupported if k.role is None]  # no role: no pattern matched
     if bad:
         raise coverage.UnsupportedModelError(coverage.unsupported_message(family, bad, "decoder linear(s) not recognized"))
+
+
+def keep_fp32_in_place(folder: str | os.PathLike, calib: str, samples: int = 32, seq_len: int = 512) -> dict[str, Any]:
+    """``qc export --dtype fp16 --calib TEXT``: run ``keep-fp32`` on an exported fp16 model folder and
+    rewrite its model in place when it keeps ops in float32; the pass's report goes into
+    ``qcompiler_export.json`` (``keep_fp32``) and is returned."""
+    from qcompiler.calibrate import CalibConfig, Calibrator
+
+    src = open_model_dir(folder)
+    if not _is_fp16(src.model_path):
+        raise QCError(f"{src.path}: --calib keeps overflowing ops of an fp16 export in float32; this graph is not fp16")
+    context = PassContext(calibrate=Calibrator(src.path, CalibConfig(calib=calib, samples=samples, seq_len=seq_len,
+                                                                     progress=False)))
+    model = load_model(src.model_path)
+    result = get_pass(HALF_GUARD)(None, context)(model)
+    report = context.report[HALF_GUARD]
+    if result.modified:
+        tmp = src.path / f".{HALF_GUARD}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(result.model, tmp / MODEL_FILE)
+        del model, result
+        for f in tmp.iterdir():  # model.onnx and its data, each replaced atomically
+            os.replace(f, src.path / f.name)
+        tmp.rmdir()
+    info_path = src.path / "qcompiler_export.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    write_json(info_path, {**info, "keep_fp32": report})
+    return report

@@ -116,3 +116,26 @@ def test_recipes_keep_islands(folders: dict[str, Path], tmp_path: Path, recipe: 
           f"with {e16:.4g}")
     assert not np.isfinite(plain).all()
     assert np.isfinite(q16).all() and e16 < 1.5 * e32 + 0.05 * np.abs(ref).max()
+
+
+def test_fp16_export_with_calib_keeps_islands_in_place(folders: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """``qc export --dtype fp16 --calib TEXT``'s step on an exported folder: the model rewritten in
+    place with its island, the report in qcompiler_export.json; --calib without fp16 is refused."""
+    import shutil
+
+    from qcompiler.cli import main
+    from qcompiler.quantize import keep_fp32_in_place
+
+    folder = tmp_path / "export"
+    shutil.copytree(folders["fp16"], folder)
+    (folder / "qcompiler_export.json").write_text(json.dumps({"dtype": "fp16"}))
+    report = keep_fp32_in_place(folder, str(CALIB_TEXT), samples=4, seq_len=64)
+    info = json.loads((folder / "qcompiler_export.json").read_text())
+    assert info["dtype"] == "fp16" and info["keep_fp32"]["islands"] == report["islands"] != []
+    residual = _output_of(onnx.load(str(folders["fp16"] / "model.onnx"), load_external_data=False),
+                          "/model/layers.0/Add_1_")
+    (res,) = _values(folder, [residual], WINDOW[None])
+    assert res.dtype == np.float32 and np.isfinite(res).all()
+    assert not list(folder.glob(".*tmp*"))
+    rc = main(["export", "no-such-model", str(tmp_path / "x"), "--dtype", "fp32", "--calib", str(CALIB_TEXT)])
+    assert rc != 0 and "needs --dtype fp16" in capsys.readouterr().err
