@@ -59,3 +59,35 @@ def to_float_type(model: onnx.ModelProto, dtype: ir.DataType) -> onnx.ModelProto
             g.insert_after(node, narrow)
             node.replace_input_with(0, widen.outputs[0])
     return ir.serde.serialize_model(m)
+
+
+def inject_overflow(model: onnx.ModelProto, value: float = 1.5e5, col: int = 11) -> onnx.ModelProto:
+    """A float32 synthetic model whose layer-0 ``down_proj`` writes ``value`` into residual channel ``col``
+    on the first token of the model's test window (a super weight): past fp16's 65504 there.
+
+    The first token's largest MLP input channel ``r`` (measured with ONNX Runtime on the float32
+    model) gets ``W_down[r, col] += value / x_r``; other tokens get their share of it.
+    """
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from qcompiler.runtime import DecoderRunner
+
+    window = (np.arange(48) * 37 + 11) % 256  # tests.helpers.WINDOW
+    prod = next(n.output[0] for n in model.graph.node if n.name.startswith("/model/layers.0/mlp/Mul"))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.ValueInfoProto(name=prod))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    (x,) = sess.run([prod], DecoderRunner(sess, require_logits=False).feeds(window[None]))
+    row = int(np.argmax(np.abs(x[0, 0])))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name == "/model/layers.0/mlp/down_proj.weight":
+            w = numpy_helper.to_array(t).copy()
+            w[row, col] += value / x[0, 0, row]
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    return out

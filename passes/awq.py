@@ -56,7 +56,7 @@ from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.layerwise import DecoderLayer, LayerwiseRunner
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.awq import clip_ratios, quadratic_error, search_scales
-from qcompiler.quant.emit import emit_dequantized_weight
+from qcompiler.quant.emit import emit_dequantized_weight, stored_spec
 from qcompiler.quant.gptq import gptq_quantize
 from qcompiler.quant.numerics import quantize_rtn, quantize_weight
 from qcompiler.spec import QuantSpec, Role, linear_info, weight_spec
@@ -221,7 +221,7 @@ class AWQ(QCPass):
         key = "+".join(linear_info(m).key for m in g.members)
         if g.norm is None and g.prev is None:
             return {key: {"alpha": None, "folded_into": None}}
-        spec = weight_spec(g.members[0]) or cfg.spec()
+        spec = stored_spec(weight_spec(g.members[0]) or cfg.spec(), model.graph, g.members[0])
         ws = [_weight(m).const_value.numpy().astype(np.float32) for m in g.members]
         w = np.concatenate(ws, axis=1)
         h = hess[g.x.name]
@@ -246,7 +246,7 @@ class AWQ(QCPass):
     def _quantize(self, model: ir.Model, node: ir.Node, h: np.ndarray) -> str:
         cfg: AWQConfig = self.config
         info = linear_info(node)
-        spec = weight_spec(node) or cfg.spec()
+        spec = stored_spec(weight_spec(node) or cfg.spec(), model.graph, node)
         w = _weight(node).const_value.numpy().astype(np.float32)
         ratios = None
         if cfg.clip and (cfg.clip_qk or info.role not in (Role.Q, Role.K, Role.QKV)):

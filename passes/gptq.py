@@ -34,7 +34,7 @@ from qcompiler.errors import QCError
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.layerwise import LayerwiseRunner
 from qcompiler.pipeline import QCPass, register_pass
-from qcompiler.quant.emit import emit_dequantized_weight
+from qcompiler.quant.emit import emit_dequantized_weight, stored_spec
 from qcompiler.quant.gptq import gptq_quantize, output_error
 from qcompiler.quant.numerics import quantize_weight
 from qcompiler.spec import QuantSpec, Role, linear_info, weight_spec
@@ -122,7 +122,7 @@ class GPTQ(QCPass):
     def _quantize(self, model: ir.Model, node: ir.Node, xtx: np.ndarray, default: QuantSpec) -> dict[str, object]:
         cfg: GPTQConfig = self.config
         info = linear_info(node)
-        spec = weight_spec(node) or default
+        spec = stored_spec(weight_spec(node) or default, model.graph, node)
         w_val, _ = linear_weight(node)  # type: ignore[misc]
         w = w_val.const_value.numpy().astype(np.float32)
         try:

@@ -52,6 +52,7 @@ from qcompiler.errors import CalibrationError, QCError
 from qcompiler.finite import require_finite
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.emit import stored_spec
 from qcompiler.quant.numerics import quantize_weight
 from qcompiler.quant.w8a8 import (
     RANGE_METHODS,
@@ -229,7 +230,7 @@ class InsertQdq(QCPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _weight(self, graph: ir.Graph, node: ir.Node, key: str) -> None:
-        spec = _weight_spec(node, self.config.weight_clip, key, self.config.weight_bits)
+        spec = stored_spec(_weight_spec(node, self.config.weight_clip, key, self.config.weight_bits), graph, node)
         w_val, _ = linear_weight(node)  # type: ignore[misc]
         w = w_val.const_value.numpy()  # type: ignore[union-attr]
         require_finite(w, f"insert-qdq: weight '{w_val.name}' of {key}")

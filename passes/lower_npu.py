@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError, UnsupportedModelError
-from qcompiler.floattype import float_array, float_type
+from qcompiler.floattype import FLOAT_TYPES, float_array, float_type, type_name
 from qcompiler.irutil import (
     QUANT_OPSET,
     add_initializer,
@@ -133,11 +133,13 @@ class LowerNpu(QCPass):
             if dqw is None:
                 continue
             per_channel = dqw.group_size >= dqw.q.shape[0]
+            sd = type_name(node.inputs[1].dtype) if node.inputs[1].dtype in FLOAT_TYPES else "fp32"  # stored scales
             ok = dqw.symmetric and dqw.zero_point is None and (dqw.bits == 4 or (dqw.bits == 8 and per_channel))
             narrow = self.config.cpu_isa == "any" and dqw.bits == 8 and _feeds_qdq_matmul(node)
             if ok and narrow and (int(dqw.q.min()) < SAFE_S8[0] or int(dqw.q.max()) > SAFE_S8[1]):
                 w = dequantize(dqw.q, dqw.scale, dqw.zero_point, dqw.group_size)
-                spec7 = QuantSpec(bits=7, symmetric=True, granularity=Granularity.CHANNEL, method="rtn")
+                spec7 = QuantSpec(bits=7, symmetric=True, granularity=Granularity.CHANNEL, method="rtn",
+                                  scale_dtype=sd)
                 qw = quantize_weight(w, spec7)
                 self._replace_weight(graph, dqw.dq, qw.q, qw.scale, 8, 0)
                 counts["int8 channel → int8 in [-63, 63] (W8A8: exact on every CPU)"] += 1
@@ -152,7 +154,8 @@ class LowerNpu(QCPass):
             bits = 8 if dqw.bits == 8 else 4
             group = dqw.group_size if (bits == 4 and not per_channel) else 0
             spec = QuantSpec(bits=bits, symmetric=True, granularity=Granularity.GROUP if group else Granularity.CHANNEL,
-                             group_size=group or 128, method="rtn", clip="mse" if bits == 4 else "minmax")
+                             group_size=group or 128, method="rtn", clip="mse" if bits == 4 else "minmax",
+                             scale_dtype=sd)
             qw = quantize_weight(w, spec)
             self._replace_weight(graph, dqw.dq, qw.q, qw.scale, bits, group)
             counts[f"int{dqw.bits} {'asym' if not dqw.symmetric else 'sym'} "

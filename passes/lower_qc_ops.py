@@ -12,6 +12,10 @@ constant ``[N]`` folds in as its ``bias``.  The portable outlier-split form
 before the row max is the op's "outliers left out of the scale".  ONNX Runtime's CUDA
 provider has neither op.  Static per-tensor W8A8 (Q/DQ) is left as is: the CUDA
 provider runs QuantizeLinear/DequantizeLinear itself.
+
+``X`` and ``Y`` are float32, float16 or bfloat16 (the graph's type: a bf16 graph is for the
+cuda target); ``s_w`` and the folded bias are float32 constants whatever the graph holds
+(the op scales its int32 sums in float32 and rounds ``Y`` once).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from qcompiler.passes._lowering import base_name, float_dtype, following_bias, remove_dead, take_over
+from qcompiler.passes._lowering import base_name, following_bias, remove_dead, take_over
 
+from qcompiler.floattype import FLOAT_TYPES
 from qcompiler.irutil import QC_DOMAIN, ensure_opset, remove_unused_initializers
 from qcompiler.ops.emit import OP_VERSION, make_qc_gemm, match_outlier_split
 from qcompiler.pipeline import QCPass, register_pass
@@ -77,8 +82,10 @@ class LowerQcOps(QCPass):
                outlier_idx: np.ndarray | None = None, w_outlier: np.ndarray | None = None) -> bool:
         wdq = m.matmul.inputs[1].producer() if m.matmul.inputs[1] is not None else None
         scale_v = wdq.inputs[1] if wdq is not None else None
-        if float_dtype(x, m.matmul.outputs[0], scale_v) is None:
-            log.info("lower-qc-ops: %s is not float32/float16; left as is", m.matmul.name)
+        known = next((v.dtype for v in (x, m.matmul.outputs[0], scale_v) if v is not None and v.dtype is not None),
+                     None)
+        if known not in FLOAT_TYPES:
+            log.info("lower-qc-ops: %s is not float32/float16/bfloat16; left as is", m.matmul.name)
             return False
         y = last.outputs[0]
         n = m.w_q.shape[1]

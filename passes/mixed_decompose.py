@@ -41,6 +41,7 @@ from qcompiler.floattype import float_array, float_type, graph_float_type
 from qcompiler.irutil import QUANT_OPSET, add_initializer, ensure_opset
 from qcompiler.ops.emit import emit_outlier_split
 from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.emit import stored_spec
 from qcompiler.quant.numerics import quantize_weight
 from qcompiler.quant.w8a8 import attach_activation, emit_int8_weight, emit_per_token_activation
 from qcompiler.spec import Granularity, QuantSpec, Role, linear_info, set_weight_spec
@@ -138,7 +139,7 @@ class MixedDecompose(QCPass):
                     continue
                 wz = w.copy()
                 wz[idx] = 0.0
-                spec = self._wspec()
+                spec = stored_spec(self._wspec(), graph, node)
                 qw = quantize_weight(wz, spec)
                 emit_outlier_split(graph, node, qw.q, qw.scale.reshape(-1), idx, w[idx],
                                    base=key.replace(".", "_"), custom_op=cfg.custom_op)
@@ -187,9 +188,9 @@ class MixedDecompose(QCPass):
         emit_per_token_activation(graph, g.linears[0], base)
         for n in g.linears[1:]:
             attach_activation(n, g.linears[0].inputs[0], "per-token")  # type: ignore[arg-type]
-        spec = self._wspec()
         for n in g.linears:
             key = linear_info(n).key  # type: ignore[union-attr]
+            spec = stored_spec(self._wspec(), graph, n)
             qw = quantize_weight(LinearGroup.weight(n), spec)
             emit_int8_weight(graph, n, qw.q, qw.scale.reshape(-1), f"{key}.weight")
             set_weight_spec(n, spec)

@@ -19,7 +19,7 @@ on its own (``lm_head=true``, the default) in the usual ``DequantizeLinear`` + M
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -27,7 +27,7 @@ from qcompiler.passes.canonicalize import canonical_summary
 from qcompiler.passes.quantize_weights import QuantizeWeightsConfig
 
 from qcompiler.errors import QCError
-from qcompiler.floattype import float_array, float_type
+from qcompiler.floattype import float_array, float_type, type_name
 from qcompiler.irutil import QUANT_OPSET, add_initializer, ensure_opset, is_weight, linear_weight, topo_index
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.emit import QWEIGHT_KEY, WeightDQ, emit_dequantized_weight
@@ -154,7 +154,8 @@ class QuantizeEmbeddings(QCPass):
                             ", ".join(sorted({u.op_type for u in others})))
                 continue
             try:
-                qw = quantize_by_columns(method, e_val.const_value.numpy(), spec)
+                stored = replace(spec, scale_dtype=type_name(float_type(e_val)))  # codes for the stored scales
+                qw = quantize_by_columns(method, e_val.const_value.numpy(), stored)
             except ValueError as e:
                 raise QCError(f"quantize-embeddings: {name}: {e}") from None
             dq = emit_row_blocks(graph, qw, name, float_type(e_val))

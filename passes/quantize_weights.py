@@ -34,7 +34,7 @@ from qcompiler.coverage import mark_kept_float
 from qcompiler.errors import InputError, QCError, UnsupportedModelError
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.pipeline import QCPass, register_pass
-from qcompiler.quant.emit import emit_dequantized_weight
+from qcompiler.quant.emit import emit_dequantized_weight, stored_spec
 from qcompiler.quant.methods import get_weight_method
 from qcompiler.spec import DECODER_ROLES, Granularity, QuantSpec, Role, linear_info, weight_spec
 
@@ -121,7 +121,7 @@ class QuantizeWeights(QCPass):
         _report_shared(nodes, self.context.report)
         for node in tqdm(nodes, desc="quantize-weights", unit="linear", leave=False):
             info = linear_info(node)
-            spec = weight_spec(node) or default
+            spec = stored_spec(weight_spec(node) or default, model.graph, node)
             w_val, _ = linear_weight(node)  # type: ignore[misc]
             w = w_val.const_value.numpy()
             bad = _nonfinite(w)

@@ -42,6 +42,22 @@ def graph_float_type(graph: ir.Graph) -> ir.DataType:
     return max(counts, key=counts.__getitem__) if counts else ir.DataType.FLOAT
 
 
+def file_float_type(path) -> ir.DataType:
+    """The float type of a saved model (``model.onnx`` or its folder): its first float output's,
+    read from the graph's header without its weights (float32 when it has none)."""
+    from pathlib import Path
+
+    import onnx
+
+    p = Path(path)
+    proto = onnx.load(str(p / "model.onnx" if p.is_dir() else p), load_external_data=False)
+    for vi in proto.graph.output:
+        t = vi.type.tensor_type.elem_type
+        if t in (int(d) for d in FLOAT_TYPES):
+            return ir.DataType(t)
+    return ir.DataType.FLOAT
+
+
 def np_float(dtype: ir.DataType) -> np.dtype:
     """numpy dtype of an ONNX float type (``ml_dtypes.bfloat16`` for bf16)."""
     return np.dtype(dtype.numpy())
@@ -72,22 +88,35 @@ def widen_bf16(proto) -> bool:
     """Rewrite a bf16 ``onnx.ModelProto`` in place to compute in float32; returns whether it did.
 
     ONNX Runtime's CPU provider has no bf16 MatMul, so calibration and the analysis sessions
-    run a bf16 graph widened: every bf16 initializer is read through ``Cast(→ float32)`` (the
-    weights stay where they are, in their external file), bf16 graph inputs, outputs, value
-    types, ``Constant`` / ``ConstantOfShape`` values and ``Cast(to=bf16)`` become float32.  bf16
-    → float32 is exact, so the statistics are those of the bf16 weights computed wide (the
-    bf16 rounding of intermediate activations is not reproduced).
+    run a bf16 graph widened (:func:`widen_float`).  bf16 → float32 is exact, so the statistics
+    are those of the bf16 weights computed wide (the bf16 rounding of intermediate activations
+    is not reproduced).
+    """
+    import onnx
+
+    return widen_float(proto, (onnx.TensorProto.BFLOAT16,))
+
+
+def widen_float(proto, types: tuple[int, ...]) -> bool:
+    """Rewrite an ``onnx.ModelProto`` in place to compute in float32 where it computes in one of
+    ``types`` (ONNX element types); returns whether it changed anything.
+
+    Every such initializer is read through ``Cast(→ float32)`` (the weights stay where they are,
+    in their external file), graph inputs, outputs, value types, ``Constant`` /
+    ``ConstantOfShape`` values and ``Cast(to=…)`` of those types become float32.  Used for bf16
+    on CPU (:func:`widen_bf16`) and for the fp16 range check (``keep-fp32``: a value past 65504
+    is measured, not ``inf``).
     """
     import onnx
     from onnx import helper, numpy_helper
 
-    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    narrow, f32 = set(types), onnx.TensorProto.FLOAT
     g = proto.graph
     changed = False
 
     def _retype(vi) -> None:
         nonlocal changed
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == bf16:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in narrow:
             vi.type.tensor_type.elem_type = f32
             changed = True
 
@@ -95,18 +124,18 @@ def widen_bf16(proto) -> bool:
         _retype(vi)
     casts = []
     for t in g.initializer:
-        if t.data_type == bf16:
-            wide = f"{t.name}__bf16"
+        if t.data_type in narrow:
+            wide = f"{t.name}__narrow"
             casts.append(helper.make_node("Cast", [wide], [t.name], to=f32, name=f"{t.name}__widen"))
             t.name = wide
     for node in g.node:
         if node.op_type == "Cast":
             for a in node.attribute:
-                if a.name == "to" and a.i == bf16:
+                if a.name == "to" and a.i in narrow:
                     a.i = f32
                     changed = True
         for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == bf16:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in narrow:
                 arr = numpy_helper.to_array(a.t).astype(np.float32)
                 a.t.CopyFrom(numpy_helper.from_array(arr, a.t.name))
                 changed = True

@@ -46,13 +46,16 @@ def flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def used_options(recipe: str | None, target: str, kv_cache: str = "float") -> frozenset[str] | None:
+def used_options(recipe: str | None, target: str, kv_cache: str = "float", fp16: bool = False) -> frozenset[str] | None:
     """Options read by ``recipe`` (``None``: a ``--passes`` pipeline) on ``target``; ``None`` if the
     recipe declares nothing (every option passes).  A quantized ``kv_cache`` (on a target whose lowering
-    reads it) adds the KV-cache options and the calibration options."""
+    reads it) adds the KV-cache options and the calibration options; so does an ``fp16`` graph (every
+    recipe then runs ``keep-fp32`` on the calibration text)."""
     used = {"target", "max_memory"} | TARGET_OPTIONS.get(target, frozenset())  # every run checks its memory bound
     if kv_cache != "float" and "kv_cache" in used:
         used |= KV_CACHE_OPTIONS | CALIB_OPTIONS
+    if fp16:
+        used |= CALIB_OPTIONS
     if recipe is None:
         return frozenset(used | CALIB_OPTIONS | WEIGHT_ONLY_TARGET_OPTIONS.get(target, frozenset()))
     r = get_recipe(recipe)
@@ -74,9 +77,10 @@ def explicit_options(args: dict[str, Any], config_keys: Iterable[str] = ()) -> s
     return {k for k, v in args.items() if k in known and v is not None} | (set(config_keys) & known)
 
 
-def check_options(recipe: str | None, options: QuantizeOptions, explicit: Collection[str]) -> None:
-    """Raise :class:`OptionError` for the first option in ``explicit`` that the run would not read."""
-    used = used_options(recipe, options.target, options.kv_cache)
+def check_options(recipe: str | None, options: QuantizeOptions, explicit: Collection[str], fp16: bool = False) -> None:
+    """Raise :class:`OptionError` for the first option in ``explicit`` that the run would not read
+    (``fp16``: the input graph is fp16, see :func:`used_options`)."""
+    used = used_options(recipe, options.target, options.kv_cache, fp16)
     if used is None:
         return
     where = f"recipe '{recipe}'" if recipe else "a --passes pipeline (its settings go in the pipeline text)"
@@ -121,9 +125,9 @@ def check_bench_options(recipes: Iterable[str], options: QuantizeOptions, explic
         raise OptionError(f"{flag(name)} is not used by any of the recipes benchmarked ({', '.join(names)})")
 
 
-def applied_options(recipe: str | None, options: QuantizeOptions) -> dict[str, Any]:
+def applied_options(recipe: str | None, options: QuantizeOptions, fp16: bool = False) -> dict[str, Any]:
     """The options the run read, for ``quantization.json`` (``bits`` as the recipe writes them)."""
-    used = used_options(recipe, options.target, options.kv_cache)
+    used = used_options(recipe, options.target, options.kv_cache, fp16)
     values = {k: v for k, v in asdict(options).items() if v is not None}
     if used is None:
         return values

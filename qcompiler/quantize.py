@@ -36,6 +36,7 @@ from qcompiler.artifact import (
 from qcompiler.distributed import Executor
 from qcompiler.errors import QCError, UnsupportedModelError
 from qcompiler.finite import check_model_weights
+from qcompiler.floattype import file_float_type
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
 from qcompiler.option_use import applied_options
@@ -54,11 +55,22 @@ SCOPE_NOTE = (
 )
 
 
-def build_pipeline_text(recipe: str | None, passes: str | None, options: QuantizeOptions, lower: bool = True) -> str:
+#: The fp16 overflow guard every recipe runs on an fp16 graph with ``--calib`` (passes/keep_fp32.py),
+#: right after ``canonicalize``: before any pass quantizes, so a kept linear is quantized in float32.
+HALF_GUARD = "keep-fp32"
+
+
+def build_pipeline_text(recipe: str | None, passes: str | None, options: QuantizeOptions, lower: bool = True,
+                        fp16: bool = False) -> str:
+    """The recipe's (or ``--passes``') pipeline plus the target's lowering; with ``fp16`` (the graph is
+    fp16) and a calibration text, a recipe gets :data:`HALF_GUARD` after its ``canonicalize``."""
     if bool(recipe) == bool(passes):
         raise QCError("give exactly one of --recipe NAME or --passes PIPELINE")
     check_target(options.target)
     text = get_recipe(recipe).build(options) if recipe else str(passes)
+    if recipe and fp16 and options.calib and HALF_GUARD not in text:
+        head, sep, tail = text.partition("canonicalize")
+        text = f"{head}canonicalize,{HALF_GUARD}{tail}" if sep else f"{HALF_GUARD},{text}"
     if lower:
         tail = lowering_pipeline(options.target, options)
         if tail:
@@ -117,7 +129,11 @@ def quantize(
         raise QCError(f"recipe '{recipe}' needs calibration data: pass --calib PATH")
     if options.needs_calibration and not options.calib:
         raise QCError(f"--kv-cache {options.kv_cache} calibrates the cache scales: pass --calib PATH")
-    text = build_pipeline_text(recipe, passes, options)
+    fp16 = _is_fp16(src.model_path)
+    if fp16 and recipe and not options.calib:
+        log.warning("fp16 graph without --calib: activations past fp16's 65504 are not looked for; pass --calib "
+                    "TEXT to keep the ops that overflow in float32 (docs/half.md)")
+    text = build_pipeline_text(recipe, passes, options, fp16=fp16)
     context = make_context(src.path, options, executor=executor)
     pass_list = parse_pipeline(text, context)
     log.info("pipeline: %s", pipeline_text(pass_list))
@@ -166,7 +182,7 @@ def quantize(
             "recipe": recipe,
             "pipeline": pipeline_text(pass_list),
             "target": options.target,
-            "options": applied_options(recipe, options),  # only what the pipeline read
+            "options": applied_options(recipe, options, fp16=fp16),  # only what the pipeline read
             "scope": SCOPE_NOTE,
             "model_type": family,
             "coverage": cov.to_dict(),
@@ -185,6 +201,14 @@ def quantize(
         log.info("kept in float: %s", ", ".join(f"{k.role or k.node} ({k.reason})" for k in cov.kept_float[:6]))
     log.info("wrote %s in %.1fs (peak RSS %.0f MiB)", out, summary["wall_seconds"], summary["peak_rss_mb"])
     return summary
+
+
+def _is_fp16(path: Path) -> bool:
+    """Whether the saved graph is fp16 (False if it cannot be read: loading it reports why)."""
+    try:
+        return file_float_type(path) == ir.DataType.FLOAT16
+    except Exception:  # a corrupt file is load_model's error to report, with its message
+        return False
 
 
 def _check_memory_bound(model: ir.Model, max_memory: str | None) -> None:
@@ -211,3 +235,32 @@ def _preflight(model, family: str, allow_partial: bool) -> None:
     bad = [k.node for k in coverage.measure(model).unsupported if k.role is None]  # no role: no pattern matched
     if bad:
         raise coverage.UnsupportedModelError(coverage.unsupported_message(family, bad, "decoder linear(s) not recognized"))
+
+
+def keep_fp32_in_place(folder: str | os.PathLike, calib: str, samples: int = 32, seq_len: int = 512) -> dict[str, Any]:
+    """``qc export --dtype fp16 --calib TEXT``: run ``keep-fp32`` on an exported fp16 model folder and
+    rewrite its model in place when it keeps ops in float32; the pass's report goes into
+    ``qcompiler_export.json`` (``keep_fp32``) and is returned."""
+    from qcompiler.calibrate import CalibConfig, Calibrator
+
+    src = open_model_dir(folder)
+    if not _is_fp16(src.model_path):
+        raise QCError(f"{src.path}: --calib keeps overflowing ops of an fp16 export in float32; this graph is not fp16")
+    context = PassContext(calibrate=Calibrator(src.path, CalibConfig(calib=calib, samples=samples, seq_len=seq_len,
+                                                                     progress=False)))
+    model = load_model(src.model_path)
+    result = get_pass(HALF_GUARD)(None, context)(model)
+    report = context.report[HALF_GUARD]
+    if result.modified:
+        tmp = src.path / f".{HALF_GUARD}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(result.model, tmp / MODEL_FILE)
+        del model, result
+        for f in tmp.iterdir():  # model.onnx and its data, each replaced atomically
+            os.replace(f, src.path / f.name)
+        tmp.rmdir()
+    info_path = src.path / "qcompiler_export.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    write_json(info_path, {**info, "keep_fp32": report})
+    return report

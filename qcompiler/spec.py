@@ -80,8 +80,13 @@ class QuantSpec:
     group_size: int = 128
     method: str = "rtn"
     clip: str = "minmax"  # for weights: minmax | mse
+    # the float type the scales are stored in (fp32 | fp16 | bf16: the graph's): weight quantizers round
+    # each scale to it before choosing the integer codes (qcompiler.quant.numerics.store_scales)
+    scale_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.scale_dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"scale_dtype must be fp32, fp16 or bf16, got {self.scale_dtype}")
         if self.bits not in (2, 3, 4, 7, 8):  # 7: int8-stored weights in [-63, 63] (qcompiler.quant.intgemm)
             raise ValueError(f"bits must be 2, 3, 4, 7 or 8, got {self.bits}")
         if self.granularity == Granularity.GROUP and (self.group_size < 2 or self.group_size & (self.group_size - 1)):

@@ -120,3 +120,23 @@ def test_smollm2_fp16(smollm2_kv, smollm2_kv_fp16, eval_text, tmp_path) -> None:
     runner = open_runner(out, threads=2)
     ids = tokenize(out, read_text(eval_text))[:16]
     assert len(list(runner.generate([int(t) for t in ids], max_new_tokens=8))) == 8
+
+
+@pytest.mark.slow
+def test_smollm2_fp16_keep_fp32_finds_no_island(smollm2_kv_fp16) -> None:
+    """keep-fp32 on SmolLM2's fp16 export and the GPL-3 (4 windows of 256 tokens): the residual stream
+    peaks near 24,000 (layers 11-28, a massive activation), under half of fp16's range: no island."""
+    from qcompiler.passes.keep_fp32 import KeepFp32
+
+    from qcompiler.irutil import load_model
+    from qcompiler.pipeline import get_pass
+    from tests.conftest import CALIB_TEXT
+    from tests.passes.calib_helpers import calib_context
+
+    model = load_model(smollm2_kv_fp16 / "model.onnx")
+    get_pass("canonicalize")()(model)
+    p = KeepFp32(context=calib_context(smollm2_kv_fp16, CALIB_TEXT, samples=4, seq_len=256))
+    assert not p(model).modified
+    report = p.context.report["keep-fp32"]
+    assert report["islands"] == [] and report["values_checked"] > 500
+    assert 1e4 < report["max_abs"] < report["limit"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from qcompiler import __version__
 from qcompiler.analysis import budget as bud
@@ -54,6 +55,7 @@ from qcompiler.distributed import Executor
 from qcompiler.errors import OutputError, QCError
 from qcompiler.finite import check_model_weights
 from qcompiler.irutil import load_model
+from qcompiler.islands import IslandCriteria, select_nodes
 from qcompiler.spec import Role
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ def analyze(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Analy
                  model_path=str(src.model_path), lm_head=cfg.lm_head)
     timing = {f"{k}_s": round(v, 2) for k, v in ms.seconds.items()}
 
-    outliers = _diagnostics(sites, ms, cfg, src.path)
+    outliers = _diagnostics(sites, ms, cfg, src.path, model)
     ref = reference.name
     ranking = sorted(sites.linears, key=lambda k: -ms.sensitivity[k][ref])
     keys = list(sites.linears)
@@ -226,7 +228,8 @@ def _extra_requests(sites: ModelSites) -> list[StatRequest]:
     return reqs
 
 
-def _diagnostics(sites: ModelSites, ms: Measurements, cfg: AnalyzeConfig, model_dir: Path) -> dict[str, Any]:
+def _diagnostics(sites: ModelSites, ms: Measurements, cfg: AnalyzeConfig, model_dir: Path,
+                 model: ir.Model | None = None) -> dict[str, Any]:
     st, crit = ms.stats, cfg.criteria
     hidden = sites.hidden_inputs()
     int8 = dg.outlier_features([(layer, st.get(v, "outliers").channel_fraction, st.get(v, "absmax_channel"))
@@ -260,9 +263,17 @@ def _diagnostics(sites: ModelSites, ms: Measurements, cfg: AnalyzeConfig, model_
     ranges += [(f"{sites.linears[r[0]].key} input", sites.linears[r[0]].layer, v, float(st.get(v, "minmax").absmax))
                for v, r in sites.inputs().items()]
     fp16 = dg.fp16_range(ranges, crit)
+    if model is not None:  # what keep-fp32 would keep, from the values measured here (passes/keep_fp32.py)
+        guard = IslandCriteria()
+        fp16["keep_fp32"] = {"limit": guard.limit, "ops": [n.name for n in select_nodes(
+            model.graph, {v for *_, v, a in ranges if not a <= guard.limit})]}
+        if fp16["keep_fp32"]["ops"]:
+            log.warning("analyze: an fp16 export keeps %d op(s) in float32 (keep-fp32, with --calib): %s",
+                        len(fp16["keep_fp32"]["ops"]), ", ".join(fp16["keep_fp32"]["ops"][:6]))
     if not fp16["fp16_safe"]:
         log.warning("analyze: %d value(s) pass fp16's range (max |x| = %.4g > 65504) on the calibration text: "
-                    "export with --dtype fp32 or bf16 (docs/half.md)", len(fp16["overflow"]), fp16["max_abs"])
+                    "export with --dtype fp32 or bf16, or quantize the fp16 export with --calib (keep-fp32 keeps the ops "
+                    "that overflow in float32; docs/half.md)", len(fp16["overflow"]), fp16["max_abs"])
     dims = sorted({d for m in by_value for d in m["dims"]})
     positions = sorted({int(p) for m in by_value for p in m["positions"]})
     return {

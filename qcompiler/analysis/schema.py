@@ -105,6 +105,8 @@ SCHEMA: dict[str, Any] = {
                 "limit": _NUM, "headroom": _NUM, "max_abs": _NUM, "fp16_safe": {"type": "boolean"},
                 "overflow": _arr(_obj({"label": _STR, "layer": _INT, "value": _STR, "absmax": _NUM})),
                 "near": _arr(_obj({"label": _STR, "layer": _INT, "value": _STR, "absmax": _NUM})),
+                "keep_fp32": _obj({"limit": _NUM, "ops": _arr(_STR)},
+                                  desc="the ops keep-fp32 would keep in float32 in an fp16 graph (from these values)"),
             }, desc="residual-stream values and linear inputs past (overflow) or within headroom× of fp16's 65504"),
         }),
         "candidates": _arr(_obj({

@@ -39,11 +39,15 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompiler.errors import CalibrationError, QCError
-from qcompiler.floattype import widen_bf16
+from qcompiler.floattype import widen_bf16, widen_float
 from qcompiler.runtime import DecoderRunner
 
 log = logging.getLogger(__name__)
 
+#: ``model.graph.meta`` key: when true, the calibration graph of a half model computes in float32
+#: (:func:`qcompiler.floattype.widen_float`), so a value past fp16's range is measured instead of
+#: being ``inf`` (``keep-fp32``); part of :func:`model_fingerprint`.
+WIDEN_META = "qc.calib_widen"
 #: In-memory initializers at least this large go to the scratch data file (smaller ones stay inline).
 INLINE_LIMIT = 1 << 16
 _ALIGN = 4096
@@ -102,6 +106,8 @@ def model_fingerprint(model: ir.Model) -> str:
     """A SHA-256 of everything that determines the model's activations (see module docstring)."""
     h = hashlib.sha256()
     h.update(repr(sorted(model.opset_imports.items())).encode())
+    if model.graph.meta.get(WIDEN_META):
+        h.update(b"widened to float32")
     _hash_graph(model.graph, h)
     return h.hexdigest()
 
@@ -279,6 +285,8 @@ def calibration_proto(model: ir.Model, outputs: Sequence[str], scratch: Path, ke
             for entry in t.external_data:
                 if entry.key == "location":
                     entry.value = os.path.relpath(paths[t.name], root)
+    if model.graph.meta.get(WIDEN_META):  # after the paths: widening renames the initializers it casts
+        widen_float(proto, (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
     return proto, root
 
 

@@ -1,8 +1,9 @@
-"""qc export MODEL OUT_DIR [--no-kv-cache] [--force] [--dtype fp32|fp16|bf16]"""
+"""qc export MODEL OUT_DIR [--no-kv-cache] [--force] [--dtype fp32|fp16|bf16] [--calib TEXT]"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="float type of the graph (weights, activations, KV cache, logits); default fp32. "
                    "fp16 runs on ONNX Runtime CPU and CUDA; bf16 is for --target cuda (docs/half.md)")
+    p.add_argument("--calib", default=None, metavar="TEXT",
+                   help="with --dtype fp16: calibration text; ops whose activations pass half of fp16's range "
+                   "are kept in float32 (keep-fp32, docs/half.md)")
+    p.add_argument("--calib-samples", type=int, default=32, help="with --calib: windows observed (default 32)")
     p.add_argument("--stream", action="store_true",
                    help="Llama/Mistral/Qwen2 safetensors folder: write the graph directly and copy the weights "
                    "tensor by tensor (memory independent of the model's size; docs/scaling.md)")
@@ -39,8 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qcompiler.calibrate.plan import parse_memory
+    from qcompiler.errors import OptionError
     from qcompiler.export import export
 
+    if args.calib is not None and args.dtype != "fp16":
+        raise OptionError(f"--calib keeps the ops that overflow fp16 in float32: it needs --dtype fp16, not {args.dtype}")
+    if args.calib is not None:
+        from qcompiler.data import read_text
+
+        read_text(args.calib)  # a missing or empty text fails before the export
     out = export(
         args.model,
         args.out_dir,
@@ -55,5 +67,12 @@ def run(args: argparse.Namespace) -> int:
         stream=args.stream,
         max_memory=parse_memory(args.max_memory),
     )
+    if args.calib is not None:
+        from qcompiler.quantize import keep_fp32_in_place
+
+        report = keep_fp32_in_place(out, args.calib, samples=args.calib_samples)
+        kept = sum(len(i["nodes"]) for i in report.get("islands", []))
+        print(f"keep-fp32: {kept} op(s) kept in float32 (max |x| {report.get('max_abs', 0):.4g}, "
+              f"limit {report.get('limit', 0):.0f})", file=sys.stderr)
     print(out)
     return 0

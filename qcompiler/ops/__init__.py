@@ -3,7 +3,7 @@
 The ops (contracts in :mod:`qcompiler.ops.emit`, numerics in :mod:`qcompiler.ops.reference`):
 
 * ``W8A8MatMul``: per-token W8A8 GEMM (dynamic per-row int8 activations × per-channel
-  int8 weights, float32/float16 output, optional bias) — ONNX Runtime has none;
+  int8 weights, float32/float16/bfloat16 output, optional bias) — ONNX Runtime has none;
 * ``W8A8OutlierMatMul``: the same with LLM.int8-style outlier channels kept in float.
 
 ``qc ops build`` (:func:`build_library`) compiles them with g++ (and nvcc for the CUDA

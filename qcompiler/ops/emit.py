@@ -13,7 +13,7 @@
                 of the row scale and zeroed; ``B``'s columns ``outlier_idx`` are zero.
     float part: ``A[..., outlier_idx] @ B_outlier`` (the outlier rows of the float W).
 
-T is float32 or float16 (Y has A's type); numerics in :mod:`qcompiler.ops.reference`.
+T is float32, float16 or bfloat16 (Y has A's type); numerics in :mod:`qcompiler.ops.reference`.
 Both ops have CPU kernels; the CUDA library adds CUDA kernels.
 
 The portable (standard ONNX, opset 21) outlier-split form, written by

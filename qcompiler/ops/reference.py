@@ -42,7 +42,8 @@ def w8a8_matmul(
 ) -> np.ndarray:
     """Reference of ``W8A8MatMul`` (and of ``W8A8OutlierMatMul`` with ``outlier_idx``/``b_outlier``).
 
-    Returns float32 ``[..., N]``; cast to ``a.dtype`` to compare with a float16 kernel.
+    ``a`` may be float32, float16 or bfloat16 (``ml_dtypes.bfloat16``): it is read as float32, exactly.
+    Returns float32 ``[..., N]``; cast to ``a.dtype`` to compare with a float16/bfloat16 kernel.
     """
     lead, k = a.shape[:-1], a.shape[-1]
     n = b.shape[0]

@@ -13,13 +13,13 @@ target lowering (``lower-matmulnbits``) rewrites it, and the NPU target keeps it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
-from qcompiler.floattype import float_array, float_type, graph_float_type
+from qcompiler.floattype import float_array, float_type, graph_float_type, type_name
 from qcompiler.irutil import add_initializer, linear_weight
 from qcompiler.quant.numerics import QuantizedWeight
 from qcompiler.spec import QuantSpec, set_weight_spec
@@ -31,6 +31,15 @@ def _int_dtype(bits: int, symmetric: bool) -> ir.DataType:
     if bits <= 4:
         return ir.DataType.INT4 if symmetric else ir.DataType.UINT4
     return ir.DataType.INT8 if symmetric else ir.DataType.UINT8
+
+
+def stored_spec(spec: QuantSpec, graph: ir.Graph, node: ir.Node) -> QuantSpec:
+    """``spec`` with the scale type the emitters will write for linear ``node`` (its weight's float
+    type, else its output's, else the graph's), so the quantizer chooses codes for the stored scale."""
+    found = linear_weight(node)
+    ftype = float_type(found[0] if found else None, node.outputs[0], default=graph_float_type(graph))
+    name = type_name(ftype)
+    return spec if spec.scale_dtype == name or name not in ("fp32", "fp16", "bf16") else replace(spec, scale_dtype=name)
 
 
 def emit_dequantized_weight(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight, base_name: str) -> ir.Node:

@@ -105,7 +105,7 @@ def quantize_hqq(
         better = cand < best
         best_s, best_z = np.where(better, cand_s, best_s), np.where(better, cand_z, best_z)
         best = np.where(better, cand, best)
-    scale = best_s.astype(np.float32)
+    scale = numerics.store_scales(best_s.astype(np.float32), spec)  # refined scales as stored, then the codes
     q = grid(scale, best_z).reshape(-1, n)[:k]
     if spec.symmetric:
         return QuantizedWeight(q.astype(np.int8), scale, None, spec, group)

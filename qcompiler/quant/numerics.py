@@ -9,6 +9,12 @@ per group of ``g`` consecutive rows (``g = K`` for per-channel):
 * symmetric (int, ``[−2^(b−1), 2^(b−1)−1]``): ``s = max|W|/(2^(b−1)−1)``,
   ``q = clamp(round(W/s))``, ``Ŵ = s·q``.
 
+The scale is computed in float32 and then rounded to the float type it is stored in
+(``spec.scale_dtype``, the graph's: :func:`store_scales`) *before* the codes are chosen, so
+``q = round(W/s_stored)`` are the nearest codes for the scale the graph holds (codes chosen
+with the float32 scale and stored with a rounded one are off by up to ``|q|·δs``: for fp16
+``δs/s ≤ 2⁻¹¹``, for bf16 ``2⁻⁸``, i.e. up to half a step at ``|q| = 127`` in bf16).
+
 Inside the range the error is at most ``s/2`` per element (round to nearest).  A
 ``clip`` ratio ``c ≤ 1`` shrinks the range (``c·min``, ``c·max``) before rounding; MSE
 clipping searches ``c`` per group.  When K is not a multiple of g the last group is
@@ -84,23 +90,37 @@ def group_ranges(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     return wg.min(axis=1), wg.max(axis=1)
 
 
+def store_scales(scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """``scale`` (float32) rounded to ``spec.scale_dtype`` as the graph will store it, kept as float32
+    values; a positive scale that would round to 0 becomes the type's smallest positive value."""
+    if spec.scale_dtype == "fp32":
+        return np.asarray(scale, np.float32)
+    import ml_dtypes
+
+    t = np.float16 if spec.scale_dtype == "fp16" else ml_dtypes.bfloat16
+    stored = np.asarray(scale, np.float32).astype(t).astype(np.float32)
+    tiny = np.float32(ml_dtypes.finfo(t).smallest_subnormal)
+    return np.where((stored == 0) & (np.asarray(scale) > 0), tiny, stored).astype(np.float32)
+
+
 def scales_from_range(
     wmin: np.ndarray, wmax: np.ndarray, spec: QuantSpec
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scale (and zero point) of each group from its (possibly clipped) range."""
+    """Scale (and zero point) of each group from its (possibly clipped) range; the scale as stored
+    (:func:`store_scales`), the zero point for that scale."""
     if not (np.isfinite(wmin).all() and np.isfinite(wmax).all()):
         raise ValueError("non-finite weight range (NaN/Inf in the weight)")
     if spec.symmetric:
         amax = np.maximum(np.abs(wmin), np.abs(wmax))
         scale = amax / float(spec.qmax)
         scale = np.where(scale == 0, 1.0, scale).astype(np.float32)  # an all-zero group; NaN stays NaN
-        return scale, None
+        return store_scales(scale, spec), None
     # The grid must hold 0 (z is an integer in [qmin, qmax]): a group whose values all
     # have one sign gets its range widened to 0, else its far end would be clamped.
     wmin, wmax = np.minimum(wmin, 0.0), np.maximum(wmax, 0.0)
     span = wmax - wmin
     scale = (span / float(spec.qmax - spec.qmin)).astype(np.float32)
-    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)  # an all-zero group
+    scale = store_scales(np.where(scale == 0, np.float32(1.0), scale).astype(np.float32), spec)  # all-zero: 1
     zp = np.clip(np.round(-wmin / scale), spec.qmin, spec.qmax).astype(np.uint8)
     return scale, zp
 

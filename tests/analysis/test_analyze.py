@@ -146,9 +146,12 @@ def test_fp16_range_reports_an_activation_past_65504(synthetic_text, tmp_path: P
     assert not fp16["fp16_safe"] and fp16["max_abs"] > 65504
     assert fp16["overflow"] and all(o["absmax"] > 65504 for o in fp16["overflow"])
     assert {o["label"] for o in fp16["overflow"]} >= {"layers.1.input"}
+    kept = fp16["keep_fp32"]["ops"]  # the residual Adds carrying it, and the norms reading them
+    assert any("/model/layers.0/Add" in n for n in kept) and any("input_layernorm" in n for n in kept)
 
 
 def test_fp16_range_safe_model(analyzed) -> None:
     _, report, _ = analyzed
     fp16 = report["outliers"]["fp16_range"]
     assert fp16["fp16_safe"] and fp16["overflow"] == [] and 0 < fp16["max_abs"] < 65504
+    assert fp16["keep_fp32"]["ops"] == []

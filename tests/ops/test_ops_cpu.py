@@ -183,3 +183,30 @@ def test_model_is_valid_onnx(ops_lib: Path) -> None:
     _, w, scale, b, idx, wo = case(rng, (3,), 16, 8, 2, True, np.float32)
     onnx.checker.check_model(onnx.load_from_string(op_model("W8A8OutlierMatMul", 16, 8, w, scale, b, idx, wo,
                                                             np.float32)))
+
+
+def bf16_model(op: str, k: int, n: int, w: np.ndarray, scale: np.ndarray, bias: np.ndarray | None,
+               idx: np.ndarray | None, w_out: np.ndarray | None, rank: int) -> bytes:
+    """The op on bf16 ``A``/``Y`` between Casts (ONNX Runtime's Python API feeds no bf16 arrays)."""
+    proto = onnx.load_from_string(op_model(op, k, n, w, scale, bias, idx, w_out, np.float32, rank))
+    g = proto.graph
+    g.node[0].input[0], g.node[0].output[0] = "x_bf16", "y_bf16"
+    g.node.insert(0, helper.make_node("Cast", ["x"], ["x_bf16"], to=TensorProto.BFLOAT16))
+    g.node.append(helper.make_node("Cast", ["y_bf16"], ["y"], to=TensorProto.FLOAT))
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("lead,k,n,r", SHAPES[1::2])
+def test_bfloat16_matches_reference(ops_lib: Path, lead, k, n, r) -> None:
+    """bf16 A and Y (the cuda target of a bf16 graph): the reference on A rounded to bf16, Y rounded to
+    bf16 (8 significant bits: one bf16 ulp of tolerance)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(k * 1000 + n + 7)
+    x, w, scale, b, idx, w_out = case(rng, lead, k, n, r, True, np.float32)
+    x = x.astype(ml_dtypes.bfloat16).astype(np.float32)  # what the graph's Cast feeds the op
+    op = "W8A8OutlierMatMul" if idx is not None else "W8A8MatMul"
+    y = session(ops_lib, bf16_model(op, k, n, w, scale, b, idx, w_out, x.ndim)).run(None, {"x": x})[0]
+    ref = reference.w8a8_matmul(x.astype(ml_dtypes.bfloat16), w, scale, b, idx, w_out)
+    np.testing.assert_allclose(y, ref.astype(ml_dtypes.bfloat16).astype(np.float32), rtol=2 ** -7,
+                               atol=2 ** -7 * float(np.abs(ref).max()))

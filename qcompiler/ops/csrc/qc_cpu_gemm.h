@@ -61,12 +61,36 @@ inline uint16_t float_to_half(float f) {  // round to nearest, ties to even
   return uint16_t(sign | h);
 }
 
+// ---------------------------------------------------------------- bfloat16 <-> float32
+
+// bfloat16 storage (the upper half of a float32); a distinct type from float16's uint16_t.
+struct bf16_t {
+  uint16_t bits;
+};
+
+inline float bf16_to_float(bf16_t h) {  // exact
+  uint32_t x = uint32_t(h.bits) << 16;
+  float out;
+  memcpy(&out, &x, 4);
+  return out;
+}
+
+inline bf16_t float_to_bf16(float f) {  // round to nearest, ties to even; NaN stays NaN
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return bf16_t{uint16_t((x >> 16) | 0x40u)};
+  x += 0x7FFFu + ((x >> 16) & 1u);
+  return bf16_t{uint16_t(x >> 16)};
+}
+
 template <typename T>
 inline float to_float(T v);
 template <>
 inline float to_float<float>(float v) { return v; }
 template <>
 inline float to_float<uint16_t>(uint16_t v) { return half_to_float(v); }
+template <>
+inline float to_float<bf16_t>(bf16_t v) { return bf16_to_float(v); }
 
 template <typename T>
 inline T from_float(float v);
@@ -74,6 +98,8 @@ template <>
 inline float from_float<float>(float v) { return v; }
 template <>
 inline uint16_t from_float<uint16_t>(float v) { return float_to_half(v); }
+template <>
+inline bf16_t from_float<bf16_t>(float v) { return float_to_bf16(v); }
 
 // ---------------------------------------------------------------- activation quantization
 

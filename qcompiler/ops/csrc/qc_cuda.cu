@@ -5,7 +5,7 @@
 // One thread block computes a BM x BN tile of Y:
 //   1. row scales: each warp reduces max |A[m, k]| over its rows (outlier channels, marked
 //      in a shared bitmask, are skipped); s[m] = max(amax, 1e-8) / 127, as on the CPU;
-//   2. K loop, BK = 64 per stage: A is read as float/half, quantized in registers
+//   2. K loop, BK = 64 per stage: A is read as float/half/bfloat16, quantized in registers
 //      (q = clip(rint(A / s), -127, 127), outlier channels -> 0) and stored as int8 in
 //      shared memory; B (int8 [N, K], K contiguous) is copied 16 bytes at a time when K
 //      allows; every warp runs FM x FN WMMA tiles;
@@ -13,6 +13,7 @@
 //      Y = acc * s[m] * b_scale[n] + sum_j A[m, idx[j]] * B_out[j, n] + bias[n].
 // Tiles are stored as k16 slabs ([BK/16][rows][16]) so every WMMA pointer is 32-byte
 // aligned and ldm = 16 bytes for any K (odd K is zero-padded in shared memory).
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -34,6 +35,8 @@ template <>
 __device__ __forceinline__ float load_f<float>(const float* p) { return __ldg(p); }
 template <>
 __device__ __forceinline__ float load_f<__half>(const __half* p) { return __half2float(__ldg(p)); }
+template <>
+__device__ __forceinline__ float load_f<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(__ldg(p)); }
 
 template <typename T>
 __device__ __forceinline__ T store_f(float v);
@@ -41,6 +44,8 @@ template <>
 __device__ __forceinline__ float store_f<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ __half store_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ bool is_outlier(const uint32_t* mask, int64_t k) {
   return mask != nullptr && ((mask[k >> 5] >> (k & 31)) & 1u);
@@ -211,8 +216,11 @@ extern "C" __attribute__((visibility("default"))) int qc_cuda_w8a8_gemm(int dtyp
     e = dispatch<float>(A, B, b_scale, bias, oidx, int(R), B_out, Y, int(M), int(K), int(N), s);
   else if (dtype == 10)
     e = dispatch<__half>(A, B, b_scale, bias, oidx, int(R), B_out, Y, int(M), int(K), int(N), s);
+  else if (dtype == 16)
+    e = dispatch<__nv_bfloat16>(A, B, b_scale, bias, oidx, int(R), B_out, Y, int(M), int(K), int(N), s);
   else {
-    if (err != nullptr && err_len > 0) snprintf(err, err_len, "unsupported element type %d (float or float16)", dtype);
+    if (err != nullptr && err_len > 0)
+      snprintf(err, err_len, "unsupported element type %d (float, float16 or bfloat16)", dtype);
     return int(cudaErrorInvalidValue);
   }
   if (e != cudaSuccess) set_err(err, err_len, "kernel launch", e);
@@ -244,7 +252,7 @@ extern "C" __attribute__((visibility("default"))) int qc_cuda_w8a8_gemm_host(int
                                       const float* bias, const int64_t* oidx, int64_t R, const float* B_out, void* Y,
                                       int64_t M, int64_t K, int64_t N, int warmup, int iters, double* usec,
                                       char* err, size_t err_len) {
-  const size_t esz = dtype == 10 ? 2 : 4;
+  const size_t esz = (dtype == 10 || dtype == 16) ? 2 : 4;
   void *dA = nullptr, *dY = nullptr;
   int8_t* dB = nullptr;
   float *ds = nullptr, *dbias = nullptr, *dBo = nullptr;

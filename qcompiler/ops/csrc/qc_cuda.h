@@ -10,7 +10,7 @@ extern "C" {
 
 // Per-token W8A8 GEMM (optionally outlier-split) on device buffers, launched on `stream`
 // (a cudaStream_t, or null for the default stream).
-//   dtype: 1 = float32 A/Y, 10 = float16 A/Y (ONNX element type numbers)
+//   dtype: 1 = float32 A/Y, 10 = float16 A/Y, 16 = bfloat16 A/Y (ONNX element type numbers)
 //   A [M, K], B int8 [N, K], b_scale [N], bias [N] or null,
 //   oidx int64 [R] and B_out float [R, N] (R = 0: plain per-token GEMM), Y [M, N].
 // Returns 0, or a CUDA error code with a message in err.

@@ -10,7 +10,7 @@
 //     the same with the outlier channels idx left out of s[r] and of the int8 product
 //     (q[r, idx] = 0), plus the float side path  Y[r, n] += sum_j A[r, idx[j]] * B_outlier[j, n].
 //
-// T is float or float16.  Every op has a CPU kernel; built with QC_WITH_CUDA the library
+// T is float, float16 or bfloat16.  Every op has a CPU kernel; built with QC_WITH_CUDA the library
 // also registers CUDA kernels for CUDAExecutionProvider (qc_cuda.cu).
 #include <string.h>
 
@@ -313,6 +313,8 @@ OrtStatus* compute(void* kernel, OrtKernelContext* ctx) noexcept {
     }
     if (d->t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       compute_cpu<float>(p, ctx, static_cast<float*>(Y));
+    else if (d->t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+      compute_cpu<qc::bf16_t>(p, ctx, static_cast<qc::bf16_t*>(Y));
     else
       compute_cpu<uint16_t>(p, ctx, static_cast<uint16_t*>(Y));
     return nullptr;
@@ -401,7 +403,8 @@ std::vector<OpDef>& all_defs() {
     };
     for (bool cuda : with_cuda)
       for (Kind k : {Kind::kW8A8, Kind::kOutlier})
-        for (auto t : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16})
+        for (auto t : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+                       ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16})
           v.push_back(make_def(k, t, cuda));
     return v;
   }();
