@@ -152,7 +152,14 @@ class QuantizeWeights(QCPass):
 
 
 def _nonfinite(w: np.ndarray) -> str:
-    """'' if every value is finite, else e.g. ``"2 NaN/Inf value(s), the first at [3, 4]"``."""
+    """'' if every value is finite, else e.g. ``"2 NaN/Inf value(s), the first at [3, 4]"``.
+
+    A finite sum proves every value finite (NaN and ±Inf propagate into it) in one pass without a
+    boolean copy of the weight; only a non-finite sum (or an overflowing one) looks element by element.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(w, axis=None, dtype=np.float64)):
+            return ""
     finite = np.isfinite(w)
     if finite.all():
         return ""

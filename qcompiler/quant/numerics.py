@@ -108,14 +108,26 @@ def scales_from_range(
 def quantize_with(
     w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec, group: int
 ) -> np.ndarray:
-    """Round ``W`` onto the grid given by per-group ``scale``/``zero_point``."""
+    """Round ``W`` onto the grid given by per-group ``scale``/``zero_point``.
+
+    Computed on the grouped view ``[G, g, N]`` with the ``[G, 1, N]`` scales broadcast (no
+    ``[K, N]`` copy of them) and in place: ``clamp(rint(W / s) + z)``, the same float32
+    operations, in the same order, as on the expanded grids.
+    """
     k = w.shape[0]
-    s = expand_groups(scale, group, k)
+    wg, _ = _grouped(np.asarray(w), group)
+    return _quantize_grouped(wg, scale, zero_point, spec)[:k]
+
+
+def _quantize_grouped(wg: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec) -> np.ndarray:
+    """:func:`quantize_with` on the grouped ``[G, g, N]`` weight; returns ``q[G·g, N]`` (padding rows included)."""
     lo, hi = (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1) if spec.symmetric else (spec.qmin, spec.qmax)
-    if zero_point is None:
-        return np.clip(np.rint(w / s), lo, hi).astype(np.int8)
-    z = expand_groups(zero_point.astype(np.float32), group, k)
-    return np.clip(np.rint(w / s) + z, lo, hi).astype(np.uint8)
+    t = np.divide(wg, np.asarray(scale)[:, None, :])
+    np.rint(t, out=t)
+    if zero_point is not None:
+        t += zero_point.astype(np.float32)[:, None, :]
+    np.clip(t, lo, hi, out=t)
+    return t.astype(np.int8 if zero_point is None else np.uint8).reshape(-1, wg.shape[2])
 
 
 def column_blocks(k: int, n: int, block_values: int | None = None) -> list[slice]:
@@ -142,15 +154,15 @@ def quantize_rtn(w: np.ndarray, spec: QuantSpec, clip_ratio: np.ndarray | float 
     zp = None if spec.symmetric else np.empty((g_count, n), dtype=np.uint8)
     ratio = np.asarray(clip_ratio)
     for sl in column_blocks(k, n):
-        wb = np.asarray(w[:, sl], dtype=np.float32)
-        wmin, wmax = group_ranges(wb, group)
+        wg, _ = _grouped(np.asarray(w[:, sl], dtype=np.float32), group)  # one grouped copy (a view if K % g == 0)
+        wmin, wmax = wg.min(axis=1), wg.max(axis=1)
         r = ratio[:, sl] if ratio.ndim == 2 else clip_ratio
         s, z = scales_from_range(wmin * r, wmax * r, spec)
-        q[:, sl] = quantize_with(wb, s, z, spec, group)
+        q[:, sl] = _quantize_grouped(wg, s, z, spec)[:k]
         scale[:, sl] = s
         if zp is not None:
             zp[:, sl] = z
-        del wb
+        del wg
     return QuantizedWeight(q, scale, zp, spec, group)
 
 
