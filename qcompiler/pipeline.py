@@ -12,6 +12,7 @@ Textual form: ``"canonicalize,quantize-weights{bits=4,group_size=128},lower-cpu"
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import importlib
@@ -123,6 +124,17 @@ def available_passes() -> dict[str, type[QCPass]]:
 
 
 def get_pass(name: str) -> type[QCPass]:
+    """The pass class named ``name``.  A pass lives in the module named like it (``quantize-weights`` in
+    ``passes/quantize_weights.py``): that module alone is imported first, so a pipeline loads only its
+    own passes (and their dependencies: not SciPy for an RTN compile); anything else discovers all."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name and all(c.isalnum() or c == "-" for c in name) and not name.startswith("-"):
+        # no such module, or it failed: full discovery below reports it
+        with contextlib.suppress(Exception):
+            importlib.import_module(f"qcompiler.passes.{name.replace('-', '_')}")
+        if name in _REGISTRY:
+            return _REGISTRY[name]
     passes = available_passes()
     if name not in passes:
         broken = "".join(f"; module {m} failed to import ({err})" for m, err in BROKEN_PASS_MODULES.items())
@@ -259,7 +271,7 @@ def run_passes(
 
     A pass that needs a canonicalized model gets ``canonicalize`` run before it when
     the model is not canonical yet.  With ``check``, the graph is checked for
-    well-formedness (every input produced before use) after each pass.
+    well-formedness (every input produced before use) after each pass that modified it.
     """
     from qcompiler.irutil import save_model
 
@@ -277,11 +289,13 @@ def run_passes(
             result = p(model)
         except ir.passes.PreconditionError as e:
             raise QCError(f"pass '{p.name}': {e.__cause__ or e}") from None
+        except ir.passes.PostconditionError as e:
+            raise QCError(f"internal error: pass '{p.name}' broke its guarantee: {e.__cause__ or e}") from None
         model = result.model
         dt = time.perf_counter() - t0
         records.append(PassRecord(p.name, repr(p), result.modified, dt))
         log.info("pass %s: %s in %.2fs", p.name, "modified the model" if result.modified else "no change", dt)
-        if check:
+        if check and result.modified:  # a pass that changed nothing cannot have broken the order
             check_well_formed(model, after=p.name)
         if dump_ir is not None:
             d = Path(dump_ir) / f"{i + 1:02d}-{p.name}"

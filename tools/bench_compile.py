@@ -48,7 +48,7 @@ def _child_cpu() -> float:
 def run_one(cmd: list[str], out: Path) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     c0, t0 = _child_cpu(), time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall, cpu = time.perf_counter() - t0, _child_cpu() - c0
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
 
