@@ -124,7 +124,14 @@ class QuantizeWeights(QCPass):
             spec = weight_spec(node) or default
             w_val, _ = linear_weight(node)  # type: ignore[misc]
             w = w_val.const_value.numpy()
-            bad = _nonfinite(w)
+            qw = None
+            if cfg.method in RANGE_CHECKED:  # NaN/Inf shows in the group ranges: no pass of its own over W
+                try:
+                    qw = method(w, spec, node=node, context=self.context)
+                except ValueError as e:
+                    if _nonfinite(w) == "":
+                        raise QCError(f"quantize-weights: {info.key}: {e}") from None
+            bad = "" if qw is not None else _nonfinite(w)
             if bad:
                 msg = f"weight '{w_val.name}' of {info.key} holds {bad}"
                 if cfg.nonfinite == "error":
@@ -136,10 +143,11 @@ class QuantizeWeights(QCPass):
                 mark_kept_float(node, "NaN/Inf weight (nonfinite=skip)")
                 self.context.report.setdefault("nonfinite_weights", {})[info.key] = msg
                 continue
-            try:
-                qw = method(w, spec, node=node, context=self.context)
-            except ValueError as e:
-                raise QCError(f"quantize-weights: {info.key}: {e}") from None
+            if qw is None:
+                try:
+                    qw = method(w, spec, node=node, context=self.context)
+                except ValueError as e:
+                    raise QCError(f"quantize-weights: {info.key}: {e}") from None
             emit_dequantized_weight(model.graph, node, qw, base_name=f"{info.key}.weight")
             summary[info.key] = spec.describe()
             del w
@@ -151,15 +159,13 @@ class QuantizeWeights(QCPass):
         return ir.passes.PassResult(model, modified=True)
 
 
-def _nonfinite(w: np.ndarray) -> str:
-    """'' if every value is finite, else e.g. ``"2 NaN/Inf value(s), the first at [3, 4]"``.
+#: methods whose scales come from per-group min/max (``scales_from_range`` refuses a non-finite range):
+#: a weight holding NaN/Inf fails inside them, so it is looked for only then
+RANGE_CHECKED = frozenset({"rtn"})
 
-    A finite sum proves every value finite (NaN and ±Inf propagate into it) in one pass without a
-    boolean copy of the weight; only a non-finite sum (or an overflowing one) looks element by element.
-    """
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.add.reduce(w, axis=None, dtype=np.float64)):
-            return ""
+
+def _nonfinite(w: np.ndarray) -> str:
+    """'' if every value is finite, else e.g. ``"2 NaN/Inf value(s), the first at [3, 4]"``."""
     finite = np.isfinite(w)
     if finite.all():
         return ""

@@ -119,15 +119,20 @@ def quantize_with(
     return _quantize_grouped(wg, scale, zero_point, spec)[:k]
 
 
-def _quantize_grouped(wg: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec) -> np.ndarray:
-    """:func:`quantize_with` on the grouped ``[G, g, N]`` weight; returns ``q[G·g, N]`` (padding rows included)."""
+def _quantize_grouped(wg: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`quantize_with` on the grouped ``[G, g, N]`` weight; returns ``q[G·g, N]`` (padding rows included),
+    written into ``out`` (``[G, g, N]`` or a view of that shape) when given."""
     lo, hi = (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1) if spec.symmetric else (spec.qmin, spec.qmax)
     t = np.divide(wg, np.asarray(scale)[:, None, :])
     np.rint(t, out=t)
     if zero_point is not None:
         t += zero_point.astype(np.float32)[:, None, :]
     np.clip(t, lo, hi, out=t)
-    return t.astype(np.int8 if zero_point is None else np.uint8).reshape(-1, wg.shape[2])
+    if out is None:
+        return t.astype(np.int8 if zero_point is None else np.uint8).reshape(-1, wg.shape[2])
+    np.copyto(out, t, casting="unsafe")  # the cast into the destination: no intermediate integer array
+    return out
 
 
 def column_blocks(k: int, n: int, block_values: int | None = None) -> list[slice]:
@@ -153,16 +158,31 @@ def quantize_rtn(w: np.ndarray, spec: QuantSpec, clip_ratio: np.ndarray | float 
     scale = np.empty((g_count, n), dtype=np.float32)
     zp = None if spec.symmetric else np.empty((g_count, n), dtype=np.uint8)
     ratio = np.asarray(clip_ratio)
+    full = (k // group) * group  # whole groups: a view; a last, shorter group: its own rows (no padded copy)
     for sl in column_blocks(k, n):
-        wg, _ = _grouped(np.asarray(w[:, sl], dtype=np.float32), group)  # one grouped copy (a view if K % g == 0)
-        wmin, wmax = wg.min(axis=1), wg.max(axis=1)
+        wb = np.asarray(w[:, sl], dtype=np.float32)
+        cols = wb.shape[1]
+        parts = [(0, full, group)] if full else []
+        if full < k:
+            parts.append((full, k, k - full))
         r = ratio[:, sl] if ratio.ndim == 2 else clip_ratio
-        s, z = scales_from_range(wmin * r, wmax * r, spec)
-        q[:, sl] = _quantize_grouped(wg, s, z, spec)[:k]
-        scale[:, sl] = s
-        if zp is not None:
-            zp[:, sl] = z
-        del wg
+        g0 = 0
+        for start, stop, g in parts:
+            count = (stop - start) // g
+            wg = wb[start:stop].reshape(count, g, cols)
+            wmin, wmax = wg.min(axis=1), wg.max(axis=1)
+            rr = r[g0:g0 + count] if np.ndim(r) == 2 else r
+            s, z = scales_from_range(wmin * rr, wmax * rr, spec)
+            dest = q[start:stop, sl]
+            if dest.flags.c_contiguous:
+                _quantize_grouped(wg, s, z, spec, out=dest.reshape(count, g, cols))
+            else:
+                dest[...] = _quantize_grouped(wg, s, z, spec)
+            scale[g0:g0 + count, sl] = s
+            if zp is not None:
+                zp[g0:g0 + count, sl] = z
+            g0 += count
+        del wb
     return QuantizedWeight(q, scale, zp, spec, group)
 
 
