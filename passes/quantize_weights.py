@@ -24,6 +24,8 @@ form the lowerings read) and reported.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,18 +121,16 @@ class QuantizeWeights(QCPass):
         default = cfg.spec()
         summary: dict[str, str] = {}
         _report_shared(nodes, self.context.report)
+        ahead = _rounded_ahead(nodes, default, method) if cfg.method in RANGE_CHECKED else None
         for node in tqdm(nodes, desc="quantize-weights", unit="linear", leave=False):
             info = linear_info(node)
             spec = weight_spec(node) or default
             w_val, _ = linear_weight(node)  # type: ignore[misc]
+            # RTN: NaN/Inf shows in the group ranges (an error), so W gets no pass of its own for it
+            qw, error = next(ahead) if ahead is not None else (None, None)
             w = w_val.const_value.numpy()
-            qw = None
-            if cfg.method in RANGE_CHECKED:  # NaN/Inf shows in the group ranges: no pass of its own over W
-                try:
-                    qw = method(w, spec, node=node, context=self.context)
-                except ValueError as e:
-                    if _nonfinite(w) == "":
-                        raise QCError(f"quantize-weights: {info.key}: {e}") from None
+            if error is not None and _nonfinite(w) == "":
+                raise QCError(f"quantize-weights: {info.key}: {error}") from None
             bad = "" if qw is not None else _nonfinite(w)
             if bad:
                 msg = f"weight '{w_val.name}' of {info.key} holds {bad}"
@@ -157,6 +157,33 @@ class QuantizeWeights(QCPass):
         self.context.report.setdefault("weights", {}).update(summary)
         log.info("quantize-weights: %d linears quantized (%s)", len(summary), default.describe())
         return ir.passes.PassResult(model, modified=True)
+
+
+def _rounded_ahead(nodes: list[ir.Node], default: QuantSpec, method: object,
+                   depth: int = 2) -> Iterator[tuple[object | None, ValueError | None]]:
+    """``(QuantizedWeight, None)`` or ``(None, error)`` per node, in order, computed ``depth`` weights ahead
+    on worker threads while the caller writes the previous ones into the graph (numpy releases the GIL in
+    the rounding; the graph is only touched by the caller).  For context-free methods (RTN)."""
+
+    def work(w: np.ndarray, spec: QuantSpec, node: ir.Node) -> tuple[object | None, ValueError | None]:
+        try:
+            return method(w, spec, node=node), None  # type: ignore[operator]
+        except ValueError as e:
+            return None, e
+
+    def submit(pool: ThreadPoolExecutor, node: ir.Node) -> Future:
+        w_val, _ = linear_weight(node)  # type: ignore[misc]
+        w = w_val.const_value.numpy()  # mapped here: onnx_ir's lazy loading is not for several threads
+        return pool.submit(work, w, weight_spec(node) or default, node)
+
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="quantize-weights") as pool:
+        pending = [submit(pool, n) for n in nodes[:depth]]
+        for i in range(len(nodes)):
+            result = pending[i].result()
+            pending[i] = None  # type: ignore[call-overload]  # (its arrays go once the caller is done)
+            if i + depth < len(nodes):
+                pending.append(submit(pool, nodes[i + depth]))
+            yield result
 
 
 #: methods whose scales come from per-group min/max (``scales_from_range`` refuses a non-finite range):

@@ -459,7 +459,7 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorPro
     """
     name = unique_name(graph, name)
     # (np.ndarray first: an isinstance against the runtime-checkable TensorProtocol costs 0.3 ms)
-    tensor = ir.tensor(array, name=name) if isinstance(array, np.ndarray) else array
+    tensor = ir.Tensor(array, name=name) if isinstance(array, np.ndarray) else array  # what ir.tensor makes of one
     store: SpillStore | None = graph.meta.get(SPILL_KEY)
     if store is not None:
         tensor = store.spill(tensor, name)
