@@ -191,6 +191,7 @@ class FusePackLinears(QCPass):
     """Sibling linears (same input, same form) → one linear + Split (see module docstring)."""
 
     name = "fuse-pack-linears"
+    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

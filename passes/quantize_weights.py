@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from qcompiler.coverage import mark_kept_float
+from qcompiler.coverage import KEPT_FLOAT_KEY, mark_kept_float
 from qcompiler.errors import InputError, QCError, UnsupportedModelError
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.pipeline import QCPass, register_pass
@@ -118,6 +118,7 @@ class QuantizeWeights(QCPass):
             raise UnsupportedModelError(
                 "no linear layer was recognized (canonicalize found no decoder layers); nothing to quantize"
             )
+        self._targets = nodes  # for ensures: each is quantized or deliberately kept in float
         default = cfg.spec()
         summary: dict[str, str] = {}
         _report_shared(nodes, self.context.report)
@@ -157,6 +158,20 @@ class QuantizeWeights(QCPass):
         self.context.report.setdefault("weights", {}).update(summary)
         log.info("quantize-weights: %d linears quantized (%s)", len(summary), default.describe())
         return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        """Coverage: every linear the pass took on now reads a DequantizeLinear weight, or says why it is float."""
+        missed = [linear_info(n).key for n in getattr(self, "_targets", [])  # type: ignore[union-attr]
+                  if KEPT_FLOAT_KEY not in n.meta and not _reads_dq(n)]
+        if missed:
+            raise ir.passes.PostconditionError(
+                f"{len(missed)} linear(s) neither quantized nor kept float with a reason: {', '.join(missed[:5])}")
+
+
+def _reads_dq(node: ir.Node) -> bool:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    p = w.producer() if w is not None else None
+    return p is not None and p.op_type == "DequantizeLinear" and p.domain == ""
 
 
 def _rounded_ahead(nodes: list[ir.Node], default: QuantSpec, method: object,

@@ -4,7 +4,8 @@ A pass is a class in ``passes/`` deriving from :class:`QCPass` (an
 ``onnx_ir.passes.InPlacePass``) with a ``name`` (``"quantize-weights"``), a typed
 ``Config`` (frozen dataclass, parsed from the textual form) and ``call(model)``
 returning ``PassResult(model, modified)``.  ``requires``/``ensures`` check pre- and
-post-conditions.  Passes register themselves with :func:`register_pass`; every module
+post-conditions (``onnx_ir``'s pass contract): a failed precondition is a one-line error naming
+the pass (``pass 'fuse-attention': ...``), a failed postcondition an internal error naming it.  Passes register themselves with :func:`register_pass`; every module
 of ``qcompiler.passes`` is imported on first lookup.
 
 Textual form: ``"canonicalize,quantize-weights{bits=4,group_size=128},lower-cpu"``.
@@ -65,7 +66,10 @@ class QCPass(ir.passes.InPlacePass):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
-    #: run ``canonicalize`` first if the model has not been canonicalized
+    #: precondition: the model was canonicalized (``run_passes`` runs ``canonicalize`` first when it was
+    #: not; called on its own, the pass refuses with a PreconditionError naming it).  The passes that read
+    #: the (layer, role) annotations declare it, and so do the fusions: canonicalize's role rules read the
+    #: unfused decoder (``softmax(q·kᵀ)·v``, the MLP's activation), which a fused graph no longer shows.
     needs_canonical: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, context: PassContext | None = None) -> None:
