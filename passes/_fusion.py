@@ -80,11 +80,19 @@ def _symbolic_shape_inference_class() -> type | None:
     return getattr(module, "SymbolicShapeInference", None)
 
 
+_REDUCE_AXES_INPUT = ("ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
+
+
 def _contrib_aware(cls: type) -> type:
     """ORT's inference plus the integer linears its dispatcher lacks (it stops at the first unknown op).
 
     ``MatMulIntegerToFloat(A, B, a_scale, …)`` and ``DynamicQuantizeMatMul(A, B, …)`` have
-    MatMul's shape; the output takes ``a_scale``'s float type (resp. ``A``'s).
+    MatMul's shape; the output takes ``a_scale``'s float type (resp. ``A``'s).  ``ReduceMax`` /
+    ``ReduceMin`` with their axes as an input (opset 18: the per-token activation scales of the
+    W8A8 lowering) reduce like ``ReduceMean``, which the tool knows; without them it stopped at
+    the first per-token quantizer and every fusion after a W8A8 lowering went without shapes.
+    ``GatherBlockQuantized`` over a packed uint8 table (``lower-embeddings``) gathers rows of
+    ``8/bits`` values a byte (the tool gave the packed width, and stopped at the next norm).
     """
 
     class ContribAware(cls):  # type: ignore[misc,valid-type]
@@ -92,6 +100,22 @@ def _contrib_aware(cls: type) -> type:
             super().__init__(*args, **kwargs)
             self.dispatcher_.setdefault("MatMulIntegerToFloat", self._infer_matmul_to_float)
             self.dispatcher_.setdefault("DynamicQuantizeMatMul", self._infer_matmul_to_float)
+            for op in _REDUCE_AXES_INPUT:
+                self.dispatcher_.setdefault(op, self._infer_ReduceMean)  # opset ≥ 18: axes is input 1
+            self.dispatcher_["GatherBlockQuantized"] = self._infer_gather_block_quantized
+
+        def _infer_gather_block_quantized(self, node: object) -> None:
+            """The tool reads a uint8 table's packed dims: the rows it gathers hold 8/bits values a byte."""
+            self._infer_Gather(node)
+            data = self.known_vi_[node.input[0]].type.tensor_type  # type: ignore[attr-defined]
+            axis = next((a.i for a in node.attribute if a.name == "gather_axis"), 0)  # type: ignore[attr-defined]
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)  # type: ignore[attr-defined]
+            rank = len(data.shape.dim)
+            if data.elem_type != 2 or bits >= 8 or axis in (-1, rank - 1):  # 2: uint8 (packed)
+                return
+            last = self.known_vi_[node.output[0]].type.tensor_type.shape.dim[-1]  # type: ignore[attr-defined]
+            if last.HasField("dim_value"):
+                last.dim_value *= 8 // bits
 
         def _infer_matmul_to_float(self, node: object) -> None:
             typed = node.input[2] if node.op_type == "MatMulIntegerToFloat" else node.input[0]  # type: ignore[attr-defined]
@@ -99,6 +123,32 @@ def _contrib_aware(cls: type) -> type:
             self._compute_matmul_shape(node, vi.type.tensor_type.elem_type if vi is not None else None)
 
     return ContribAware
+
+
+def _constants_as_initializers(graph: object) -> dict[str, tuple[int, list[int]]]:
+    """Turn ``Constant(value=t)`` nodes of a GraphProto into initializers (about a third of a decoder's nodes).
+
+    Symbolic inference reads an initializer's value wherever it reads a Constant's, and skips
+    the per-node work (a one-node ONNX inference each) it spends on every Constant node.
+    Returns each folded output's (element type, dims), which the caller gives that output.
+    """
+    import onnx
+
+    keep, made = [], []
+    for n in graph.node:  # type: ignore[attr-defined]
+        if (n.op_type == "Constant" and n.domain == "" and len(n.attribute) == 1 and n.attribute[0].name == "value"
+                and n.attribute[0].type == onnx.AttributeProto.TENSOR):
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            made.append(t)
+        else:
+            keep.append(n)
+    if made:
+        del graph.node[:]  # type: ignore[attr-defined]
+        graph.node.extend(keep)  # type: ignore[attr-defined]
+        graph.initializer.extend(made)  # type: ignore[attr-defined]
+    return {t.name: (t.data_type, list(t.dims)) for t in made}
 
 
 def _ort_symbolic_inference(model: ir.Model) -> str:
@@ -113,9 +163,11 @@ def _ort_symbolic_inference(model: ir.Model) -> str:
     level = silenced.level
     silenced.setLevel(logging.ERROR)
     complete = [False]
+    constants: dict[str, tuple[int, list[int]]] = {}  # Constant output → (element type, dims)
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         # the tool's own infer_shapes, minus the scratch file it saves when incomplete
+        constants.update(_constants_as_initializers(proto.graph))
         ssi = inference(2**31 - 1, True, False, 0)
         ssi._preprocess(proto)
         while ssi.run_:
@@ -132,6 +184,10 @@ def _ort_symbolic_inference(model: ir.Model) -> str:
         silenced.setLevel(level)
     found: dict[str, onnx.ValueInfoProto] = {v.name: v for v in inferred.graph.value_info}
     for node in model.graph:
+        const = constants.get(node.outputs[0].name or "") if len(node.outputs) == 1 else None
+        if const is not None:  # its tensor says it exactly (it went in as an initializer)
+            node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType(const[0])), ir.Shape(const[1])
+            continue
         for out in node.outputs:
             vi = found.get(out.name or "")
             if vi is None or not vi.type.HasField("tensor_type"):
@@ -317,12 +373,14 @@ def cleanup(model: ir.Model) -> int:
     if not _is_sorted(graph):  # consumers after producers: one reverse sweep suffices
         common_passes.TopologicalSortPass()(model)
     outputs = {id(v) for v in graph.outputs}
-    removed = 0
-    for node in reversed(list(graph)):
-        if any(o.uses() or id(o) in outputs for o in node.outputs):
+    dead: dict[int, ir.Node] = {}
+    for node in reversed(list(graph)):  # consumers first: a node is dead when only dead nodes read it
+        if any(id(o) in outputs or any(id(u.node) not in dead for u in o.uses()) for o in node.outputs):
             continue
-        graph.remove(node, safe=True)
-        removed += 1
+        dead[id(node)] = node
+    if dead:  # one removal (each graph.remove call copies the graph's outputs into a set)
+        graph.remove(list(dead.values()), safe=True)
+    removed = len(dead)
     remove_unused_initializers(graph)
     shapes_current(model)  # the fusions give every value they replace the replaced one's shape
     return removed

@@ -42,6 +42,8 @@ from qcompiler.spec import LINEAR_KEY, LinearInfo, Role, set_linear_info
 
 log = logging.getLogger(__name__)
 
+CANONICAL_KEY = "qc.canonical"
+
 
 @dataclass
 class CanonicalSummary:
@@ -51,6 +53,7 @@ class CanonicalSummary:
     linears: dict[str, ir.Node] = field(default_factory=dict)  # "layers.3.q_proj" → node
     norms: dict[str, RMSNormMatch] = field(default_factory=dict)  # "layers.3.q_proj" → norm feeding it
     unclassified: list[str] = field(default_factory=list)
+    fingerprint: int = 0  # graph_fingerprint when found: an unchanged node list needs no second run
 
     def nodes_by_role(self, role: Role) -> list[ir.Node]:
         return [n for k, n in self.linears.items() if n.meta[LINEAR_KEY].role == role]
@@ -120,6 +123,11 @@ class Canonicalize(QCPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        done = graph.meta.get(CANONICAL_KEY)
+        if isinstance(done, CanonicalSummary) and done.fingerprint == graph_fingerprint(graph):
+            log.info("canonicalize: already canonical (no node added or removed since)")
+            return ir.passes.PassResult(model, modified=False)
+        before = {id(n): _annotation(n) for n in graph}
         rewritten = gemm_to_matmul(graph)
         if rewritten:
             log.info("canonicalize: %d Gemm linear(s) rewritten as MatMul + Add", rewritten)
@@ -170,19 +178,35 @@ class Canonicalize(QCPass):
                 summary.norms[info.key] = norm
 
         summary.num_layers = len(attn_starts)
-        graph.meta["qc.canonical"] = summary
+        summary.fingerprint = graph_fingerprint(graph)
+        graph.meta[CANONICAL_KEY] = summary
+        annotated = sum(before.get(id(n)) != _annotation(n) for n in linears)
         by_role = summary.to_dict()["roles"]
         log.info("canonicalize: %d decoder layers, linears by role %s", summary.num_layers, by_role)
         if summary.unclassified:
             log.warning("canonicalize: %d linear(s) not recognized, left alone: %s",
                         len(summary.unclassified), ", ".join(summary.unclassified[:8]))
-        return ir.passes.PassResult(model, modified=bool(rewritten))
+        return ir.passes.PassResult(model, modified=bool(rewritten or annotated))
+
+    def ensures(self, model: ir.Model) -> None:
+        if not isinstance(model.graph.meta.get(CANONICAL_KEY), CanonicalSummary):
+            raise ir.passes.PostconditionError(f"pass '{self.name}' left no canonical summary on the graph")
+
+
+def _annotation(node: ir.Node) -> tuple[str | None, ...]:
+    """A linear's serialized annotation (``qc.layer``/``qc.role``/``qc.expert`` metadata)."""
+    return tuple(node.metadata_props.get(k) for k in ("qc.layer", "qc.role", "qc.expert"))
+
+
+def graph_fingerprint(graph: ir.Graph) -> int:
+    """Identity of the graph's node list: changes when a node is added, removed or reordered."""
+    return hash(tuple(map(id, graph)))
 
 
 def canonical_summary(model: ir.Model) -> CanonicalSummary:
     """The summary of the last canonicalize run (running it if needed)."""
-    summary = model.graph.meta.get("qc.canonical")
+    summary = model.graph.meta.get(CANONICAL_KEY)
     if summary is None:
         Canonicalize()(model)
-        summary = model.graph.meta["qc.canonical"]
+        summary = model.graph.meta[CANONICAL_KEY]
     return summary

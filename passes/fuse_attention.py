@@ -201,6 +201,7 @@ class FuseAttention(QCPass):
     """Decoder attention blocks → com.microsoft.GroupQueryAttention (see module docstring)."""
 
     name = "fuse-attention"
+    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -40,6 +40,7 @@ class FuseBias(QCPass):
     """Fold a constant bias Add into MatMulNBits / DynamicQuantizeMatMul / MatMulIntegerToFloat."""
 
     name = "fuse-bias"
+    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

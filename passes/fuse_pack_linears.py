@@ -51,6 +51,7 @@ class _Member:
     n: int
     pieces: dict[int, tuple[np.ndarray, ir.DataType]] = field(default_factory=dict)  # input slot → N-major rows
     dq: ir.Node | None = None
+    native: bool = False  # pieces in the input's own layout, N its last axis (not N-major rows)
 
 
 def _arr(v: ir.Value | None) -> tuple[np.ndarray, ir.DataType] | None:
@@ -59,7 +60,7 @@ def _arr(v: ir.Value | None) -> tuple[np.ndarray, ir.DataType] | None:
     t = v.const_value
     a = np.asarray(t.numpy())
     if t.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
-        a = a.astype(np.int8 if t.dtype == ir.DataType.INT4 else np.uint8)
+        a = a.astype(np.int8 if t.dtype == ir.DataType.INT4 else np.uint8, copy=False)
     return a, t.dtype
 
 
@@ -99,6 +100,12 @@ def _member(node: ir.Node, load: bool = True) -> _Member | None:
         if not ((block and axis == 0) or (not block and axis in (1, -1))):
             return None
         s_axis = 1 if block else 0
+        if all(a[0].ndim >= 1 and a[0].shape[-1] == n and a[0].size > 1 for a in (q, s, z) if a is not None):
+            # N is every input's last axis: the pieces stay as they are and are concatenated along it
+            # (no transposition of the weight there and back)
+            native = {0: q, 1: s} | ({2: z} if z is not None else {})
+            key = ("dq-native", q[1], s[1], None if z is None else z[1], axis, block, k, s[0].ndim)
+            return _Member(node, key, n, native, dq, native=True)  # type: ignore[arg-type]
         pieces = {0: (q[0].T.copy(), q[1]), 1: (_rows(s[0], n, s_axis), s[1])}
         if z is not None:
             pieces[2] = (_rows(z[0], n, s_axis), z[1])
@@ -184,6 +191,7 @@ class FusePackLinears(QCPass):
     """Sibling linears (same input, same form) → one linear + Split (see module docstring)."""
 
     name = "fuse-pack-linears"
+    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -214,9 +222,12 @@ class FusePackLinears(QCPass):
         n = sum(sizes)
         inputs = list(first.inputs)
         for slot, (_rows, dtype) in members[0].pieces.items():
-            cat = np.concatenate([m.pieces[slot][0] for m in members], axis=0)  # N-major
-            ref = (members[0].dq.inputs[slot] if members[0].dq is not None else first.inputs[slot]).const_value  # type: ignore[union-attr]
-            arr = _restore(cat, tuple(ref.shape), slot, members[0], n)  # type: ignore[union-attr]
+            if members[0].native:
+                arr = np.concatenate([m.pieces[slot][0] for m in members], axis=-1)
+            else:
+                cat = np.concatenate([m.pieces[slot][0] for m in members], axis=0)  # N-major
+                ref = (members[0].dq.inputs[slot] if members[0].dq is not None else first.inputs[slot]).const_value  # type: ignore[union-attr]
+                arr = _restore(cat, tuple(ref.shape), slot, members[0], n)  # type: ignore[union-attr]
             value = add_initializer(graph, f"{base}_packed_{slot}", ir.Tensor(arr, dtype=dtype))
             if members[0].dq is not None:
                 members[0].dq.replace_input_with(slot, value)  # rebuilt below as a new DQ

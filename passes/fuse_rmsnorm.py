@@ -157,6 +157,7 @@ class FuseRMSNorm(QCPass):
     """RMSNorm subgraphs → SimplifiedLayerNormalization (see module docstring)."""
 
     name = "fuse-rmsnorm"
+    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         infer_shapes(model)

@@ -77,6 +77,7 @@ class FuseRotary(QCPass):
     """Rotary position embedding subgraphs → com.microsoft.RotaryEmbedding (see module docstring)."""
 
     name = "fuse-rotary"
+    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -54,6 +54,7 @@ class FuseSiLU(QCPass):
     """x·sigmoid(x) → com.microsoft.QuickGelu(alpha=1) (see module docstring)."""
 
     name = "fuse-silu"
+    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = apply_rules(model, RULES, _candidate)

@@ -85,6 +85,7 @@ class FuseSkipRMSNorm(QCPass):
     """Residual Add + SimplifiedLayerNormalization → SkipSimplifiedLayerNormalization."""
 
     name = "fuse-skip-rmsnorm"
+    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         infer_shapes(model)

@@ -47,18 +47,23 @@ class LowerMatMulNBits(QCPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         count = 0
+        self._left: dict[int, str] = {}  # MatMul → why it keeps its weight DequantizeLinear (for ensures)
         for node in list(graph):
             if node.op_type != "MatMul" or node.domain != "":
                 continue
             w = node.inputs[1]
             dqw = read_dq_weight(w) if w is not None else None
             if dqw is None:
+                if _weight_dq(node) is not None:
+                    self._left[id(node)] = "not a block/channel weight form this pass reads"
                 continue
             if dqw.bits not in (4, 8):
                 log.info("lower-matmulnbits: %s has %d-bit weights; left as DequantizeLinear", node.name, dqw.bits)
+                self._left[id(node)] = f"{dqw.bits}-bit"
                 continue
             if len(w.consumers()) != 1:
                 log.info("lower-matmulnbits: weight of %s is shared; left as DequantizeLinear", node.name)
+                self._left[id(node)] = "shared weight"
                 continue
             k, n = dqw.q.shape
             block = matmulnbits_block_size(dqw.group_size, k)
@@ -99,3 +104,29 @@ class LowerMatMulNBits(QCPass):
             ensure_opset(model, MS_DOMAIN, 1)
         log.info("lower-matmulnbits: %d MatMul(s) → MatMulNBits", count)
         return ir.passes.PassResult(model, modified=count > 0)
+
+    def ensures(self, model: ir.Model) -> None:
+        """No weight-only QDQ left behind: every MatMul still reading a constant-weight DequantizeLinear
+        is one the pass logged why it left (3-bit, shared, a form it does not read)."""
+        left = getattr(self, "_left", {})
+        stray = [n.name or "?" for n in model.graph
+                 if n.op_type == "MatMul" and n.domain == "" and id(n) not in left and _weight_dq(n) is not None]
+        if stray:
+            raise ir.passes.PostconditionError(
+                f"{len(stray)} MatMul(s) still read a quantized weight through DequantizeLinear: {', '.join(stray[:5])}")
+
+
+def _weight_dq(node: ir.Node) -> ir.Node | None:
+    """The DequantizeLinear of a constant integer weight feeding ``node`` (structure only: no data read)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    dq = w.producer() if w is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
+        return None
+    q = dq.inputs[0]
+    if q is None or q.const_value is None or q.dtype not in _INT_WEIGHTS:
+        return None
+    return dq
+
+
+_INT_WEIGHTS = frozenset({ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8,
+                          ir.DataType.INT2, ir.DataType.UINT2})

@@ -24,13 +24,15 @@ form the lowerings read) and reported.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from qcompiler.coverage import mark_kept_float
+from qcompiler.coverage import KEPT_FLOAT_KEY, mark_kept_float
 from qcompiler.errors import InputError, QCError, UnsupportedModelError
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.pipeline import QCPass, register_pass
@@ -116,15 +118,21 @@ class QuantizeWeights(QCPass):
             raise UnsupportedModelError(
                 "no linear layer was recognized (canonicalize found no decoder layers); nothing to quantize"
             )
+        self._targets = nodes  # for ensures: each is quantized or deliberately kept in float
         default = cfg.spec()
         summary: dict[str, str] = {}
         _report_shared(nodes, self.context.report)
+        ahead = _rounded_ahead(nodes, default, method) if cfg.method in RANGE_CHECKED else None
         for node in tqdm(nodes, desc="quantize-weights", unit="linear", leave=False):
             info = linear_info(node)
             spec = stored_spec(weight_spec(node) or default, model.graph, node)
             w_val, _ = linear_weight(node)  # type: ignore[misc]
+            # RTN: NaN/Inf shows in the group ranges (an error), so W gets no pass of its own for it
+            qw, error = next(ahead) if ahead is not None else (None, None)
             w = w_val.const_value.numpy()
-            bad = _nonfinite(w)
+            if error is not None and _nonfinite(w) == "":
+                raise QCError(f"quantize-weights: {info.key}: {error}") from None
+            bad = "" if qw is not None else _nonfinite(w)
             if bad:
                 msg = f"weight '{w_val.name}' of {info.key} holds {bad}"
                 if cfg.nonfinite == "error":
@@ -136,10 +144,11 @@ class QuantizeWeights(QCPass):
                 mark_kept_float(node, "NaN/Inf weight (nonfinite=skip)")
                 self.context.report.setdefault("nonfinite_weights", {})[info.key] = msg
                 continue
-            try:
-                qw = method(w, spec, node=node, context=self.context)
-            except ValueError as e:
-                raise QCError(f"quantize-weights: {info.key}: {e}") from None
+            if qw is None:
+                try:
+                    qw = method(w, spec, node=node, context=self.context)
+                except ValueError as e:
+                    raise QCError(f"quantize-weights: {info.key}: {e}") from None
             emit_dequantized_weight(model.graph, node, qw, base_name=f"{info.key}.weight")
             summary[info.key] = spec.describe()
             del w
@@ -149,6 +158,52 @@ class QuantizeWeights(QCPass):
         self.context.report.setdefault("weights", {}).update(summary)
         log.info("quantize-weights: %d linears quantized (%s)", len(summary), default.describe())
         return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        """Coverage: every linear the pass took on now reads a DequantizeLinear weight, or says why it is float."""
+        missed = [linear_info(n).key for n in getattr(self, "_targets", [])  # type: ignore[union-attr]
+                  if KEPT_FLOAT_KEY not in n.meta and not _reads_dq(n)]
+        if missed:
+            raise ir.passes.PostconditionError(
+                f"{len(missed)} linear(s) neither quantized nor kept float with a reason: {', '.join(missed[:5])}")
+
+
+def _reads_dq(node: ir.Node) -> bool:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    p = w.producer() if w is not None else None
+    return p is not None and p.op_type == "DequantizeLinear" and p.domain == ""
+
+
+def _rounded_ahead(nodes: list[ir.Node], default: QuantSpec, method: object,
+                   depth: int = 2) -> Iterator[tuple[object | None, ValueError | None]]:
+    """``(QuantizedWeight, None)`` or ``(None, error)`` per node, in order, computed ``depth`` weights ahead
+    on worker threads while the caller writes the previous ones into the graph (numpy releases the GIL in
+    the rounding; the graph is only touched by the caller).  For context-free methods (RTN)."""
+
+    def work(w: np.ndarray, spec: QuantSpec, node: ir.Node) -> tuple[object | None, ValueError | None]:
+        try:
+            return method(w, spec, node=node), None  # type: ignore[operator]
+        except ValueError as e:
+            return None, e
+
+    def submit(pool: ThreadPoolExecutor, node: ir.Node) -> Future:
+        w_val, _ = linear_weight(node)  # type: ignore[misc]
+        w = w_val.const_value.numpy()  # mapped here: onnx_ir's lazy loading is not for several threads
+        return pool.submit(work, w, weight_spec(node) or default, node)
+
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="quantize-weights") as pool:
+        pending = [submit(pool, n) for n in nodes[:depth]]
+        for i in range(len(nodes)):
+            result = pending[i].result()
+            pending[i] = None  # type: ignore[call-overload]  # (its arrays go once the caller is done)
+            if i + depth < len(nodes):
+                pending.append(submit(pool, nodes[i + depth]))
+            yield result
+
+
+#: methods whose scales come from per-group min/max (``scales_from_range`` refuses a non-finite range):
+#: a weight holding NaN/Inf fails inside them, so it is looked for only then
+RANGE_CHECKED = frozenset({"rtn"})
 
 
 def _nonfinite(w: np.ndarray) -> str:

@@ -4,7 +4,8 @@ A pass is a class in ``passes/`` deriving from :class:`QCPass` (an
 ``onnx_ir.passes.InPlacePass``) with a ``name`` (``"quantize-weights"``), a typed
 ``Config`` (frozen dataclass, parsed from the textual form) and ``call(model)``
 returning ``PassResult(model, modified)``.  ``requires``/``ensures`` check pre- and
-post-conditions.  Passes register themselves with :func:`register_pass`; every module
+post-conditions (``onnx_ir``'s pass contract): a failed precondition is a one-line error naming
+the pass (``pass 'fuse-attention': ...``), a failed postcondition an internal error naming it.  Passes register themselves with :func:`register_pass`; every module
 of ``qcompiler.passes`` is imported on first lookup.
 
 Textual form: ``"canonicalize,quantize-weights{bits=4,group_size=128},lower-cpu"``.
@@ -12,6 +13,7 @@ Textual form: ``"canonicalize,quantize-weights{bits=4,group_size=128},lower-cpu"
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import importlib
@@ -64,7 +66,10 @@ class QCPass(ir.passes.InPlacePass):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
-    #: run ``canonicalize`` first if the model has not been canonicalized
+    #: precondition: the model was canonicalized (``run_passes`` runs ``canonicalize`` first when it was
+    #: not; called on its own, the pass refuses with a PreconditionError naming it).  The passes that read
+    #: the (layer, role) annotations declare it, and so do the fusions: canonicalize's role rules read the
+    #: unfused decoder (``softmax(q·kᵀ)·v``, the MLP's activation), which a fused graph no longer shows.
     needs_canonical: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, context: PassContext | None = None) -> None:
@@ -123,6 +128,17 @@ def available_passes() -> dict[str, type[QCPass]]:
 
 
 def get_pass(name: str) -> type[QCPass]:
+    """The pass class named ``name``.  A pass lives in the module named like it (``quantize-weights`` in
+    ``passes/quantize_weights.py``): that module alone is imported first, so a pipeline loads only its
+    own passes (and their dependencies: not SciPy for an RTN compile); anything else discovers all."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name and all(c.isalnum() or c == "-" for c in name) and not name.startswith("-"):
+        # no such module, or it failed: full discovery below reports it
+        with contextlib.suppress(Exception):
+            importlib.import_module(f"qcompiler.passes.{name.replace('-', '_')}")
+        if name in _REGISTRY:
+            return _REGISTRY[name]
     passes = available_passes()
     if name not in passes:
         broken = "".join(f"; module {m} failed to import ({err})" for m, err in BROKEN_PASS_MODULES.items())
@@ -259,7 +275,7 @@ def run_passes(
 
     A pass that needs a canonicalized model gets ``canonicalize`` run before it when
     the model is not canonical yet.  With ``check``, the graph is checked for
-    well-formedness (every input produced before use) after each pass.
+    well-formedness (every input produced before use) after each pass that modified it.
     """
     from qcompiler.irutil import save_model
 
@@ -277,11 +293,13 @@ def run_passes(
             result = p(model)
         except ir.passes.PreconditionError as e:
             raise QCError(f"pass '{p.name}': {e.__cause__ or e}") from None
+        except ir.passes.PostconditionError as e:
+            raise QCError(f"internal error: pass '{p.name}' broke its guarantee: {e.__cause__ or e}") from None
         model = result.model
         dt = time.perf_counter() - t0
         records.append(PassRecord(p.name, repr(p), result.modified, dt))
         log.info("pass %s: %s in %.2fs", p.name, "modified the model" if result.modified else "no change", dt)
-        if check:
+        if check and result.modified:  # a pass that changed nothing cannot have broken the order
             check_well_formed(model, after=p.name)
         if dump_ir is not None:
             d = Path(dump_ir) / f"{i + 1:02d}-{p.name}"

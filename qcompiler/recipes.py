@@ -170,11 +170,7 @@ def _genai(o: QuantizeOptions) -> str:
     text = ("canonicalize,quantize-weights{bits=4,group_size=32,sym=False,method=rtn,clip=minmax},"
             "quantize-embeddings{bits=4,group_size=32,sym=False,method=rtn,clip=minmax}")
     if o.target in ("cpu", "cuda"):  # lowered here at level 4; the target's lowering then finds nothing left
-        from qcompiler.targets import lowering_pipeline  # (targets imports this module)
-
-        # the target's fusions first: they match the decoder before its linears become MatMulNBits
-        fusions = lowering_pipeline(o.target, o).split(",lower-")[0]
-        text += f",{fusions}" if fusions and not fusions.startswith("lower-") else ""
+        # (its fusions, which follow, match the lowered MatMulNBits forms as well)
         text += ",lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}"
     return text
 

@@ -49,7 +49,9 @@ register_lowering("npu", 50, lambda o: f"lower-npu{{cpu_isa={o.cpu_isa}"
 # issue 11 (fusion): the decoder fusions run on the portable forms, before the target's
 # lowering (W8A8 at 40, MatMulNBits at 50), which then turns each packed q/k/v and gate/up
 # linear into one kernel; folding bias Adds needs the lowered kernels, so it runs after.
-# Each fusion also works (and is exact) on already-lowered graphs.
+# Each fusion also works (and is exact) on already-lowered graphs — MatMulNBits,
+# GatherBlockQuantized, MatMulIntegerToFloat (tests/passes/test_fuse_after_lowering.py) —, so a
+# recipe that lowers in its own text (w4a16-genai) gets them from here as well.
 # fuse-silu writes com.microsoft.QuickGelu, which ONNX Runtime's CUDA provider has no kernel
 # for (OperatorKernels.md; `qc check --target cuda` flagged 30 CPU fallbacks): Sigmoid·Mul
 # stays as it is on cuda, where both ops have kernels.

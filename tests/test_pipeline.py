@@ -55,3 +55,63 @@ def test_dump_ir_one_model_per_pass(synthetic_dir, tmp_path: Path) -> None:
     canon = onnx.load(str(tmp_path / "ir" / dumped[0] / "model.onnx"), load_external_data=False)
     roles = {p.value for n in canon.graph.node for p in n.metadata_props if p.key == "qc.role"}
     assert roles == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+
+
+def test_fusion_requires_canonical_model(synthetic_dir) -> None:
+    """A fusion called on its own refuses an uncanonicalized model, naming itself; the pass manager runs
+    canonicalize first (canonicalize must read the unfused decoder)."""
+    import onnx_ir as ir
+    from qcompiler.passes.fuse_attention import FuseAttention
+
+    folder, _ = synthetic_dir
+    with pytest.raises(ir.passes.PreconditionError, match="pass 'fuse-attention' needs a canonicalized model"):
+        FuseAttention()(load_model(folder / "model.onnx"))
+    model, records = run_passes(load_model(folder / "model.onnx"), parse_pipeline("fuse-rotary,fuse-attention"))
+    assert [r.name for r in records] == ["canonicalize", "fuse-rotary", "fuse-attention"]
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph) == 2
+
+
+def test_broken_postcondition_is_an_internal_error_naming_the_pass(synthetic_dir, monkeypatch) -> None:
+    """quantize-weights ensures coverage: a linear left neither quantized nor marked float is caught."""
+    import qcompiler.passes.quantize_weights as qw
+
+    folder, _ = synthetic_dir
+    real = qw.emit_dequantized_weight
+
+    def forgetful(graph, node, q, base_name):  # a bug: the first down_proj is never written
+        return None if base_name == "layers.0.down_proj.weight" else real(graph, node, q, base_name)
+
+    monkeypatch.setattr(qw, "emit_dequantized_weight", forgetful)
+    with pytest.raises(QCError, match=r"internal error: pass 'quantize-weights' broke its guarantee: "
+                                      r"1 linear\(s\) neither quantized nor kept float.*layers\.0\.down_proj"):
+        run_passes(load_model(folder / "model.onnx"), parse_pipeline("quantize-weights{group_size=16}"))
+
+
+def test_lowering_ensures_no_weight_qdq_left(synthetic_dir, tmp_path: Path) -> None:
+    """lower-matmulnbits guarantees no weight-only DequantizeLinear → MatMul it did not account for; the
+    lowered graph computes what the QDQ graph did (ORT)."""
+    import numpy as np
+    import onnx_ir as ir
+    from qcompiler.passes.lower_matmulnbits import LowerMatMulNBits
+
+    from qcompiler.irutil import save_model
+    from qcompiler.runtime import DecoderRunner, make_session
+
+    folder, _ = synthetic_dir
+    qdq, _ = run_passes(load_model(folder / "model.onnx"), parse_pipeline("quantize-weights{group_size=16}"))
+    with pytest.raises(ir.passes.PostconditionError, match="still read a quantized weight"):
+        LowerMatMulNBits().ensures(qdq)  # the QDQ graph, not lowered: the guarantee does not hold
+    ids = (np.arange(24) * 37 + 11) % 256
+    ref_dir = tmp_path / "qdq-ref"
+    ref_dir.mkdir()
+    save_model(qdq, ref_dir / "model.onnx")
+    ref = DecoderRunner(make_session(ref_dir)).logits(ids)
+    lowered, records = run_passes(qdq, parse_pipeline("lower-matmulnbits"))
+    assert records[-1].modified and not any(n.op_type == "MatMul" and n.inputs[1].producer() is not None
+                                            and n.inputs[1].producer().op_type == "DequantizeLinear"
+                                            for n in lowered.graph)
+    low_dir = tmp_path / "lowered"
+    low_dir.mkdir()
+    save_model(lowered, low_dir / "model.onnx")
+    got = DecoderRunner(make_session(low_dir)).logits(ids)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))

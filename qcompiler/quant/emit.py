@@ -60,7 +60,7 @@ def emit_dequantized_weight(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight,
         raise QCError(f"{base_name}: quantization produced non-finite scales (NaN/Inf in the weight or its range)")
     dtype = _int_dtype(spec.bits, spec.symmetric)
     ftype = float_type(old_w, node.outputs[0], default=graph_float_type(graph))  # the scale and Ŵ take the weight's float type
-    q_np = qw.q.astype(np.int8 if spec.symmetric else np.uint8)
+    q_np = qw.q.astype(np.int8 if spec.symmetric else np.uint8, copy=False)
     q_val = add_initializer(graph, f"{base_name}_q{spec.bits}", ir.Tensor(q_np, dtype=dtype))
     per_channel = qw.group_size >= k and qw.scale.shape[0] == 1
     if per_channel:
@@ -140,7 +140,7 @@ def read_dq_weight(value: ir.Value) -> DQWeight | None:
     symmetric = qt.dtype in (ir.DataType.INT4, ir.DataType.INT8)
     k, n = (int(d) for d in qt.shape)
     q = qt.numpy()
-    q = q.astype(np.int8) if symmetric else q.astype(np.uint8)
+    q = q.astype(np.int8 if symmetric else np.uint8, copy=False)
     scale = sv.const_value.numpy().astype(np.float32)
     zp = zv.const_value.numpy().astype(np.int16) if zv is not None else None
     if zp is not None and symmetric and np.any(zp != 0):

@@ -128,14 +128,31 @@ def scales_from_range(
 def quantize_with(
     w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec, group: int
 ) -> np.ndarray:
-    """Round ``W`` onto the grid given by per-group ``scale``/``zero_point``."""
+    """Round ``W`` onto the grid given by per-group ``scale``/``zero_point``.
+
+    Computed on the grouped view ``[G, g, N]`` with the ``[G, 1, N]`` scales broadcast (no
+    ``[K, N]`` copy of them) and in place: ``clamp(rint(W / s) + z)``, the same float32
+    operations, in the same order, as on the expanded grids.
+    """
     k = w.shape[0]
-    s = expand_groups(scale, group, k)
+    wg, _ = _grouped(np.asarray(w), group)
+    return _quantize_grouped(wg, scale, zero_point, spec)[:k]
+
+
+def _quantize_grouped(wg: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`quantize_with` on the grouped ``[G, g, N]`` weight; returns ``q[G·g, N]`` (padding rows included),
+    written into ``out`` (``[G, g, N]`` or a view of that shape) when given."""
     lo, hi = (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1) if spec.symmetric else (spec.qmin, spec.qmax)
-    if zero_point is None:
-        return np.clip(np.rint(w / s), lo, hi).astype(np.int8)
-    z = expand_groups(zero_point.astype(np.float32), group, k)
-    return np.clip(np.rint(w / s) + z, lo, hi).astype(np.uint8)
+    t = np.divide(wg, np.asarray(scale)[:, None, :])
+    np.rint(t, out=t)
+    if zero_point is not None:
+        t += zero_point.astype(np.float32)[:, None, :]
+    np.clip(t, lo, hi, out=t)
+    if out is None:
+        return t.astype(np.int8 if zero_point is None else np.uint8).reshape(-1, wg.shape[2])
+    np.copyto(out, t, casting="unsafe")  # the cast into the destination: no intermediate integer array
+    return out
 
 
 def column_blocks(k: int, n: int, block_values: int | None = None) -> list[slice]:
@@ -161,15 +178,30 @@ def quantize_rtn(w: np.ndarray, spec: QuantSpec, clip_ratio: np.ndarray | float 
     scale = np.empty((g_count, n), dtype=np.float32)
     zp = None if spec.symmetric else np.empty((g_count, n), dtype=np.uint8)
     ratio = np.asarray(clip_ratio)
+    full = (k // group) * group  # whole groups: a view; a last, shorter group: its own rows (no padded copy)
     for sl in column_blocks(k, n):
         wb = np.asarray(w[:, sl], dtype=np.float32)
-        wmin, wmax = group_ranges(wb, group)
+        cols = wb.shape[1]
+        parts = [(0, full, group)] if full else []
+        if full < k:
+            parts.append((full, k, k - full))
         r = ratio[:, sl] if ratio.ndim == 2 else clip_ratio
-        s, z = scales_from_range(wmin * r, wmax * r, spec)
-        q[:, sl] = quantize_with(wb, s, z, spec, group)
-        scale[:, sl] = s
-        if zp is not None:
-            zp[:, sl] = z
+        g0 = 0
+        for start, stop, g in parts:
+            count = (stop - start) // g
+            wg = wb[start:stop].reshape(count, g, cols)
+            wmin, wmax = wg.min(axis=1), wg.max(axis=1)
+            rr = r[g0:g0 + count] if np.ndim(r) == 2 else r
+            s, z = scales_from_range(wmin * rr, wmax * rr, spec)
+            dest = q[start:stop, sl]
+            if dest.flags.c_contiguous:
+                _quantize_grouped(wg, s, z, spec, out=dest.reshape(count, g, cols))
+            else:
+                dest[...] = _quantize_grouped(wg, s, z, spec)
+            scale[g0:g0 + count, sl] = s
+            if zp is not None:
+                zp[g0:g0 + count, sl] = z
+            g0 += count
         del wb
     return QuantizedWeight(q, scale, zp, spec, group)
 

@@ -22,8 +22,17 @@ import numpy as np
 
 def _pack_nibbles(u: np.ndarray) -> np.ndarray:
     """Pack the last axis (even length) of uint values < 16 into bytes, low nibble first."""
-    u = u.astype(np.uint8)
-    return (u[..., 0::2] & 0x0F) | ((u[..., 1::2] & 0x0F) << 4)
+    u = u.astype(np.uint8, copy=False)
+    hi = u[..., 1::2] << 4  # a new array: the high nibble (bits above 4 shift out of the byte)
+    hi |= u[..., 0::2] & 0x0F
+    return hi
+
+
+def _pack_rows(u: np.ndarray) -> np.ndarray:
+    """Pack rows ``2i`` (low nibble) and ``2i+1`` (high nibble) of ``u[K, N]`` (K even) into ``[K/2, N]`` bytes."""
+    hi = u[1::2] << 4
+    hi |= u[0::2] & 0x0F
+    return hi
 
 
 def _unpack_nibbles(p: np.ndarray) -> np.ndarray:
@@ -36,7 +45,7 @@ def _unpack_nibbles(p: np.ndarray) -> np.ndarray:
 def to_unsigned(q: np.ndarray, zero_point: np.ndarray | None, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Symmetric int q → unsigned ``q + 2^(bits−1)`` with the implicit zero point."""
     if zero_point is not None:
-        return q.astype(np.uint8), zero_point.astype(np.uint8)
+        return q.astype(np.uint8, copy=False), zero_point.astype(np.uint8, copy=False)
     offset = 2 ** (bits - 1)
     return (q.astype(np.int16) + offset).astype(np.uint8), None
 
@@ -74,8 +83,10 @@ def pack_matmulnbits(
         if uzp is not None:
             fill[:] = uzp[-1:, :]
         uq = np.concatenate([uq, fill], axis=0)
-    cols = np.ascontiguousarray(uq.T).reshape(n, nb, block_size)
-    packed = _pack_nibbles(cols) if bits == 4 else cols.astype(np.uint8)
+    if bits == 4:  # pair rows 2i, 2i+1 first, then transpose: half the bytes go through the strided copy
+        packed = np.ascontiguousarray(_pack_rows(uq).T).reshape(n, nb, block_size // 2)
+    else:
+        packed = np.ascontiguousarray(uq.T).reshape(n, nb, block_size).astype(np.uint8, copy=False)
     scales = np.ascontiguousarray(scale.T).reshape(-1)
     zps = None
     if uzp is not None:

@@ -55,12 +55,62 @@ def test_tied_lm_head_found() -> None:
     assert linear_info(summary.linears["lm_head"]).role == Role.LM_HEAD
 
 
-def test_canonicalize_changes_nothing() -> None:
+def test_canonicalize_changes_nothing_but_annotations() -> None:
+    """The first run only annotates (modified: the annotations are serialized metadata); nodes and numerics stay."""
     proto, _ = build_llama(SyntheticConfig())
     model = ir.serde.deserialize_model(proto)
     result = Canonicalize()(model)
-    assert result.modified is False
-    assert ir.serde.serialize_model(model).graph.node[5] == proto.graph.node[5]
+    assert result.modified is True
+    out = ir.serde.serialize_model(model)
+    assert [(n.op_type, list(n.input), list(n.output)) for n in out.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in proto.graph.node]
+    assert any(p.key == "qc.role" for n in out.graph.node for p in n.metadata_props)
+
+
+def test_canonicalize_modified_only_when_it_changes_something() -> None:
+    """Already canonical: modified False (and no second analysis); a changed graph is analysed again;
+    a fresh graph holding the same annotations (saved and reloaded) is not modified either."""
+    proto, _ = build_llama(SyntheticConfig())
+    model = ir.serde.deserialize_model(proto)
+    assert Canonicalize()(model).modified is True
+    first = canonical_summary(model)
+    assert Canonicalize()(model).modified is False
+    assert canonical_summary(model) is first  # the early return: nothing recomputed
+
+    reloaded = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    assert Canonicalize()(reloaded).modified is False  # annotations already there and equal
+    assert set(canonical_summary(reloaded).linears) == set(first.linears)
+
+    graph = model.graph  # a node added: analysed again; the annotations are unchanged, so still False
+    extra = ir.node("Identity", [graph.outputs[0]])
+    graph.append(extra)
+    assert Canonicalize()(model).modified is False
+    assert canonical_summary(model) is not first
+
+
+def test_canonicalize_reports_a_gemm_rewrite() -> None:
+    """A Gemm with a constant weight rewritten as MatMul + Add is a change (modified), and computes the same
+    numbers (ORT before/after); the second run finds nothing to do."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8)).astype(np.float32)  # [N, K]: transB
+    b = rng.standard_normal(16).astype(np.float32)
+    x = ir.Value(name="x", shape=ir.Shape([3, 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    wv = ir.Value(name="w", const_value=ir.tensor(w))
+    bv = ir.Value(name="b", const_value=ir.tensor(b))
+    gemm = ir.node("Gemm", [x, wv, bv], attributes={"transB": 1, "alpha": 0.5, "beta": 2.0})
+    gemm.outputs[0].name, gemm.outputs[0].type = "y", ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], [gemm.outputs[0]], nodes=[gemm], initializers=[wv, bv], opset_imports={"": 18})
+    model = ir.Model(graph, ir_version=8)
+    xs = rng.standard_normal((3, 8)).astype(np.float32)
+    ref = 0.5 * xs @ w.T + 2.0 * b
+    assert Canonicalize()(model).modified is True
+    assert [n.op_type for n in model.graph] == ["MatMul", "Add"]
+    got = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, {"x": xs})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert Canonicalize()(model).modified is False
 
 
 @pytest.mark.slow

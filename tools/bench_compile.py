@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""RTN compile time: ``qc quantize --recipe w4a16-rtn`` vs ONNX Runtime's ``MatMulNBitsQuantizer``.
+
+    python tools/bench_compile.py MODEL_DIR [--work runs/bench_compile] [--repeats 3] [--group-size 128] [--sym]
+
+Both tools start from the same fp32 model folder (``model.onnx`` + ``model.onnx_data``) and write an
+int4 model folder with external data; each run is a fresh child process (interpreter start and imports
+count for both), measured round-robin ``--repeats`` times; the best wall time and the best CPU time
+(user + system of the child) of each tool are kept, which damps the noise of other processes sharing
+the machine.  ORT's row is its default RTN (``DefaultWeightOnlyQuantConfig``, asymmetric unless
+``--sym``) at the same block size; qcompiler's row is the whole default pipeline (canonicalize,
+quantize, the cpu target's fusions and lowering to ``MatMulNBits``, the checks, ``quantization.json``).
+Prints one JSON line per run and a summary table (ratio = qcompiler / ORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ORT_CHILD = """
+import os, sys
+from pathlib import Path
+import onnx
+from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+src, out, group, sym = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+model = onnx.load(str(Path(src) / "model.onnx"))
+cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=sym)
+q = mnq.MatMulNBitsQuantizer(model, algo_config=cfg)
+q.process()
+os.makedirs(out, exist_ok=True)
+q.model.save_model_to_file(str(Path(out) / "model.onnx"), use_external_data_format=True)
+"""
+
+
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_one(cmd: list[str], out: Path) -> dict[str, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    c0, t0 = _child_cpu(), time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall, cpu = time.perf_counter() - t0, _child_cpu() - c0
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--work", default="runs/bench_compile")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--sym", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    tools = {
+        "qc-w4a16-rtn": [py, "-m", "qcompiler", "quantize", args.model, str(work / "qc"), "--recipe", "w4a16-rtn",
+                         "--group-size", str(args.group_size), "--sym" if args.sym else "--asym", "--force"],
+        "ort-rtn": [py, "-c", ORT_CHILD, args.model, str(work / "ort"), str(args.group_size), "1" if args.sym else "0"],
+    }
+    outs = {"qc-w4a16-rtn": work / "qc", "ort-rtn": work / "ort"}
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in tools}
+    for rep in range(args.repeats):
+        for name, cmd in tools.items():
+            r = run_one(cmd, outs[name])
+            results[name].append(r)
+            print(json.dumps({"round": rep + 1, "tool": name, **r}), flush=True)
+    best = {k: (min(r["wall_s"] for r in v), min(r["cpu_s"] for r in v)) for k, v in results.items()}
+    qc, ort = best["qc-w4a16-rtn"], best["ort-rtn"]
+    print(f"\nload average {os.getloadavg()[0]:.2f}; best of {args.repeats}, round-robin")
+    print("| tool | wall s | CPU s |")
+    print("|---|---|---|")
+    for k, (w, c) in best.items():
+        print(f"| {k} | {w:.2f} | {c:.2f} |")
+    print(f"| ratio qc/ort | {qc[0] / ort[0]:.2f}× | {qc[1] / ort[1]:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
