@@ -162,17 +162,21 @@ class Round(QCPass):
             rounders[w_val.name] = LearnedRounding(graph.constants[w_val.name].numpy(),
                                                    weight_spec(node) or default, cfg.min_clip)
         n = runner.num_windows
-        feeds = [{k: to_torch(v) for k, v in runner.layer_feeds(layer.index, w, inputs).items()} for w in range(n)]
+        hidden, static = [], []  # per window: the layer's input, and what the mask/rotary nodes compute from the rest
+        for w in range(n):
+            feeds = {k: to_torch(v) for k, v in runner.layer_feeds(layer.index, w, inputs).items()}
+            static.append(graph.fold(feeds, {in_name, *rounders}))
+            hidden.append(feeds[in_name])
         with torch.no_grad():  # targets: the float layer
             if float_stream is not None:
-                targets = [graph({**feeds[w], in_name: float_stream[w]})[0] for w in range(n)]
+                targets = [graph({in_name: float_stream[w]}, static=static[w])[0] for w in range(n)]
                 float_stream[:] = targets  # the float model's next stream
             else:
-                targets = [graph(feeds[w])[0] for w in range(n)]
+                targets = [graph({in_name: hidden[w]}, static=static[w])[0] for w in range(n)]
 
         def loss(windows: list[int]) -> torch.Tensor:
             over = {name: r.fake() for name, r in rounders.items()}
-            return sum((torch.mean((graph(feeds[w], over)[0] - targets[w]) ** 2) for w in windows), torch.zeros(())) / len(windows)
+            return sum((torch.mean((graph({in_name: hidden[w]}, over, static=static[w])[0] - targets[w]) ** 2) for w in windows), torch.zeros(())) / len(windows)
 
         held = list(range(min(cfg.eval_windows, n)))
         with torch.no_grad():

@@ -290,6 +290,7 @@ class TorchGraph:
         if unknown:
             raise UnsupportedModelError(f"onnx→torch: op(s) {', '.join(unknown)} not supported by the interpreter "
                                         "(qcompiler/onnx_torch.py OPS)")
+        self._folded: set[str] = set()
         self.inputs = [i.name for i in graph.input]
         self.outputs = [o.name for o in graph.output]
         self.constants: dict[str, torch.Tensor] = {n: to_torch(a) for n, a in initializers.items()}
@@ -316,19 +317,43 @@ class TorchGraph:
                 inits[tp.name] = v.const_value.numpy()
         return cls(proto.graph, inits)
 
+    def fold(self, feeds: Mapping[str, torch.Tensor], dynamic: set[str]) -> dict[str, torch.Tensor]:
+        """The feeds and values computed from ``feeds`` and constants alone that nodes depending on ``dynamic`` read.
+
+        Pass them as ``static`` to :meth:`__call__` with the same ``feeds``: the nodes behind them
+        (a decoder layer's mask and rotary arithmetic) are then not evaluated again.
+        """
+        live = set(dynamic)
+        for _, ins, outs, _ in self.nodes:
+            if any(i in live for i in ins):
+                live.update(outs)
+        self._folded = {outs[0] for _, _, outs, _ in self.nodes if outs and outs[0] not in live}
+        needed = {i for _, ins, outs, _ in self.nodes if outs and outs[0] in live for i in ins if i and i not in live}
+        with torch.no_grad():
+            env = self._run(dict(feeds), None, skip=live)
+        return {n: env[n] for n in needed if n in env and n not in self.constants}
+
     def __call__(self, feeds: Mapping[str, torch.Tensor], overrides: Mapping[str, torch.Tensor] | None = None,
-                 outputs: Sequence[str] | None = None) -> list[torch.Tensor]:
+                 outputs: Sequence[str] | None = None,
+                 static: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        env = self._run({**(static or {}), **feeds}, overrides, skip=self._folded if static is not None else set())
+        return [env[o] for o in (outputs or self.outputs)]
+
+    def _run(self, feeds: dict[str, torch.Tensor], overrides: Mapping[str, torch.Tensor] | None,
+             skip: set[str]) -> dict[str, Any]:
         env: dict[str, Any] = dict(self.constants)
         if overrides:
             env.update(overrides)
         env.update(feeds)
         for op_type, ins, outs, attrs in self.nodes:
+            if outs and outs[0] in skip:
+                continue
             args = [env[i] if i else None for i in ins]
             results = _split(args, attrs, len(outs)) if op_type == "Split" else OPS[op_type](args, attrs)
             for name, value in zip(outs, results):
                 if name:
                     env[name] = value
-        return [env[o] for o in (outputs or self.outputs)]
+        return env
 
 
 OPS["Split"] = lambda x, a: _split(x, a, 1)  # (the number of outputs is passed by TorchGraph)
