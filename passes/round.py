@@ -65,7 +65,7 @@ class RoundConfig:
     iters: int = 100  # signed-gradient steps per decoder layer
     lr: float = 0.0  # initial step (linearly decayed to 0); 0 = 1/iters
     samples: int = 32  # calibration windows used (the first ones)
-    tokens: int = 256  # tokens of each window used (its first ones; 0 = all)
+    tokens: int = 128  # tokens of each window used (its first ones; 0 = all)
     batch: int = 1  # windows per step
     eval_windows: int = 4  # windows on which the result is compared with RTN's
     min_clip: float = 0.5  # α, β ∈ [min_clip, 1]
@@ -122,12 +122,11 @@ class Round(QCPass):
         try:
             for layer in tqdm(runner.layers, desc="round", unit="layer", disable=not runner.progress):
                 members = [n for n in layer.linears.values() if id(n) in wanted]
-                if not members:
-                    runner.advance()
-                    continue
                 if cfg.target == "float" and float_stream is None:
                     float_stream = [to_torch(runner.hidden[w]) for w in range(runner.num_windows)]
-                report[f"layers.{layer.index}"] = self._layer(model, runner, layer, members, float_stream)
+                result = self._layer(model, runner, layer, members, float_stream)
+                if result is not None:
+                    report[f"layers.{layer.index}"] = result
                 runner.advance()
         finally:
             torch.set_num_threads(threads)
@@ -143,7 +142,7 @@ class Round(QCPass):
         return ir.passes.PassResult(model, modified=bool(report))
 
     def _layer(self, model: ir.Model, runner: LayerwiseRunner, layer: Any, members: list[ir.Node],
-               float_stream: list[torch.Tensor] | None) -> dict[str, Any]:
+               float_stream: list[torch.Tensor] | None) -> dict[str, Any] | None:
         import torch
 
         from qcompiler.onnx_torch import TorchGraph, to_torch
@@ -173,6 +172,8 @@ class Round(QCPass):
                 float_stream[:] = targets  # the float model's next stream
             else:
                 targets = [graph({in_name: hidden[w]}, static=static[w])[0] for w in range(n)]
+        if not rounders:  # every linear of the layer skipped: the float stream has moved on, nothing to learn
+            return None
 
         def loss(windows: list[int]) -> torch.Tensor:
             over = {name: r.fake() for name, r in rounders.items()}

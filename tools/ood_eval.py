@@ -68,6 +68,13 @@ def mid_windows(model_dir: Path, text: str, tokens: int, seq_len: int) -> np.nda
     return ids[start:start + n * seq_len].reshape(n, seq_len)
 
 
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def compile_row(model: Path, out: Path, recipe: str, target: str, calib: str, extra: list[str],
                 passes: str | None = None) -> dict[str, Any]:
     from qcompiler.recipes import get_recipe
@@ -76,14 +83,14 @@ def compile_row(model: Path, out: Path, recipe: str, target: str, calib: str, ex
     data = ["--calib", calib] if passes or get_recipe(recipe).needs_calibration else []  # (refused by the others)
     cmd = [sys.executable, "-m", "qcompiler", "quantize", str(model), str(out), *how,
            "--target", target, *data, "--force", *extra]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         return {"status": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
                 "command": " ".join(cmd)}
     q = json.loads((out / "quantization.json").read_text())
-    return {"status": "ok", "command": " ".join(cmd), "compile_s": round(wall, 1),
+    return {"status": "ok", "command": " ".join(cmd), "compile_s": round(wall, 1), "compile_cpu_s": round(cpu, 1),
             "peak_rss_mb": q.get("peak_rss_mb"), "kept_float": q.get("kept_float", [])}
 
 

@@ -234,3 +234,24 @@ def test_rotate_round_recipe_and_its_options(synthetic_nokv_dir, synthetic_text,
         check_options("w4a16-gptq", opts, {"round_iters"})
     with pytest.raises(OptionError, match="--clip is not used by recipe 'w4a16-round'"):
         check_options("w4a16-round", opts, {"clip"})
+
+
+def test_a_layer_left_float_still_moves_the_float_stream(synthetic_dir, synthetic_text) -> None:
+    folder, _ = synthetic_dir
+    skip = ":".join(f"layers.0.{r.value}" for r in (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN))
+    ctx = calib_context(folder, synthetic_text, samples=3, seq_len=32)
+    model, _ = run_passes(load_model(folder / "model.onnx"),
+                          [Canonicalize(), Round(make_config(Round, {"group_size": 32, "iters": 5, "skip": skip}), ctx)])
+    assert list(ctx.report["round"]["layers"]) == ["layers.1"]
+    kinds = {linear_info(n).key: read_dq_weight(n.inputs[1]) is not None for n in model.graph
+             if linear_info(n) is not None and linear_info(n).role != Role.LM_HEAD}
+    assert not any(v for k, v in kinds.items() if k.startswith("layers.0.")) and all(
+        v for k, v in kinds.items() if k.startswith("layers.1."))
+    # layer 0 float: the quantized and the float stream agree at layer 1, so target=float and target=same coincide
+    ctx2 = calib_context(folder, synthetic_text, samples=3, seq_len=32)
+    run_passes(load_model(folder / "model.onnx"),
+               [Canonicalize(), Round(make_config(Round, {"group_size": 32, "iters": 5, "skip": skip,
+                                                          "target": "same"}), ctx2)])
+    a, b = ctx.report["round"]["layers"]["layers.1"], ctx2.report["round"]["layers"]["layers.1"]
+    assert a["loss_rtn"] == pytest.approx(b["loss_rtn"], rel=1e-4)  # (torch's vs ONNX Runtime's float rounding)
+    assert a["first_step_loss"] == pytest.approx(b["first_step_loss"], rel=1e-4)
