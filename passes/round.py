@@ -62,7 +62,7 @@ class RoundConfig:
     bits: int = 4
     group_size: int = 128  # 0 = per output channel
     sym: bool = False
-    iters: int = 100  # signed-gradient steps per decoder layer
+    iters: int = 50  # signed-gradient steps per decoder layer (AutoRound-light: 50; 200 for its default)
     lr: float = 0.0  # initial step (linearly decayed to 0); 0 = 1/iters
     samples: int = 32  # calibration windows used (the first ones)
     tokens: int = 128  # tokens of each window used (its first ones; 0 = all)
