@@ -301,8 +301,10 @@ class LayerwiseRunner:
         self._spill: tempfile.TemporaryDirectory[str] | None = None
 
     @classmethod
-    def from_calibrator(cls, model: ir.Model, calibrator: Any, **kw: Any) -> LayerwiseRunner:
-        """A runner over the windows of a :class:`qcompiler.calibrate.Calibrator` (``qc quantize --calib``)."""
+    def from_calibrator(cls, model: ir.Model, calibrator: Any, max_windows: int | None = None,
+                        max_tokens: int | None = None, **kw: Any) -> LayerwiseRunner:
+        """A runner over the windows of a :class:`qcompiler.calibrate.Calibrator` (``qc quantize --calib``);
+        with ``max_windows``/``max_tokens``, the first windows and their first tokens only."""
         find_decoder_layers(model)  # a model we cannot run layer by layer fails before the data is read
         windows = getattr(calibrator, "windows", None)
         if windows is None:
@@ -310,7 +312,8 @@ class LayerwiseRunner:
         config = getattr(calibrator, "config", None)
         kw.setdefault("threads", getattr(config, "threads", None))
         kw.setdefault("progress", getattr(config, "progress", True))
-        return cls(model, windows.ids, **kw)
+        ids = windows.ids[:max_windows, :max_tokens]
+        return cls(model, ids, **kw)
 
     @property
     def num_windows(self) -> int:
@@ -363,20 +366,30 @@ class LayerwiseRunner:
         """Yield ``(window, [arrays of outputs])`` of layer ``layer`` (the current one) per window."""
         self._check(layer)
         session, inputs = self._session(layer, list(outputs))
-        graph_feeds = [v.name for v in self._sides[layer] if v.is_graph_input()]
         try:
             for w in range(self.num_windows) if windows is None else windows:
-                feeds = {self.layers[layer].input.name: self.hidden[w]}
-                for name in inputs:
-                    if name in self._side_values:
-                        feeds[name] = self._side_values[name][w]
-                if graph_feeds:
-                    all_feeds = self._feeds.feeds(self.windows[w : w + 1])
-                    feeds.update({n: all_feeds[n] for n in graph_feeds if n in inputs})
-                yield w, session.run(list(outputs), feeds)
+                yield w, session.run(list(outputs), self.layer_feeds(layer, w, inputs))
         finally:
             del session
             _release_memory()
+
+    def layer_feeds(self, layer: int, window: int, inputs: set[str]) -> dict[str, np.ndarray]:
+        """The inputs ``inputs`` of layer ``layer``'s subgraph on window ``window``: h_i and side values."""
+        feeds = {self.layers[layer].input.name: self.hidden[window]}
+        for name in inputs:
+            if name in self._side_values:
+                feeds[name] = self._side_values[name][window]
+        graph_feeds = [v.name for v in self._sides[layer] if v.is_graph_input() and v.name in inputs]
+        if graph_feeds:
+            all_feeds = self._feeds.feeds(self.windows[window : window + 1])
+            feeds.update({n: all_feeds[n] for n in graph_feeds})
+        return {n: v for n, v in feeds.items() if n in inputs}
+
+    def layer_graph(self, layer: int, outputs: Sequence[str]) -> tuple[onnx.ModelProto, set[str]]:
+        """The subgraph of the current layer computing ``outputs`` (initializers left external) and its inputs."""
+        self._check(layer)
+        proto, _, inputs = self._subgraph_proto(layer, list(outputs))
+        return proto, inputs
 
     def observe(self, layer: int, requests: Mapping[str, Sequence[str]], config: Any = None) -> dict[str, dict[str, Any]]:
         """Statistics (calibration observers: ``hessian``, ``mean_abs_channel``, ...) of values inside ``layer``."""

@@ -17,7 +17,14 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from qcompiler.errors import OptionError
-from qcompiler.recipes import CALIB_OPTIONS, WEIGHT_ONLY_OPTIONS, QuantizeOptions, Recipe, get_recipe
+from qcompiler.recipes import (
+    CALIB_OPTIONS,
+    ROUND_OPTIONS,
+    WEIGHT_ONLY_OPTIONS,
+    QuantizeOptions,
+    Recipe,
+    get_recipe,
+)
 
 #: Options read by each target's lowering passes (``qcompiler.targets``), whatever the recipe.
 #: ``cpu_isa`` is read by every target: the W8A8 lowerings (cpu, npu; fold-zero-point, whose GEMMs a
@@ -33,7 +40,8 @@ WEIGHT_ONLY_TARGET_OPTIONS: dict[str, frozenset[str]] = {"cpu": frozenset({"accu
 #: Every option this table knows; an option added to QuantizeOptions later and not classified
 #: here is let through (treated as read) until it is.
 CLASSIFIED = (frozenset({"target", "bits"}) | CALIB_OPTIONS | WEIGHT_ONLY_OPTIONS
-              | frozenset({"alpha", "budget", "max_size_mb"}) | frozenset().union(*TARGET_OPTIONS.values()))
+              | frozenset({"alpha", "budget", "max_size_mb"}) | ROUND_OPTIONS
+              | frozenset().union(*TARGET_OPTIONS.values()))
 #: Options read by quantize-kv-cache (``--kv-cache int8|int4``, cpu/cuda lowering), which calibrates:
 #: with a quantized cache the calibration options are read whatever the recipe (issue 17).
 KV_CACHE_OPTIONS = frozenset({"kv_granularity", "kv_clip"})

@@ -40,6 +40,10 @@ class QuantizeOptions:
     budget: float | None = None
     max_size_mb: float | None = None
     static_shapes: int | None = None
+    # learned rounding (issue 22, recipes w4a16-round, w4a16-rotate-round): passes/round.py's defaults when None
+    round_iters: int | None = None
+    round_lr: float | None = None
+    round_samples: int | None = None
     fuse: bool = True  # cpu/cuda: fuse norms, rotary, attention, packed linears (issue 11)
     allow_partial: bool = False  # write a model whose unsupported decoder linears stay float (issue 23)
     # CPUs the model must be exact on: "any" (u8×u8 integer GEMMs) or "vnni" (u8×s8, VNNI/AMX/ARM only);
@@ -98,6 +102,8 @@ CALIB_OPTIONS = frozenset({"calib", "calib_samples", "seq_len", "seed", "max_mem
 #: Options of weight-only recipes (``accuracy_level`` is the MatMulNBits lowering's, cpu/cuda).
 WEIGHT_ONLY_OPTIONS = frozenset({"group_size", "sym", "clip", "lm_head", "quantize_embeddings", "accuracy_level"})
 W8A8_OPTIONS = frozenset({"clip", "lm_head"})
+#: Options of the learned-rounding recipes (``round`` pass: iters, lr, samples).
+ROUND_OPTIONS = frozenset({"round_iters", "round_lr", "round_samples"})
 
 
 @dataclass(frozen=True)
@@ -350,3 +356,35 @@ register_recipe(Recipe(
                + ("" if o.target == "npu" else f",fold-zero-point{{cpu_isa={o.cpu_isa}}}")),
     needs_calibration=True, options=W8A8_OPTIONS, bits=8,
 ))
+
+
+# issue 22: learned rounding (passes/round.py): per decoder layer, rounding offsets and group ranges learned by
+# signed gradient descent against the whole layer's output, from RTN; after rotation in w4a16-rotate-round.
+def _round(o: QuantizeOptions) -> str:
+    knobs = "".join(f",{k}={v}" for k, v in (("iters", o.round_iters), ("lr", o.round_lr),
+                                              ("samples", o.round_samples)) if v is not None)
+    return f"round{{bits=4,group_size={o.group_size},sym={o.sym}{knobs}}}"
+
+
+register_recipe(
+    Recipe(
+        "w4a16-round",
+        "int4 weights, learned rounding (AutoRound-style: rounding offsets and group ranges learned per decoder "
+        "layer against the layer's float output, signed gradient descent on --calib data), from RTN",
+        _calibrated(_round),
+        needs_calibration=True,
+        options=(WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS,  # round learns its own clipping
+        bits=4,
+    )
+)
+register_recipe(
+    Recipe(
+        "w4a16-rotate-round",
+        "int4 weights: residual stream rotated by a randomized Hadamard (norms folded), then learned rounding "
+        "(--calib data)",
+        _calibrated(lambda o: f"rotate,{_round(o)}"),
+        needs_calibration=True,
+        options=(WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS,
+        bits=4,
+    )
+)

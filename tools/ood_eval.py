@@ -68,19 +68,29 @@ def mid_windows(model_dir: Path, text: str, tokens: int, seq_len: int) -> np.nda
     return ids[start:start + n * seq_len].reshape(n, seq_len)
 
 
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def compile_row(model: Path, out: Path, recipe: str, target: str, calib: str, extra: list[str],
                 passes: str | None = None) -> dict[str, Any]:
+    from qcompiler.recipes import get_recipe
+
     how = ["--passes", passes] if passes else ["--recipe", recipe]
+    data = ["--calib", calib] if passes or get_recipe(recipe).needs_calibration else []  # (refused by the others)
     cmd = [sys.executable, "-m", "qcompiler", "quantize", str(model), str(out), *how,
-           "--target", target, "--calib", calib, "--force", *extra]
-    t0 = time.perf_counter()
+           "--target", target, *data, "--force", *extra]
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         return {"status": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
                 "command": " ".join(cmd)}
     q = json.loads((out / "quantization.json").read_text())
-    return {"status": "ok", "command": " ".join(cmd), "compile_s": round(wall, 1),
+    return {"status": "ok", "command": " ".join(cmd), "compile_s": round(wall, 1), "compile_cpu_s": round(cpu, 1),
             "peak_rss_mb": q.get("peak_rss_mb"), "kept_float": q.get("kept_float", [])}
 
 
@@ -125,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"status": "ok", "compile_s": q.get("wall_seconds"), "peak_rss_mb": q.get("peak_rss_mb")}
             else:
                 row = compile_row(args.model_dir, out, recipe, target, args.calib, args.extra.split(), custom.get(recipe))
-            row.update(recipe=recipe, target=target, texts={})
+            row.update(recipe=recipe, target=target, texts={},
+                       size_mb=round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e6, 1))
             print(f"{recipe} {target}: {row['status']}", file=sys.stderr, flush=True)
             if row["status"] == "ok":
                 runner = open_runner(out, threads=args.threads)
@@ -143,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = list(windows)
     lines = [f"calibration: {args.calib}; {args.tokens} tokens per text from a third of the document on, "
              f"windows of {args.seq_len}", "",
-             "| recipe | target | " + " | ".join(f"{k} Δ% (KL)" for k in kinds) + " | worst Δ% | compile s | peak RSS MB |",
-             "|---|---|" + "---|" * (len(kinds) + 3),
-             "| fp32 | — | " + " | ".join(f"ppl {ref_ppl.get(k, float('nan')):.3f}" for k in kinds) + " | — | — | — |"]
+             "| recipe | target | " + " | ".join(f"{k} Δ% (KL)" for k in kinds) + " | worst Δ% | size MB | compile s | peak RSS MB |",
+             "|---|---|" + "---|" * (len(kinds) + 4),
+             "| fp32 | — | " + " | ".join(f"ppl {ref_ppl.get(k, float('nan')):.3f}" for k in kinds)
+             + f" | — | {sum(f.stat().st_size for f in args.model_dir.glob('model.onnx*')) / 1e6:.1f} | — | — |"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['recipe']} | {r['target']} | {r['status']} |")
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         worst = max(t[k]["delta_pct"] for k in kinds)
         lines.append(f"| {r['recipe']} | {r['target']} | "
                      + " | ".join(f"{t[k]['delta_pct']:+.2f} ({t[k]['kl']:.3f})" for k in kinds)
-                     + f" | **{worst:+.2f}** | {r['compile_s']} | {r['peak_rss_mb']} |")
+                     + f" | **{worst:+.2f}** | {r.get('size_mb')} | {r['compile_s']} | {r['peak_rss_mb']} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

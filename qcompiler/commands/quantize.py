@@ -27,6 +27,12 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="smoothing strength (recipes that smooth)")
     p.add_argument("--budget", type=float, default=None, help="average weight bits (mixed precision)")
     p.add_argument("--max-size", dest="max_size_mb", type=float, default=None, help="size budget in MB (mixed)")
+    p.add_argument("--round-iters", type=int, default=None,
+                   help="learned rounding: signed-gradient steps per decoder layer (w4a16-round*, default 50)")
+    p.add_argument("--round-lr", type=float, default=None,
+                   help="learned rounding: initial step, linearly decayed (default 1/iters)")
+    p.add_argument("--round-samples", type=int, default=None,
+                   help="learned rounding: calibration windows used (default 32)")
     p.add_argument("--cpu-isa", choices=["any", "vnni"], default=None,
                    help="CPUs the integer GEMMs must be exact on: any (default; uint8 weights, u8×u8) | vnni "
                    "(int8 weights, u8×s8: faster, but wrong on x86 CPUs without VNNI)")
