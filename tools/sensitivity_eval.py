@@ -178,6 +178,84 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ranking → the gains entry that is its ``final(j)``
+FINAL = {"kl": "kl", "output-error": "block", "logit-skip": "logit_skip"}
+
+
+def mixed(args: argparse.Namespace) -> int:
+    """Exact assignments at ``--budget`` from each ranking of ``--measured``; perplexity on each text."""
+    from qcompiler.analysis import budget as bud
+    from qcompiler.analysis.candidates import parse_candidates
+    from qcompiler.analysis.local_error import LinearErrors
+    from qcompiler.analysis.measure import derived_calibrator
+    from qcompiler.analysis.sensitivity import EndToEnd
+    from qcompiler.calibrate import CalibConfig, Calibrator, StatRequest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tools.ood_eval import DEFAULT_TEXTS, mid_windows, text_of
+
+    measured = json.loads(args.measured.read_text())
+    model = load_model(args.model_dir / "model.onnx")
+    sites = find_sites(model)
+    keys = list(sites.linears)
+    options = parse_candidates(args.options.split(","))
+    ref = options[0]
+    # local errors of every option on the calibration rows (the statistics sweep is cached)
+    cal = derived_calibrator(Calibrator(args.model_dir, CalibConfig(calib=args.calib, seed=0, threads=args.threads,
+                                                                    cache_dir=args.cache_dir)), 8, 512, 256)
+    stats = cal(model, [StatRequest(v, ("minmax", "sample")) for v in sites.inputs()])
+    rel = {}
+    for k, site in sites.linears.items():
+        le = LinearErrors(stats.get(site.input, "sample").rows, site.weight_array())
+        rel[k] = {o.name: le.error(o).rel for o in options}
+    configs: list[tuple[str, dict]] = [(f"uniform {o.name}", dict.fromkeys(keys, o)) for o in options[:1]]
+    chosen: dict[str, list[str]] = {}
+    for method in args.methods.split(","):
+        g = measured["gains"]
+        errors = {k: {o.name: g[k][FINAL[method]] / g[k]["local"] * rel[k][o.name] for o in options} for k in keys}
+        sol = bud.solve(sites, keys, errors, options, budget=args.budget)
+        configs.append((f"mixed {args.budget:g} ({method})", sol.assignment))
+        chosen[method] = sorted((k for k, c in sol.assignment.items() if c.name != ref.name),
+                                key=lambda k: (sites.linears[k].layer, keys.index(k)))
+    texts = {}
+    for spec in args.texts.split(","):
+        kind, _, path = spec.partition("=")
+        body = text_of([path] if path else DEFAULT_TEXTS[kind])
+        if body is None:
+            print(f"{kind}: no text on this machine, skipped")
+            continue
+        texts[kind] = mid_windows(args.model_dir, body, args.tokens, args.seq_len)
+    rows = [{"config": label, "avg_bits": bud.avg_bits(sites, a), "size_mb": bud.size_bytes(sites, a) / bud.MB,
+             "assignment": a} for label, a in configs]
+    floats = {}
+    for kind, ids in texts.items():
+        e2e = EndToEnd(model, sites, ids, args.threads)
+        floats[kind] = _ppl(ids, e2e.ref)
+        for r in rows:
+            logits = e2e._logits({sites.linears[k].weight: fake_quant_weight(sites.linears[k].weight_array(),
+                                                                             c.weight) for k, c in r["assignment"].items()})
+            r[kind] = {"ppl": _ppl(ids, logits), "kl": kl_per_token(e2e.ref, logits)}
+            print(f"{kind} {r['config']}: PPL {r[kind]['ppl']:.3f} KL {r[kind]['kl']:.4f}", flush=True)
+        e2e.close()
+    head = " | ".join(f"PPL {k} (Δ%) | KL {k}" for k in texts)
+    print(f"\n| configuration | avg bits | est. size MB | {head} |")
+    print("|---|---|---|" + "---|---|" * len(texts))
+    print(f"| float | 32 | {sites.float_bytes / bud.MB:.1f} | " +
+          " | ".join(f"{floats[k]:.3f} | 0" for k in texts) + " |")
+    for r in rows:
+        print(f"| {r['config']} | {r['avg_bits']:.3f} | {r['size_mb']:.1f} | " + " | ".join(
+            f"{r[k]['ppl']:.3f} ({100 * (r[k]['ppl'] / floats[k] - 1):+.1f}%) | {r[k]['kl']:.4f}" for k in texts) + " |")
+    for method, ks in chosen.items():
+        print(f"\n{method}: {len(ks)} linears not {ref.name}: " +
+              ", ".join(f"{k} ({next(r for r in rows if r['config'].endswith(f'({method})'))['assignment'][k].name})"
+                        for k in ks))
+    if args.json:
+        for r in rows:
+            r["assignment"] = {k: c.name for k, c in r["assignment"].items()}
+        args.json.write_text(json.dumps({"float": floats, "rows": rows, "chosen": chosen}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -204,8 +282,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cache-dir", default=None, help="calibration cache")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--json", type=Path, default=None)
+    m = sub.add_parser("mixed")
+    m.add_argument("model_dir", type=Path)
+    m.add_argument("--calib", required=True)
+    m.add_argument("--measured", type=Path, required=True, help="the scores 'score --measured' wrote")
+    m.add_argument("--methods", default="kl,output-error")
+    m.add_argument("--options", default="w4g128,w8c", help="the first is the uniform baseline")
+    m.add_argument("--budget", type=float, default=4.5)
+    m.add_argument("--texts", default="relnotes,code", help="KIND or KIND=PATH (tools/ood_eval.py's kinds)")
+    m.add_argument("--tokens", type=int, default=2048)
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--cache-dir", default=None)
+    m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    return ablate(args) if args.cmd == "ablate" else score(args)
+    return {"ablate": ablate, "score": score, "mixed": mixed}[args.cmd](args)
 
 
 if __name__ == "__main__":
