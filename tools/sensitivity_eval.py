@@ -150,6 +150,9 @@ def score(args: argparse.Namespace) -> int:
         if args.measured is not None:
             args.measured.write_text(json.dumps(measured, indent=1))
     keys = [k for k in abl if k in measured["gains"]]
+    if args.layers:
+        wanted = {int(x) for x in args.layers.split(",")}
+        keys = [k for k in keys if int(k.split(".")[1]) in wanted]
     kl = [abl[k]["kl"] for k in keys]
     dppl = [abl[k]["ppl"] - float_ppl for k in keys]
     rows = []
@@ -281,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--measured", type=Path, default=None, help="JSON of the measured scores: written, or reused")
     s.add_argument("--cache-dir", default=None, help="calibration cache")
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--layers", default=None, help="only the ablated linears of these layers (a fixed subset)")
     s.add_argument("--json", type=Path, default=None)
     m = sub.add_parser("mixed")
     m.add_argument("model_dir", type=Path)

@@ -1,4 +1,4 @@
-"""Sensitivity: how much quantizing one linear perturbs its decoder layer's output, and the model's.
+"""Sensitivity: how much quantizing one linear perturbs the model's output distribution.
 
 Local errors (:mod:`qcompiler.analysis.local_error`) compare linears in their own units:
 an error in ``q_proj`` passes through softmax, one in ``down_proj`` lands straight in
@@ -19,24 +19,40 @@ bounds are at hand from the same rerun, with ``r_L`` the residual entering the f
                                                      keep the relative error as it is
 
 Early layers' residual is ~100× smaller than ``r_L``, so the two differ by up to 100× there.
-The prediction interpolates them geometrically, with ``β = MeasureConfig.propagation``::
+Neither says what the later layers do with the error.  ``final(j)`` is one of three
+measures (``--sensitivity``, :data:`SENSITIVITY_METHODS`)::
 
-    final(j)   = block(j)^(1−β) · skip(j)^β
+    kl           = mean_t KL(p_t ‖ p̂_t)      p, p̂ = softmax of the final logits, float and with Ŵ_j,
+                                            the rest of the model run from r_in(l) on the same windows
+    output-error = block(j)^(1−β) · skip(j)^β     (β = MeasureConfig.propagation)
+    logit-skip   = mean_t KL(p_t ‖ softmax(head(norm(r_L,t + Δr_out,t))))   (later layers ignored)
+
+and then, for every candidate::
+
     G_j        = final(j) / rel_j(c₀)                (rel on the same tokens)
     S_j(c)     = G_j · rel_j(c)                      (any candidate c)
 
-β = 0 (the default: the layer-output error) is what the measurements support.  On
-SmolLM2-135M, against the KL of the final logits with one linear at int4 g128 (27 linears
-ablated on 2,048 tokens of git release notes, ``tools/analysis_eval.py``), the Spearman
-correlation is 0.73 for β = 0 and 0.1, 0.23 for β = 0.5 and 0.14 for β = 1; a per-layer
-factor measured by running the rest of the model with the whole layer quantized scored
-−0.03 (the super weight of layer 11 dominates its layer's factor).  The exact budget
-assignment at 4.5 bits reached perplexity 37.9 with β = 0 against 40.4 with that per-layer
-factor (uniform g128: 44.2).  Restricted to the 15 most sensitive linears of the default
-``qc analyze`` report, ρ = 0.79 against KL but −0.04 against the perplexity change: one
-linear at int4 moves perplexity by −0.04 … +1.2 on those 2,048 tokens, and a change that
-small is dominated by per-token gains and losses that cancel; KL (≥ 0 per token) is the
-end-to-end measure the ranking should be checked against.
+``kl`` (the default) is the quantity the end-to-end check measures, on the calibration
+windows: the layer rerun's session is cut at ``r_in(l)`` and also outputs the logits, so
+one run per linear gives both.  Fisher- or Hessian-weighted output errors are its
+second-order expansion (``KL ≈ ½ Δzᵀ F Δz``, ``F`` the Fisher of the logits) — measuring
+the KL itself needs no gradient (an ONNX graph has none) and loses nothing to the
+expansion, at the price of running the rest of the model once per linear (≈ 7·L/2 model
+runs on the ``block_windows`` for L layers; SmolLM2-135M: 32 min on 2 busy cores against
+~2 min for ``output-error``).
+
+Measured on SmolLM2-135M (``tools/sensitivity_eval.py``, numbers in ``docs/analysis.md``):
+calibrated on the GPL-3 (2 windows of 128 tokens), checked against the KL of the final
+logits with one linear at int4 g128 on 1,024 tokens of git's 2.4.0 release notes for a fixed
+stratified subset of 70 linears (every linear of layers 0, 2, 4, 7, 11, 14, 18, 22, 25, 29).
+Spearman over all 70: ``output-error`` 0.87, ``kl`` 0.84, ``logit-skip`` 0.27, β = 1 0.24,
+local ``rel`` 0.53; over the 20 linears the ablation finds most damaging (those a budget
+promotes): ``kl`` 0.59, ``output-error`` 0.20; of its top 10, ``kl`` finds 7 and
+``output-error`` 5.  The most damaging linear, ``layers.11.down_proj`` (it holds the super
+weight), is ``kl``'s first and ``output-error``'s 71st of 210: its error in the layer's
+output is small, but the later layers amplify it.  Perplexity changes of one linear
+(−0.4 … +0.9 on those tokens) are dominated by per-token gains and losses that cancel;
+KL (≥ 0 per token) is the end-to-end measure the ranking is checked against.
 
 Other candidates are scaled by their local error (first order: a small output error ``E``
 of linear ``j`` reaches the layer output through a Jacobian whose gain on ``E``'s energy
