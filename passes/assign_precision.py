@@ -52,7 +52,8 @@ class AssignPrecisionConfig:
     rows: int = 256
     block_windows: int = 2
     block_seq_len: int = 128
-    propagation: float = 0.0  # β of qcompiler.analysis.sensitivity
+    propagation: float = 0.0  # β of qcompiler.analysis.sensitivity (sensitivity=output-error)
+    sensitivity: str = "kl"  # kl | output-error | logit-skip (qcompiler.analysis.sensitivity)
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget <= 0:
@@ -64,6 +65,10 @@ class AssignPrecisionConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.propagation <= 1.0:
             raise ValueError(f"propagation must be in [0, 1], got {self.propagation}")
+        from qcompiler.analysis.sensitivity import SENSITIVITY_METHODS
+
+        if self.sensitivity not in SENSITIVITY_METHODS:
+            raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITY_METHODS)}, got '{self.sensitivity}'")
 
 
 @register_pass
@@ -99,6 +104,7 @@ class AssignPrecision(QCPass):
             "minimum_avg_bits": round(sol.minimum_avg_bits, 4),
             "predicted_error": sol.predicted_error,
             "errors_from": cfg.report or "measured",
+            "sensitivity": None if cfg.report else cfg.sensitivity,
             "options": counts,
             "assignment": {k: c.name for k, c in sol.assignment.items()},
         }
@@ -115,7 +121,7 @@ class AssignPrecision(QCPass):
         cands = parse_candidates([reference.name, *(o.name for o in options)], cfg.sym, cfg.method, cfg.clip)
         threads = self.context.options.get("threads")
         mcfg = MeasureConfig(cfg.samples, cfg.seq_len, cfg.rows, cfg.block_windows, cfg.block_seq_len, threads,
-                             propagation=cfg.propagation)
+                             propagation=cfg.propagation, sensitivity=cfg.sensitivity)
         ms = measure(model, sites, calibrator, cands, cands[0], mcfg)
         log.info("assign-precision: measured %d linears in %s", len(sites.linears),
                  ", ".join(f"{k} {v:.1f}s" for k, v in ms.seconds.items()))

@@ -40,7 +40,7 @@ WEIGHT_ONLY_TARGET_OPTIONS: dict[str, frozenset[str]] = {"cpu": frozenset({"accu
 #: Every option this table knows; an option added to QuantizeOptions later and not classified
 #: here is let through (treated as read) until it is.
 CLASSIFIED = (frozenset({"target", "bits"}) | CALIB_OPTIONS | WEIGHT_ONLY_OPTIONS
-              | frozenset({"alpha", "budget", "max_size_mb"}) | ROUND_OPTIONS
+              | frozenset({"alpha", "budget", "max_size_mb", "sensitivity"}) | ROUND_OPTIONS
               | frozenset().union(*TARGET_OPTIONS.values()))
 #: Options read by quantize-kv-cache (``--kv-cache int8|int4``, cpu/cuda lowering), which calibrates:
 #: with a quantized cache the calibration options are read whatever the recipe (issue 17).

@@ -39,6 +39,7 @@ class QuantizeOptions:
     alpha: float | None = None
     budget: float | None = None
     max_size_mb: float | None = None
+    sensitivity: str | None = None  # mixed: assign-precision's ranking (kl | output-error | logit-skip)
     static_shapes: int | None = None
     # learned rounding (issue 22, recipes w4a16-round, w4a16-rotate-round): passes/round.py's defaults when None
     round_iters: int | None = None
@@ -266,6 +267,8 @@ def _mixed(o: QuantizeOptions) -> str:
         raise QCError("recipe 'mixed' needs a budget: --budget AVG_BITS (e.g. 4.5) or --max-size MB")
     limits = ",".join(f"{k}={v}" for k, v in (("budget", o.budget), ("max_size_mb", o.max_size_mb)) if v is not None)
     common = f"sym={o.sym},clip={o.clip},lm_head={o.lm_head}"
+    if o.sensitivity is not None:
+        limits += f",sensitivity={o.sensitivity}"
     return (
         f"canonicalize,assign-precision{{{limits},{common},seq_len={o.seq_len}}},"
         f"quantize-weights{{bits=4,group_size={o.group_size},method=rtn,{common}}}"
@@ -279,7 +282,7 @@ register_recipe(
         "--max-size MB from measured sensitivities (round to nearest)",
         _mixed,
         needs_calibration=True,
-        options=WEIGHT_ONLY_OPTIONS | {"budget", "max_size_mb"},
+        options=WEIGHT_ONLY_OPTIONS | {"budget", "max_size_mb", "sensitivity"},
     )
 )
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from qcompiler.analysis.candidates import Candidate
 from qcompiler.analysis.local_error import ErrorStats, LinearErrors
-from qcompiler.analysis.sensitivity import block_gains
+from qcompiler.analysis.sensitivity import DEFAULT_SENSITIVITY, SENSITIVITY_METHODS, block_gains
 from qcompiler.analysis.structure import ModelSites
 from qcompiler.calibrate import Calibrator, StatRequest
 from qcompiler.errors import QCError
@@ -45,8 +45,13 @@ class MeasureConfig:
     threads: int | None = None
     progress: bool = True
     propagation: float = 0.0  # β of sensitivity.block_gains: 0 = layer output, 1 = skip path only
+    sensitivity: str = DEFAULT_SENSITIVITY  # what ranks the linears (sensitivity.SENSITIVITY_METHODS)
+    also: tuple[str, ...] = ()  # other sensitivities recorded in the gains, for comparison
 
     def __post_init__(self) -> None:
+        for m in (self.sensitivity, *self.also):
+            if m not in SENSITIVITY_METHODS:
+                raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITY_METHODS)}, got '{m}'")
         if not 0.0 <= self.propagation <= 1.0:
             raise ValueError(f"propagation must be in [0, 1], got {self.propagation}")
         for name in ("samples", "seq_len", "rows", "block_windows", "block_seq_len"):
@@ -124,7 +129,8 @@ def measure(model: ir.Model, sites: ModelSites, calibrator: Calibrator, candidat
 
     t0 = time.perf_counter()
     gains = block_gains(model, sites, block_ids, residuals, reference, cfg.threads, cfg.progress, cfg.propagation,
-                        executor=calibrator.executor, model_path=model_path, lm_head=lm_head)
+                        executor=calibrator.executor, model_path=model_path, lm_head=lm_head,
+                        method=cfg.sensitivity, also=cfg.also)
     seconds["layer_reruns"] = time.perf_counter() - t0
     sensitivity = predicted_errors(sites, errors, gains)
     return Measurements(sites, candidates, reference, errors, gains, sensitivity, stats, samples, block_ids,

@@ -34,9 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=256, help="token rows sampled per value for local errors (default 256)")
     p.add_argument("--block-windows", type=int, default=2, help="windows for layer reruns (default 2)")
     p.add_argument("--block-seq-len", type=int, default=128, help="their length (default 128)")
+    p.add_argument("--sensitivity", choices=["kl", "output-error", "logit-skip"], default="kl",
+                   help="what ranks the linears: kl (default) = KL of the final logits with one linear quantized, "
+                        "the rest of the model run from its layer; output-error = relative error of its layer's "
+                        "output (the ranking before); logit-skip = that error added to the final residual "
+                        "(docs/analysis.md)")
     p.add_argument("--propagation", type=float, default=0.0,
-                   help="β in [0, 1]: 0 rates a layer's error against its own output, 1 against the final "
-                        "residual (default 0, see qcompiler/analysis/sensitivity.py)")
+                   help="with --sensitivity output-error, β in [0, 1]: 0 rates a layer's error against its own "
+                        "output, 1 against the final residual (default 0, see qcompiler/analysis/sensitivity.py)")
     p.add_argument("--candidates", type=_names, default=None,
                    help="candidates, e.g. w4g128,w4g32,w8c,a8tensor,a8token (the default)")
     p.add_argument("--reference", default="w4g128", help="candidate of the ranking and the KL check")
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         mcfg = MeasureConfig(args.samples, args.seq_len, args.rows, args.block_windows, args.block_seq_len,
-                             args.threads, propagation=args.propagation)
+                             args.threads, propagation=args.propagation, sensitivity=args.sensitivity)
     except ValueError as e:
         from qcompiler.errors import QCError
 

@@ -171,3 +171,18 @@ def test_recipe_requires_a_budget() -> None:
         build_pipeline_text("mixed", None, QuantizeOptions(calib="x.txt"))
     text = build_pipeline_text("mixed", None, QuantizeOptions(calib="x.txt", budget=4.5), lower=False)
     assert text.startswith("canonicalize,assign-precision{budget=4.5,") and "quantize-weights" in text
+
+
+def test_sensitivity_option_reaches_assign_precision() -> None:
+    """``--sensitivity`` (recipe mixed) becomes assign-precision's option; kl is the default, others are refused."""
+    from qcompiler.quantize import build_pipeline_text
+    from qcompiler.recipes import QuantizeOptions
+
+    text = build_pipeline_text("mixed", None, QuantizeOptions(calib="x.txt", budget=4.5), lower=False)
+    assert "sensitivity" not in text and AssignPrecision.Config().sensitivity == "kl"
+    text = build_pipeline_text("mixed", None, QuantizeOptions(calib="x.txt", budget=4.5, sensitivity="output-error"),
+                               lower=False)
+    assert text.startswith("canonicalize,assign-precision{budget=4.5,sensitivity=output-error,")
+    assert make_config(AssignPrecision, {"budget": "4.5", "sensitivity": "output-error"}).sensitivity == "output-error"
+    with pytest.raises(QCError, match="sensitivity must be one of kl, output-error, logit-skip"):
+        make_config(AssignPrecision, {"budget": "4.5", "sensitivity": "fisher"})
