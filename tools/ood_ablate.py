@@ -72,7 +72,9 @@ def gate_model(model_dir: Path) -> tuple[Any, list[dict[str, Any]]]:
             helper.make_node("Mul", [f"{out}__d", f"{GATES}_{i}"], [f"{out}__gd"]),
             helper.make_node("Add", [x, f"{out}__gd"], [out]),
         ]
-        quant.append({"index": i, "value": x, "linears": [r.name for r in readers]})
+        meta = {p.key: p.value for p in readers[0].metadata_props}
+        quant.append({"index": i, "value": x, "linears": [r.name for r in readers],
+                      "layer": int(meta.get("qc.layer", -1)), "role": meta.get("qc.role")})
     g.node.extend(new_nodes)
     # an overridable initializer (listed as an input too): the runner's feeds need not know it
     g.initializer.append(numpy_helper.from_array(np.ones(len(quant), np.float32), GATES))
@@ -179,13 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     units: list[dict[str, Any]] = quant
     if args.groups == "layer-role":
-        import re
-
-        def layer_role(v: str) -> tuple[int, str]:
-            m = re.search(r"layers[._](\d+)[._](qkv|q_proj|o_proj|gate_up|gate_proj|down_proj|[a-z_]+?)(?:[._]|$)", v)
-            return (int(m.group(1)), m.group(2)) if m else (-1, v)
-
-        keys = [layer_role(q["value"]) for q in quant]
+        keys = [(q["layer"], q["role"] or q["value"]) for q in quant]  # the first reader's qc.layer / qc.role
         roles = sorted({r for _, r in keys})
         layers = sorted({lay for lay, _ in keys})
         units = ([{"value": f"role {r}", "members": [i for i, k in enumerate(keys) if k[1] == r]} for r in roles]
