@@ -33,6 +33,17 @@ W8A16 for those linears; ``quantization.json`` lists them under ``insert-qdq.fal
 calibration rows, ``‖x − Q(x)‖²/‖x‖²``, exceeds it: the layers where a few massive-activation
 tokens (an attention sink) stretch the one range so far that every other token is coarse —
 which no text-independent range can fix.
+
+``fallback_budget`` = f > 0 chooses those inputs by a measured criterion under a budget instead of
+a threshold: the inputs are ranked by their static error on the sampled calibration rows
+(``‖x − Q(x)‖²/‖x‖²`` with the range the pass would use, margins included), and the worst keep
+higher-precision activations while the linears they feed stay within ``f`` of all quantized
+linears (q/k/v and gate/up share an input: choosing one counts all of its readers).  Each chosen
+input is listed under ``insert-qdq.fallback`` with its error and rank.  ``fallback_dtype`` says
+what they become: ``float`` (int8 weights, float activations: W8A16, what ONNX Runtime's CPU
+integer kernels leave) or ``int16`` (static symmetric int16 per tensor, ``s = max|x|/32767``,
+A16W8: what NPUs run where a float MatMul does not exist; on ONNX Runtime's CPU provider the
+int16 Q/DQ runs unfused, as a float MatMul of the dequantized values).
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.emit import stored_spec
 from qcompiler.quant.numerics import quantize_weight
 from qcompiler.quant.w8a8 import (
+    QUANT_KEY,
     RANGE_METHODS,
     activation_range,
     attach_activation,
@@ -92,12 +104,18 @@ class InsertQdqConfig:
     held_back: bool = False  # per input: widen by its leave-one-window-out overshoot
     fallback: float = 0.0  # > 0: inputs whose held-back overshoot exceeds this keep float activations
     fallback_error: float = 0.0  # > 0: inputs whose static error on calibration rows exceeds this keep float
+    fallback_budget: float = 0.0  # > 0: the worst inputs by static error, up to this fraction of the linears
+    fallback_dtype: str = "float"  # what fallback inputs become: float (W8A16) | int16 (A16W8 QDQ)
 
     def __post_init__(self) -> None:
         if self.margin < 1.0:
             raise ValueError(f"margin must be at least 1, got {self.margin}")
         if self.fallback and self.fallback < 1.0:
             raise ValueError(f"fallback must be 0 (off) or an overshoot ratio of at least 1, got {self.fallback}")
+        if not 0.0 <= self.fallback_budget < 1.0:
+            raise ValueError(f"fallback_budget must be a fraction of the linears in [0, 1), got {self.fallback_budget}")
+        if self.fallback_dtype not in ("float", "int16"):
+            raise ValueError(f"fallback_dtype must be float or int16, got {self.fallback_dtype}")
         if self.act not in ("per-token", "static"):
             raise ValueError(f"act must be per-token or static, got {self.act}")
         if self.method not in RANGE_METHODS:
@@ -184,12 +202,25 @@ class InsertQdq(QCPass):
         for k, e in self._static_error.items():
             if cfg.fallback_error and e > cfg.fallback_error:
                 fallback.setdefault(k, {})["static_error"] = float(f"{e:.4g}")
+        if cfg.fallback_budget > 0:
+            self._budget_fallback(groups, fallback, sum(len(g) for g in groups.values()))
         for k, why in fallback.items():
             log.info("insert-qdq: %s: %s: activations stay float", linear_info(groups[k][0]).key, why)  # type: ignore[union-attr]
         fallback_report = {linear_info(groups[k][0]).key: why for k, why in fallback.items()}  # type: ignore[union-attr]
-        for k in fallback:  # int8 weights, float activations (W8A16) for these
+        for k in fallback:  # int8 weights, float (W8A16) or int16 (A16W8) activations for these
+            if cfg.fallback_dtype == "int16":
+                members = groups[k]
+                first = linear_info(members[0]).key  # type: ignore[union-attr]
+                scale = self._int16_scale[k]
+                emit_static_activation(graph, members[0], scale, 0, "int16", first.replace(".", "_") + "_a16")
+                fallback[k]["int16_scale"] = scale
+                for n in members[1:]:
+                    attach_activation(n, members[0].inputs[0], "static")  # type: ignore[arg-type]
+                for n in members:  # not a W8A8 form: no lowering takes it for one
+                    n.metadata_props[QUANT_KEY] = "a16w8-static"
             for n in groups[k]:
                 self._weight(graph, n, linear_info(n).key)  # type: ignore[union-attr]
+        all_groups = groups
         groups = {k: g for k, g in groups.items() if k not in fallback}
         counts: Counter[str] = Counter()
         act_report: dict[str, Any] = {}
@@ -223,11 +254,27 @@ class InsertQdq(QCPass):
                                     for k, members in groups.items() if (v := self._overshoot.get(k)) is not None}
             if self._overshoot else None,
             "fallback": fallback_report,
+            "fallback_linears": sum(len(g) for k, g in all_groups.items() if k in fallback),
+            "fallback_dtype": cfg.fallback_dtype if fallback else None,
             "float": "lm_head, attention score MatMuls and the KV cache" if not cfg.lm_head
             else "attention score MatMuls and the KV cache",
         }
         log.info("insert-qdq: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
         return ir.passes.PassResult(model, modified=True)
+
+    def _budget_fallback(self, groups: dict[int, list[ir.Node]], fallback: dict[int, dict[str, Any]],
+                         n_linears: int) -> None:
+        """Add the inputs of largest static error to ``fallback`` while their linears fit the budget."""
+        limit = int(np.floor(self.config.fallback_budget * n_linears + 1e-9))
+        used = sum(len(groups[k]) for k in fallback)
+        ranked = sorted(self._static_error, key=lambda k: -self._static_error[k])
+        for rank, k in enumerate(ranked, 1):
+            if k in fallback:
+                continue
+            if used + len(groups[k]) > limit:
+                continue  # a smaller input further down may still fit
+            used += len(groups[k])
+            fallback[k] = {"static_error": float(f"{self._static_error[k]:.4g}"), "rank": rank}
 
     def _weight(self, graph: ir.Graph, node: ir.Node, key: str) -> None:
         spec = stored_spec(_weight_spec(node, self.config.weight_clip, key, self.config.weight_bits), graph, node)
@@ -243,6 +290,7 @@ class InsertQdq(QCPass):
         """``(scale, zero point, dtype)`` of each static activation, from calibration statistics."""
         self._overshoot: dict[int, float] = {}
         self._static_error: dict[int, float] = {}
+        self._int16_scale: dict[int, float] = {}
         if not groups:
             return {}
         cfg: InsertQdqConfig = self.config
@@ -253,7 +301,7 @@ class InsertQdq(QCPass):
             obs = ("minmax",) if specs[key].method == "minmax" else ("minmax", "histogram")
             if loo:
                 obs = (*obs, "absmax_channel_window")
-            if cfg.fallback_error > 0:
+            if cfg.fallback_error > 0 or cfg.fallback_budget > 0:
                 obs = (*obs, "sample")
             requests.append(StatRequest(members[0].inputs[0].name, obs))  # type: ignore[union-attr]
         stats = calibrate(model, requests)
@@ -277,6 +325,7 @@ class InsertQdq(QCPass):
             lo, hi = lo * m, hi * m
             scale, zp = static_qparams(lo, hi, cfg.dtype, spec.symmetric)
             out[key] = (scale, zp, cfg.dtype)
-            if cfg.fallback_error > 0:
+            if cfg.fallback_error > 0 or cfg.fallback_budget > 0:
                 self._static_error[key] = _static_error(stats, name, scale, zp, cfg.dtype)
+            self._int16_scale[key] = static_qparams(lo, hi, "int16", True)[0]
         return out

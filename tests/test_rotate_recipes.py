@@ -30,8 +30,11 @@ def test_static_rotate_beats_static(target, synthetic_nokv_dir, synthetic_text, 
     assert [k["role"] for k in q["kept_float"]] == ["lm_head"]
     model = load_model(tmp_path / "w8a8-static-rotate" / "model.onnx")
     assert sum(ROTATION_MARK in n.metadata_props for n in model.graph) == 2  # the online transforms stay float
+    # the 10% fallback budget: 1 of the 14 linears keeps float (cpu) or int16 (npu) activations
+    qdq = q["report"]["insert-qdq"]
+    assert qdq["fallback_linears"] == 1 and qdq["fallback_dtype"] == ("int16" if target == "npu" else "float")
     if target == "cpu":
-        assert op_types(model)["com.microsoft.MatMulIntegerToFloat"] >= 8
+        assert op_types(model)["com.microsoft.MatMulIntegerToFloat"] >= 7
     assert errs["w8a8-static-rotate"] < 0.5 * errs["w8a8-static"], errs
 
 

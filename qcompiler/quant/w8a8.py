@@ -95,7 +95,7 @@ def emit_static_activation(
     """Insert ``QuantizeLinear → DequantizeLinear`` on MatMul input 0 (per-tensor)."""
     _check_finite(np.asarray(scale), f"{base} activation")
     x = matmul.inputs[0]
-    np_dtype = np.int8 if dtype == "int8" else np.uint8
+    np_dtype = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16}[dtype]
     s = add_initializer(graph, f"{base}_x_scale", float_array(scale, float_type(x, matmul.outputs[0], default=graph_float_type(graph))))
     z = add_initializer(graph, f"{base}_x_zp", np.array(zero_point, dtype=np_dtype))
     qn = _node(graph, "QuantizeLinear", [x, s, z], f"{base}_QuantizeLinear")
@@ -195,8 +195,8 @@ def _match_static(value: ir.Value) -> tuple[ir.Value, float, int, str, list[ir.N
         return None
     s, z = scalar_const(q.inputs[1]), q.inputs[2] if len(q.inputs) > 2 else None
     zs = const_array(z) if z is not None else np.array(0, dtype=np.uint8)
-    if s is None or zs is None or zs.size != 1:
-        return None
+    if s is None or zs is None or zs.size != 1 or zs.dtype not in (np.int8, np.uint8):
+        return None  # (a 16-bit activation is no W8A8 form: the lowerings leave it as QDQ)
     if scalar_const(dq.inputs[1]) != s:
         return None
     dt = "int8" if zs.dtype == np.int8 else "uint8"
@@ -238,6 +238,8 @@ _GRIDS: dict[tuple[str, bool], tuple[int, int, int | None]] = {
     ("int8", False): (-128, 127, None),
     ("uint8", True): (1, 255, 128),
     ("uint8", False): (0, 255, None),
+    # 16-bit activations (insert-qdq's fallback_dtype=int16: A16W8 for the inputs 8 bits cannot hold)
+    ("int16", True): (-32767, 32767, 0),
 }
 RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
 
@@ -245,18 +247,18 @@ RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
 def static_qparams(lo: float, hi: float, dtype: str = "int8", symmetric: bool = True) -> tuple[float, int]:
     """Scale and zero point of a static per-tensor activation with range ``[lo, hi]``.
 
-    symmetric: ``s = max(|lo|, |hi|)/127``, ``z = 0`` (int8) or ``128`` (uint8);
+    symmetric: ``s = max(|lo|, |hi|)/127``, ``z = 0`` (int8) or ``128`` (uint8); int16: ``/32767``, ``z = 0``;
     asymmetric: the range is widened to contain 0, ``s = (hi − lo)/(qmax − qmin)``,
     ``z = clamp(round(qmin − lo/s))`` so that 0 is exactly representable.
     """
     if (dtype, symmetric) not in _GRIDS:
-        raise ValueError(f"activation dtype must be int8 or uint8, got {dtype}")
+        raise ValueError(f"activation dtype must be int8 or uint8 (or symmetric int16), got {dtype}")
     qmin, qmax, fixed_z = _GRIDS[(dtype, symmetric)]
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise CalibrationError(f"activation range [{lo}, {hi}] is not finite (NaN/Inf in the statistics)")
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if symmetric:
-        scale = max(-lo, hi) / 127.0
+        scale = max(-lo, hi) / float(qmax - fixed_z)  # type: ignore[operator]
         return (scale if scale > 0 else 1.0), int(fixed_z)  # type: ignore[arg-type]
     scale = (hi - lo) / float(qmax - qmin)
     if scale <= 0:

@@ -183,3 +183,46 @@ def test_margin_held_back_and_fallback(synthetic_dir, calib) -> None:
     assert rep["fallback"]["layers.0.q_proj"]["static_error"] == pytest.approx(want, rel=1e-3)
     with pytest.raises(QCError, match="margin must be at least 1"):
         parse_pipeline("insert-qdq{margin=0.5}")
+
+
+def test_fallback_budget_ranks_by_static_error_and_int16(synthetic_dir, calib, tmp_path) -> None:
+    """fallback_budget keeps the inputs of largest static error (sampled calibration rows) at higher
+    precision within the budget of linears; fallback_dtype=int16 writes a static int16 QDQ that ORT runs
+    exactly as the numpy reference, and that no W8A8 lowering takes for an 8-bit form."""
+    folder, _ = synthetic_dir
+    lin = _float_linears(folder)
+    _, ctx = compile_model(folder, "canonicalize,insert-qdq{act=static,fallback_error=1e-12}", calib)
+    errors = {k: v["static_error"] for k, v in ctx.report["insert-qdq"]["fallback"].items()}
+    # 14 linears over 8 inputs (q/k/v and gate/up share one): a budget of 0.3 allows 4 linears
+    _, ctx = compile_model(folder, "canonicalize,insert-qdq{act=static,fallback_budget=0.3}", calib)
+    rep = ctx.report["insert-qdq"]
+    chosen = rep["fallback"]
+    assert 0 < rep["fallback_linears"] <= 4 and rep["fallback_dtype"] == "float"
+    for k, v in chosen.items():
+        assert v["static_error"] == pytest.approx(errors[k], rel=1e-3)
+    # greedy by error: every input ranked above a chosen one was too wide for the budget
+    best = max(errors, key=errors.get)
+    width = 3 if best.endswith(("q_proj", "k_proj", "v_proj")) else 2 if best.endswith(("gate_proj", "up_proj")) else 1
+    assert (best in chosen) == (width <= 4)
+    assert set(chosen).isdisjoint(rep["activations"])
+    # int16 activations for the chosen inputs: exact against the numpy reference
+    model16, ctx16 = compile_model(folder, "canonicalize,insert-qdq{act=static,fallback_budget=0.3,fallback_dtype=int16}",
+                                   calib)
+    rep16 = ctx16.report["insert-qdq"]
+    assert set(rep16["fallback"]) == set(chosen) and rep16["fallback_dtype"] == "int16"
+    key = next(iter(chosen))
+    node = next(n for n in model16.graph if linear_info(n) is not None and linear_info(n).key == key)
+    assert match_w8a8(node) is None and node.metadata_props["qc.quant"] == "a16w8-static"
+    s16 = rep16["fallback"][key]["int16_scale"]
+    w = quantize_weight(lin[key][2], W8)
+    got = run_values(model16, list(lin[key][:2]), WINDOW, tmp_path / "a16")
+    x = got[lin[key][0]][0].astype(np.float64)
+    xq = np.clip(np.rint(x / s16), -32767, 32767) * s16
+    ref = xq @ (w.q.astype(np.float64) * w.scale.reshape(1, -1))
+    assert l2_rel(ref, got[lin[key][1]][0]) < 1e-5
+    # the int16 grid is 256x finer than int8's on the same range: its error is far below the int8 one
+    assert l2_rel(x, xq) < 0.02 * np.sqrt(errors[key])
+    with pytest.raises(QCError, match="fallback_budget"):
+        parse_pipeline("insert-qdq{fallback_budget=1.5}")
+    with pytest.raises(QCError, match="fallback_dtype"):
+        parse_pipeline("insert-qdq{fallback_dtype=fp8}")
