@@ -24,7 +24,7 @@ form the lowerings read) and reported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -122,10 +122,13 @@ class QuantizeWeights(QCPass):
         default = cfg.spec()
         summary: dict[str, str] = {}
         _report_shared(nodes, self.context.report)
-        ahead = _rounded_ahead(nodes, default, method) if cfg.method in RANGE_CHECKED else None
+        def spec_of(n: ir.Node) -> QuantSpec:  # the node's spec, its scales in the type the graph stores them
+            return stored_spec(weight_spec(n) or default, model.graph, n)
+
+        ahead = _rounded_ahead(nodes, spec_of, method) if cfg.method in RANGE_CHECKED else None
         for node in tqdm(nodes, desc="quantize-weights", unit="linear", leave=False):
             info = linear_info(node)
-            spec = stored_spec(weight_spec(node) or default, model.graph, node)
+            spec = spec_of(node)
             w_val, _ = linear_weight(node)  # type: ignore[misc]
             # RTN: NaN/Inf shows in the group ranges (an error), so W gets no pass of its own for it
             qw, error = next(ahead) if ahead is not None else (None, None)
@@ -174,7 +177,7 @@ def _reads_dq(node: ir.Node) -> bool:
     return p is not None and p.op_type == "DequantizeLinear" and p.domain == ""
 
 
-def _rounded_ahead(nodes: list[ir.Node], default: QuantSpec, method: object,
+def _rounded_ahead(nodes: list[ir.Node], spec_of: Callable[[ir.Node], QuantSpec], method: object,
                    depth: int = 2) -> Iterator[tuple[object | None, ValueError | None]]:
     """``(QuantizedWeight, None)`` or ``(None, error)`` per node, in order, computed ``depth`` weights ahead
     on worker threads while the caller writes the previous ones into the graph (numpy releases the GIL in
@@ -189,7 +192,7 @@ def _rounded_ahead(nodes: list[ir.Node], default: QuantSpec, method: object,
     def submit(pool: ThreadPoolExecutor, node: ir.Node) -> Future:
         w_val, _ = linear_weight(node)  # type: ignore[misc]
         w = w_val.const_value.numpy()  # mapped here: onnx_ir's lazy loading is not for several threads
-        return pool.submit(work, w, weight_spec(node) or default, node)
+        return pool.submit(work, w, spec_of(node), node)
 
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="quantize-weights") as pool:
         pending = [submit(pool, n) for n in nodes[:depth]]
