@@ -39,7 +39,7 @@ second-order expansion (``KL ≈ ½ Δzᵀ F Δz``, ``F`` the Fisher of the logi
 the KL itself needs no gradient (an ONNX graph has none) and loses nothing to the
 expansion, at the price of running the rest of the model once per linear (≈ 7·L/2 model
 runs on the ``block_windows`` for L layers; SmolLM2-135M: 32 min on 2 busy cores against
-~2 min for ``output-error``).
+3.3 min for ``output-error``).
 
 Measured on SmolLM2-135M (``tools/sensitivity_eval.py``, numbers in ``docs/analysis.md``):
 calibrated on the GPL-3 (2 windows of 128 tokens), checked against the KL of the final
