@@ -39,7 +39,7 @@ class QuantizeOptions:
     alpha: float | None = None
     budget: float | None = None
     max_size_mb: float | None = None
-    sensitivity: str | None = None  # mixed: assign-precision's ranking (kl | output-error | logit-skip)
+    sensitivity: str | None = None  # mixed: assign-precision's ranking (kl | output-error | blend | logit-skip)
     static_shapes: int | None = None
     fuse: bool = True  # cpu/cuda: fuse norms, rotary, attention, packed linears (issue 11)
     allow_partial: bool = False  # write a model whose unsupported decoder linears stay float (issue 23)

@@ -118,6 +118,7 @@ SCORES = {
     "β=0.5": lambda g, e: (g["block"] * g["skip"]) ** 0.5,
     "logit-skip": lambda g, e: g.get("logit_skip"),
     "kl": lambda g, e: g.get("kl"),
+    "blend √(kl·output-error)": lambda g, e: (g["kl"] * g["block"]) ** 0.5 if "kl" in g else None,
 }
 
 
@@ -181,12 +182,12 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
-#: ranking → the gains entry that is its ``final(j)``; ``kl*output-error``: their geometric mean (tool only)
+#: ranking → the gains entry that is its ``final(j)``; ``blend``: the geometric mean of kl and output-error
 FINAL = {"kl": "kl", "output-error": "block", "logit-skip": "logit_skip"}
 
 
 def _final(g: dict[str, float], method: str) -> float:
-    if method == "kl*output-error":
+    if method == "blend":
         return (g["kl"] * g["block"]) ** 0.5
     return g[FINAL[method]]
 

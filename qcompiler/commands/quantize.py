@@ -27,7 +27,7 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="smoothing strength (recipes that smooth)")
     p.add_argument("--budget", type=float, default=None, help="average weight bits (mixed precision)")
     p.add_argument("--max-size", dest="max_size_mb", type=float, default=None, help="size budget in MB (mixed)")
-    p.add_argument("--sensitivity", choices=["kl", "output-error", "logit-skip"], default=None,
+    p.add_argument("--sensitivity", choices=["kl", "output-error", "blend", "logit-skip"], default=None,
                    help="mixed: what ranks the linears (default kl: KL of the final logits; docs/analysis.md)")
     p.add_argument("--cpu-isa", choices=["any", "vnni"], default=None,
                    help="CPUs the integer GEMMs must be exact on: any (default; uint8 weights, u8×u8) | vnni "
