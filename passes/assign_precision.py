@@ -53,7 +53,7 @@ class AssignPrecisionConfig:
     block_windows: int = 2
     block_seq_len: int = 128
     propagation: float = 0.0  # β of qcompiler.analysis.sensitivity (sensitivity=output-error)
-    sensitivity: str = "kl"  # kl | output-error | logit-skip (qcompiler.analysis.sensitivity)
+    sensitivity: str = "kl"  # kl | output-error | blend | logit-skip (qcompiler.analysis.sensitivity)
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget <= 0:

@@ -39,7 +39,7 @@ class QuantizeOptions:
     alpha: float | None = None
     budget: float | None = None
     max_size_mb: float | None = None
-    sensitivity: str | None = None  # mixed: assign-precision's ranking (kl | output-error | logit-skip)
+    sensitivity: str | None = None  # mixed: assign-precision's ranking (kl | output-error | blend | logit-skip)
     static_shapes: int | None = None
     # learned rounding (issue 22, recipes w4a16-round, w4a16-rotate-round): passes/round.py's defaults when None
     round_iters: int | None = None

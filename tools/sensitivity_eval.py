@@ -118,6 +118,7 @@ SCORES = {
     "β=0.5": lambda g, e: (g["block"] * g["skip"]) ** 0.5,
     "logit-skip": lambda g, e: g.get("logit_skip"),
     "kl": lambda g, e: g.get("kl"),
+    "blend √(kl·output-error)": lambda g, e: (g["kl"] * g["block"]) ** 0.5 if "kl" in g else None,
 }
 
 
@@ -181,8 +182,14 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
-#: ranking → the gains entry that is its ``final(j)``
+#: ranking → the gains entry that is its ``final(j)``; ``blend``: the geometric mean of kl and output-error
 FINAL = {"kl": "kl", "output-error": "block", "logit-skip": "logit_skip"}
+
+
+def _final(g: dict[str, float], method: str) -> float:
+    if method == "blend":
+        return (g["kl"] * g["block"]) ** 0.5
+    return g[FINAL[method]]
 
 
 def mixed(args: argparse.Namespace) -> int:
@@ -215,7 +222,8 @@ def mixed(args: argparse.Namespace) -> int:
     chosen: dict[str, list[str]] = {}
     for method in args.methods.split(","):
         g = measured["gains"]
-        errors = {k: {o.name: g[k][FINAL[method]] / g[k]["local"] * rel[k][o.name] for o in options} for k in keys}
+        final = {k: _final(g[k], method) for k in keys}
+        errors = {k: {o.name: final[k] / g[k]["local"] * rel[k][o.name] for o in options} for k in keys}
         sol = bud.solve(sites, keys, errors, options, budget=args.budget)
         configs.append((f"mixed {args.budget:g} ({method})", sol.assignment))
         chosen[method] = sorted((k for k, c in sol.assignment.items() if c.name != ref.name),

@@ -25,6 +25,7 @@ measures (``--sensitivity``, :data:`SENSITIVITY_METHODS`)::
     kl           = mean_t KL(p_t ‖ p̂_t)      p, p̂ = softmax of the final logits, float and with Ŵ_j,
                                             the rest of the model run from r_in(l) on the same windows
     output-error = block(j)^(1−β) · skip(j)^β     (β = MeasureConfig.propagation)
+    blend        = √(kl · output-error)         (β as set; both from the same run)
     logit-skip   = mean_t KL(p_t ‖ softmax(head(norm(r_L,t + Δr_out,t))))   (later layers ignored)
 
 and then, for every candidate::
@@ -39,7 +40,7 @@ second-order expansion (``KL ≈ ½ Δzᵀ F Δz``, ``F`` the Fisher of the logi
 the KL itself needs no gradient (an ONNX graph has none) and loses nothing to the
 expansion, at the price of running the rest of the model once per linear (≈ 7·L/2 model
 runs on the ``block_windows`` for L layers; SmolLM2-135M: 32 min on 2 busy cores against
-~2 min for ``output-error``).
+3.3 min for ``output-error``).
 
 Measured on SmolLM2-135M (``tools/sensitivity_eval.py``, numbers in ``docs/analysis.md``):
 calibrated on the GPL-3 (2 windows of 128 tokens), checked against the KL of the final
@@ -95,7 +96,7 @@ def token_rel_error(ref: np.ndarray, test: np.ndarray, scale: np.ndarray | None 
 
 
 #: ``--sensitivity`` choices: what ``final(j)`` measures (module docstring)
-SENSITIVITY_METHODS = ("kl", "output-error", "logit-skip")
+SENSITIVITY_METHODS = ("kl", "output-error", "blend", "logit-skip")
 DEFAULT_SENSITIVITY = "kl"
 
 
@@ -121,6 +122,8 @@ def block_gains(model: ir.Model, sites: ModelSites, ids: np.ndarray, residuals: 
     """
     check_method(method)
     measures = tuple(dict.fromkeys(check_method(m) for m in (method, *also)))
+    if "blend" in measures:
+        measures = (*measures, "kl")
     last = sites.layers[-1].r_out if sites.layers else None
     r_final = residuals.get(last) if last else None
     if "logit-skip" in measures and r_final is None:
@@ -197,8 +200,9 @@ def _layer_gains(model: ir.Model, ls: LayerSites, ids: np.ndarray, r_in: np.ndar
                 row["kl"] = kl_per_token(ref_logits, test_logits[0])
             if head is not None:
                 row["logit_skip"] = head.kl(test - ref)
-            final = {"output-error": block ** (1 - propagation) * skip**propagation,
-                     "kl": row.get("kl"), "logit-skip": row.get("logit_skip")}[measures[0]]
+            layer_error = block ** (1 - propagation) * skip**propagation
+            final = {"output-error": layer_error, "kl": row.get("kl"), "logit-skip": row.get("logit_skip"),
+                     "blend": (row.get("kl", 0.0) * layer_error) ** 0.5}[measures[0]]
             row.update(final=final, gain=final / local if local > 0 else 0.0)  # type: ignore[operator]
             out[s.key] = row  # type: ignore[assignment]
             if tick is not None:

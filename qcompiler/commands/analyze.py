@@ -34,10 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=256, help="token rows sampled per value for local errors (default 256)")
     p.add_argument("--block-windows", type=int, default=2, help="windows for layer reruns (default 2)")
     p.add_argument("--block-seq-len", type=int, default=128, help="their length (default 128)")
-    p.add_argument("--sensitivity", choices=["kl", "output-error", "logit-skip"], default="kl",
+    p.add_argument("--sensitivity", choices=["kl", "output-error", "blend", "logit-skip"], default="kl",
                    help="what ranks the linears: kl (default) = KL of the final logits with one linear quantized, "
                         "the rest of the model run from its layer; output-error = relative error of its layer's "
-                        "output (the ranking before); logit-skip = that error added to the final residual "
+                        "output (the ranking before); blend = √(kl·output-error); logit-skip = that error added to the final residual "
                         "(docs/analysis.md)")
     p.add_argument("--propagation", type=float, default=0.0,
                    help="with --sensitivity output-error, β in [0, 1]: 0 rates a layer's error against its own "

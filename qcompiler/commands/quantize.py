@@ -33,7 +33,7 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="learned rounding: initial step, linearly decayed (default 1/iters)")
     p.add_argument("--round-samples", type=int, default=None,
                    help="learned rounding: calibration windows used (default 32)")
-    p.add_argument("--sensitivity", choices=["kl", "output-error", "logit-skip"], default=None,
+    p.add_argument("--sensitivity", choices=["kl", "output-error", "blend", "logit-skip"], default=None,
                    help="mixed: what ranks the linears (default kl: KL of the final logits; docs/analysis.md)")
     p.add_argument("--cpu-isa", choices=["any", "vnni"], default=None,
                    help="CPUs the integer GEMMs must be exact on: any (default; uint8 weights, u8×u8) | vnni "

@@ -157,6 +157,14 @@ def test_kl_sensitivity_is_the_kl_of_the_logits_with_the_rest_of_the_model_run(s
     e2e.close()
 
 
+def test_blend_is_the_geometric_mean_of_kl_and_the_layer_output_error(synthetic_nokv_dir) -> None:
+    model = load_model(synthetic_nokv_dir[0] / "model.onnx")
+    sites = find_sites(model)
+    gains = _gains(model, sites, parse_candidate("w4g32"), "blend")
+    for g in gains.values():
+        assert g["final"] == pytest.approx((g["kl"] * g["block"]) ** 0.5, rel=1e-12) and g["final"] > 0
+
+
 def test_kl_sensitivity_ranks_a_damaged_linear_first(synthetic_nokv_dir) -> None:
     """Rows of layer 0's down_proj shrunk 64× (its up_proj columns grown 64×: the float model is the same)
     except one row per group of 32: each group's int4 range is set by that row and the others round

@@ -184,5 +184,5 @@ def test_sensitivity_option_reaches_assign_precision() -> None:
                                lower=False)
     assert text.startswith("canonicalize,assign-precision{budget=4.5,sensitivity=output-error,")
     assert make_config(AssignPrecision, {"budget": "4.5", "sensitivity": "output-error"}).sensitivity == "output-error"
-    with pytest.raises(QCError, match="sensitivity must be one of kl, output-error, logit-skip"):
+    with pytest.raises(QCError, match="sensitivity must be one of kl, output-error, blend, logit-skip"):
         make_config(AssignPrecision, {"budget": "4.5", "sensitivity": "fisher"})
