@@ -80,6 +80,16 @@ def _symbolic_shape_inference_class() -> type | None:
     return getattr(module, "SymbolicShapeInference", None)
 
 
+#: ops whose output type and shape the symbolic tool's own rule writes (Shape: the input's rank)
+_OWN_RULE = frozenset({"Unsqueeze", "Gather", "Concat", "Shape"})
+
+
+def onnx_helper() -> object:
+    import onnx.helper
+
+    return onnx.helper
+
+
 _REDUCE_AXES_INPUT = ("ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
 
 
@@ -103,6 +113,25 @@ def _contrib_aware(cls: type) -> type:
             for op in _REDUCE_AXES_INPUT:
                 self.dispatcher_.setdefault(op, self._infer_ReduceMean)  # opset ≥ 18: axes is input 1
             self.dispatcher_["GatherBlockQuantized"] = self._infer_gather_block_quantized
+
+        def _onnx_infer_single_node(self, node: object) -> None:
+            """Skip the one-node ONNX inference where the tool's own rule writes the whole result anyway
+            (``Unsqueeze``, ``Gather``, ``Concat``: their rules set the output's type and shape) or where
+            the result is the input's rank (``Shape``): half a decoder's nodes are this shape arithmetic,
+            and the ONNX call (a model built, serialized and inferred per node) is most of their cost."""
+            op = node.op_type  # type: ignore[attr-defined]
+            if node.domain not in ("", "ai.onnx") or op not in _OWN_RULE:  # type: ignore[attr-defined]
+                super()._onnx_infer_single_node(node)
+                return
+            out = node.output[0]  # type: ignore[attr-defined]
+            vi = self.out_mp_.graph.value_info.add()
+            vi.name = out
+            if op == "Shape":
+                rank = len(self.known_vi_[node.input[0]].type.tensor_type.shape.dim)  # type: ignore[attr-defined]
+                attrs = {a.name: a.i for a in node.attribute}  # type: ignore[attr-defined]
+                start, end = attrs.get("start", 0), attrs.get("end", rank)
+                vi.CopyFrom(onnx_helper().make_tensor_value_info(out, 7, [len(range(rank)[start:end])]))  # int64
+            self.known_vi_[out] = vi
 
         def _infer_gather_block_quantized(self, node: object) -> None:
             """The tool reads a uint8 table's packed dims: the rows it gathers hold 8/bits values a byte."""
