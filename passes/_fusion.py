@@ -198,9 +198,11 @@ def _merge_repeats(graph: object) -> dict[str, str]:
             else:
                 small[key] = t.name
     outputs = {o.name for o in graph.output}  # type: ignore[attr-defined]
+    get = aliases.get
     for n in graph.node:  # type: ignore[attr-defined]
-        ins = tuple(aliases.get(i, i) for i in n.input)
-        key = (n.domain, n.op_type, ins, tuple(a.SerializeToString() for a in n.attribute), len(n.output))
+        ins = tuple([get(i, i) for i in n.input])
+        attrs = n.attribute
+        key = (n.domain, n.op_type, ins, tuple([a.SerializeToString() for a in attrs]) if attrs else (), len(n.output))
         rep = seen.get(key)
         if rep is not None and not any(o in outputs for o in n.output) and n.op_type not in ("If", "Loop", "Scan"):
             for o, r in zip(n.output, rep.output):

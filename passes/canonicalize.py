@@ -127,7 +127,7 @@ class Canonicalize(QCPass):
         if isinstance(done, CanonicalSummary) and done.fingerprint == graph_fingerprint(graph):
             log.info("canonicalize: already canonical (no node added or removed since)")
             return ir.passes.PassResult(model, modified=False)
-        before = {id(n): _annotation(n) for n in graph}
+        before = {id(n): _annotation(n) for n in graph if n.op_type in ("MatMul", "Gemm")}
         rewritten = gemm_to_matmul(graph)
         if rewritten:
             log.info("canonicalize: %d Gemm linear(s) rewritten as MatMul + Add", rewritten)
