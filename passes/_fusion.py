@@ -80,6 +80,16 @@ def _symbolic_shape_inference_class() -> type | None:
     return getattr(module, "SymbolicShapeInference", None)
 
 
+#: ops whose output type and shape the symbolic tool's own rule writes (Shape: the input's rank)
+_OWN_RULE = frozenset({"Unsqueeze", "Gather", "Concat", "Shape", "Reshape", "MatMul"})
+
+
+def onnx_helper() -> object:
+    import onnx.helper
+
+    return onnx.helper
+
+
 _REDUCE_AXES_INPUT = ("ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
 
 
@@ -103,6 +113,28 @@ def _contrib_aware(cls: type) -> type:
             for op in _REDUCE_AXES_INPUT:
                 self.dispatcher_.setdefault(op, self._infer_ReduceMean)  # opset ≥ 18: axes is input 1
             self.dispatcher_["GatherBlockQuantized"] = self._infer_gather_block_quantized
+
+        def _onnx_infer_single_node(self, node: object) -> None:
+            """Skip the one-node ONNX inference where the tool's own rule writes the whole result anyway
+            (``Unsqueeze``, ``Gather``, ``Concat``, ``MatMul``, ``Reshape``: their rules set the output's
+            shape, and its type: the input's) or where the result is the input's rank (``Shape``): over
+            half a decoder's nodes,
+            and the ONNX call (a model built, serialized and inferred per node) is most of their cost."""
+            op = node.op_type  # type: ignore[attr-defined]
+            if node.domain not in ("", "ai.onnx") or op not in _OWN_RULE:  # type: ignore[attr-defined]
+                super()._onnx_infer_single_node(node)
+                return
+            out = node.output[0]  # type: ignore[attr-defined]
+            vi = self.out_mp_.graph.value_info.add()
+            vi.name = out
+            if op == "Shape":
+                rank = len(self.known_vi_[node.input[0]].type.tensor_type.shape.dim)  # type: ignore[attr-defined]
+                attrs = {a.name: a.i for a in node.attribute}  # type: ignore[attr-defined]
+                start, end = attrs.get("start", 0), attrs.get("end", rank)
+                vi.CopyFrom(onnx_helper().make_tensor_value_info(out, 7, [len(range(rank)[start:end])]))  # int64
+            elif op == "Reshape":  # its rule keeps the output's element type: the input's
+                vi.type.tensor_type.elem_type = self.known_vi_[node.input[0]].type.tensor_type.elem_type  # type: ignore[attr-defined]
+            self.known_vi_[out] = vi
 
         def _infer_gather_block_quantized(self, node: object) -> None:
             """The tool reads a uint8 table's packed dims: the rows it gathers hold 8/bits values a byte."""
@@ -151,6 +183,43 @@ def _constants_as_initializers(graph: object) -> dict[str, tuple[int, list[int]]
     return {t.name: (t.data_type, list(t.dims)) for t in made}
 
 
+def _merge_repeats(graph: object) -> dict[str, str]:
+    """Drop, from a GraphProto given to shape inference, every node that repeats an earlier one (same op,
+    attributes and inputs, after earlier merges; small initializers compared by value): an exported
+    decoder recomputes the same shape arithmetic for q, k and v.  Returns dropped output → the output
+    it repeats (which has the same shape).  Nodes making a graph output stay."""
+    keep, aliases, seen = [], {}, {}
+    small: dict[tuple, str] = {}
+    for t in graph.initializer:  # type: ignore[attr-defined]
+        if len(t.raw_data) <= 64 and t.raw_data:
+            key = (t.data_type, tuple(t.dims), t.raw_data)
+            if key in small:
+                aliases[t.name] = small[key]
+            else:
+                small[key] = t.name
+    outputs = {o.name for o in graph.output}  # type: ignore[attr-defined]
+    get = aliases.get
+    for n in graph.node:  # type: ignore[attr-defined]
+        ins = tuple([get(i, i) for i in n.input])
+        attrs = n.attribute
+        key = (n.domain, n.op_type, ins, tuple([a.SerializeToString() for a in attrs]) if attrs else (), len(n.output))
+        rep = seen.get(key)
+        if rep is not None and not any(o in outputs for o in n.output) and n.op_type not in ("If", "Loop", "Scan"):
+            for o, r in zip(n.output, rep.output):
+                if o:
+                    aliases[o] = r
+            continue
+        seen.setdefault(key, n)
+        if ins != tuple(n.input):
+            del n.input[:]
+            n.input.extend(ins)
+        keep.append(n)
+    if len(keep) < len(graph.node):  # type: ignore[attr-defined]
+        del graph.node[:]  # type: ignore[attr-defined]
+        graph.node.extend(keep)  # type: ignore[attr-defined]
+    return {o: r for o, r in aliases.items() if o not in small.values()}
+
+
 def _ort_symbolic_inference(model: ir.Model) -> str:
     """Symbolic inference: "complete", "partial" (it stopped early; what it found is kept) or "failed"."""
     import onnx
@@ -168,12 +237,20 @@ def _ort_symbolic_inference(model: ir.Model) -> str:
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         # the tool's own infer_shapes, minus the scratch file it saves when incomplete
         constants.update(_constants_as_initializers(proto.graph))
+        aliases = _merge_repeats(proto.graph)
         ssi = inference(2**31 - 1, True, False, 0)
         ssi._preprocess(proto)
         while ssi.run_:
             complete[0] = ssi._infer_impl()
         ssi._update_output_from_vi()
-        return ssi.out_mp_
+        out = ssi.out_mp_
+        found = {v.name: v for v in out.graph.value_info}
+        for name, rep in aliases.items():  # a repeated computation has its first occurrence's shape
+            if rep in found:
+                vi = out.graph.value_info.add()
+                vi.CopyFrom(found[rep])
+                vi.name = name
+        return out
 
     try:  # weights travel as typed inputs (onnx_ir's helper): no tensor data is serialized or read
         inferred = _c_api_utils.call_onnx_api(infer, model)

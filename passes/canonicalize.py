@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -53,7 +54,7 @@ class CanonicalSummary:
     linears: dict[str, ir.Node] = field(default_factory=dict)  # "layers.3.q_proj" → node
     norms: dict[str, RMSNormMatch] = field(default_factory=dict)  # "layers.3.q_proj" → norm feeding it
     unclassified: list[str] = field(default_factory=list)
-    fingerprint: int = 0  # graph_fingerprint when found: an unchanged node list needs no second run
+    nodes: tuple[weakref.ref, ...] = ()  # the node list it was found on: unchanged, no second run is needed
 
     def nodes_by_role(self, role: Role) -> list[ir.Node]:
         return [n for k, n in self.linears.items() if n.meta[LINEAR_KEY].role == role]
@@ -124,10 +125,10 @@ class Canonicalize(QCPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         done = graph.meta.get(CANONICAL_KEY)
-        if isinstance(done, CanonicalSummary) and done.fingerprint == graph_fingerprint(graph):
+        if isinstance(done, CanonicalSummary) and _same_nodes(done.nodes, graph):
             log.info("canonicalize: already canonical (no node added or removed since)")
             return ir.passes.PassResult(model, modified=False)
-        before = {id(n): _annotation(n) for n in graph}
+        before = {id(n): _annotation(n) for n in graph if n.op_type in ("MatMul", "Gemm")}
         rewritten = gemm_to_matmul(graph)
         if rewritten:
             log.info("canonicalize: %d Gemm linear(s) rewritten as MatMul + Add", rewritten)
@@ -178,7 +179,7 @@ class Canonicalize(QCPass):
                 summary.norms[info.key] = norm
 
         summary.num_layers = len(attn_starts)
-        summary.fingerprint = graph_fingerprint(graph)
+        summary.nodes = tuple(weakref.ref(n) for n in graph)
         graph.meta[CANONICAL_KEY] = summary
         annotated = sum(before.get(id(n)) != _annotation(n) for n in linears)
         by_role = summary.to_dict()["roles"]
@@ -198,9 +199,10 @@ def _annotation(node: ir.Node) -> tuple[str | None, ...]:
     return tuple(node.metadata_props.get(k) for k in ("qc.layer", "qc.role", "qc.expert"))
 
 
-def graph_fingerprint(graph: ir.Graph) -> int:
-    """Identity of the graph's node list: changes when a node is added, removed or reordered."""
-    return hash(tuple(map(id, graph)))
+def _same_nodes(nodes: tuple[weakref.ref, ...], graph: ir.Graph) -> bool:
+    """The graph holds exactly these node objects, in this order (no node added, removed or reordered;
+    weak references, so a node made after another was freed cannot pass for it by a reused id)."""
+    return len(nodes) == len(graph) and all(r() is n for r, n in zip(nodes, graph))
 
 
 def canonical_summary(model: ir.Model) -> CanonicalSummary:

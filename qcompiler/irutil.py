@@ -215,6 +215,8 @@ def _inline_attribute_tensors(graph: ir.Graph) -> None:
     so they are simply inlined.
     """
     for node in ir.traversal.RecursiveGraphIterator(graph):
+        if not node.attributes:
+            continue
         for name, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
                 t = attr.value

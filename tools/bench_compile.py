@@ -2,6 +2,7 @@
 """RTN compile time: ``qc quantize --recipe w4a16-rtn`` vs ONNX Runtime's ``MatMulNBitsQuantizer``.
 
     python tools/bench_compile.py MODEL_DIR [--work runs/bench_compile] [--repeats 3] [--group-size 128] [--sym]
+                                  [--baseline-root EARLIER_CHECKOUT]
 
 Both tools start from the same fp32 model folder (``model.onnx`` + ``model.onnx_data``) and write an
 int4 model folder with external data; each run is a fresh child process (interpreter start and imports
@@ -10,7 +11,9 @@ count for both), measured round-robin ``--repeats`` times; the best wall time an
 the machine.  ORT's row is its default RTN (``DefaultWeightOnlyQuantConfig``, asymmetric unless
 ``--sym``) at the same block size; qcompiler's row is the whole default pipeline (canonicalize,
 quantize, the cpu target's fusions and lowering to ``MatMulNBits``, the checks, ``quantization.json``).
-Prints one JSON line per run and a summary table (ratio = qcompiler / ORT).
+Prints one JSON line per run and a summary table (ratio = qcompiler / ORT).  ``--baseline-root`` adds an
+earlier qcompiler checkout as a third row (e.g. ``git archive REV | tar -x -C runs/base``) and says
+whether its ``model.onnx_data`` is byte for byte the current one's.
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ def _child_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_one(cmd: list[str], out: Path) -> dict[str, float]:
+def run_one(cmd: list[str], out: Path, env: dict[str, str] | None = None, cwd: str | None = None) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     c0, t0 = _child_cpu(), time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
     wall, cpu = time.perf_counter() - t0, _child_cpu() - c0
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
 
@@ -60,9 +63,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--sym", action="store_true")
+    ap.add_argument("--baseline-root", help="an earlier qcompiler checkout, run as a third row with QC_ROOT set to it "
+                    "(the development shim on PYTHONPATH maps the package there)")
     args = ap.parse_args()
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    args.model = str(Path(args.model).resolve())
     py = sys.executable
     tools = {
         "qc-w4a16-rtn": [py, "-m", "qcompiler", "quantize", args.model, str(work / "qc"), "--recipe", "w4a16-rtn",
@@ -70,10 +76,16 @@ def main() -> None:
         "ort-rtn": [py, "-c", ORT_CHILD, args.model, str(work / "ort"), str(args.group_size), "1" if args.sym else "0"],
     }
     outs = {"qc-w4a16-rtn": work / "qc", "ort-rtn": work / "ort"}
+    envs: dict[str, dict[str, str] | None] = {k: None for k in tools}
+    if args.baseline_root:
+        tools["qc-baseline"] = [*tools["qc-w4a16-rtn"][:5], str(work / "base"), *tools["qc-w4a16-rtn"][6:]]
+        outs["qc-baseline"] = work / "base"
+        envs["qc-baseline"] = {**os.environ, "QC_ROOT": str(Path(args.baseline_root).resolve())}
+    cwds = {k: (str(Path(args.baseline_root).resolve()) if k == "qc-baseline" else None) for k in tools}
     results: dict[str, list[dict[str, float]]] = {k: [] for k in tools}
     for rep in range(args.repeats):
         for name, cmd in tools.items():
-            r = run_one(cmd, outs[name])
+            r = run_one(cmd, outs[name], envs[name], cwds[name])  # (the baseline from its own folder)
             results[name].append(r)
             print(json.dumps({"round": rep + 1, "tool": name, **r}), flush=True)
     best = {k: (min(r["wall_s"] for r in v), min(r["cpu_s"] for r in v)) for k, v in results.items()}
@@ -84,6 +96,19 @@ def main() -> None:
     for k, (w, c) in best.items():
         print(f"| {k} | {w:.2f} | {c:.2f} |")
     print(f"| ratio qc/ort | {qc[0] / ort[0]:.2f}× | {qc[1] / ort[1]:.2f}× |")
+    if "qc-baseline" in best:
+        b = best["qc-baseline"]
+        print(f"| ratio baseline/ort | {b[0] / ort[0]:.2f}× | {b[1] / ort[1]:.2f}× |")
+    same = _same_data(work / "qc", work / "base") if "qc-baseline" in best else None
+    if same is not None:
+        print(f"model.onnx_data identical to the baseline's: {same}")
+
+
+def _same_data(a: Path, b: Path) -> bool:
+    import hashlib
+
+    digest = [hashlib.sha256((d / "model.onnx_data").read_bytes()).digest() for d in (a, b)]
+    return digest[0] == digest[1]
 
 
 if __name__ == "__main__":
