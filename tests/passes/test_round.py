@@ -223,9 +223,9 @@ def test_rotate_round_recipe_and_its_options(synthetic_nokv_dir, synthetic_text,
     assert get_recipe("w4a16-rotate-round").build(opts).startswith("canonicalize,rotate,round{")
     quantize(folder, tmp_path / "rr", recipe="w4a16-rotate-round", options=opts)
     quantize(folder, tmp_path / "rtn", recipe="w4a16-rtn", options=QuantizeOptions(group_size=32))
-    from tests.helpers import WINDOW
-
-    assert _logit_err(folder, tmp_path / "rr", WINDOW) < _logit_err(folder, tmp_path / "rtn", WINDOW)
+    tokens = tokenize(folder, read_text(synthetic_text))
+    ids = tokens[len(tokens) // 2 :][:64]  # held-out half of the text
+    assert _logit_err(folder, tmp_path / "rr", ids) < _logit_err(folder, tmp_path / "rtn", ids)
     import json
 
     report = json.loads((tmp_path / "rr" / "quantization.json").read_text())["report"]
@@ -241,7 +241,8 @@ def test_a_layer_left_float_still_moves_the_float_stream(synthetic_dir, syntheti
     skip = ":".join(f"layers.0.{r.value}" for r in (Role.Q, Role.K, Role.V, Role.O, Role.GATE, Role.UP, Role.DOWN))
     ctx = calib_context(folder, synthetic_text, samples=3, seq_len=32)
     model, _ = run_passes(load_model(folder / "model.onnx"),
-                          [Canonicalize(), Round(make_config(Round, {"group_size": 32, "iters": 5, "skip": skip}), ctx)])
+                          [Canonicalize(), Round(make_config(Round, {"group_size": 32, "iters": 5, "skip": skip,
+                                                                     "target": "float"}), ctx)])
     assert list(ctx.report["round"]["layers"]) == ["layers.1"]
     kinds = {linear_info(n).key: read_dq_weight(n.inputs[1]) is not None for n in model.graph
              if linear_info(n) is not None and linear_info(n).role != Role.LM_HEAD}
