@@ -45,7 +45,6 @@ from threadpoolctl import threadpool_limits
 
 from qcompiler.canonical import canonical_summary
 from qcompiler.errors import QCError, UnsupportedModelError
-from qcompiler.floattype import widen_bf16
 from qcompiler.irutil import topo_index
 from qcompiler.spec import Role, linear_info
 
@@ -454,15 +453,14 @@ class LayerwiseRunner:
     def _session(self, layer: int | None, outputs: list[str]) -> tuple[ort.InferenceSession, set[str]]:
         """A session computing ``outputs`` of decoder layer ``layer`` (None: of the prefix, from graph inputs)."""
         proto, root, inputs = self._subgraph_proto(layer, outputs)
-        from qcompiler.runtime import session_options
+        from qcompiler.runtime import proto_session, session_options
 
         so = session_options(self.threads, optimize=True, spin=False)
         so.enable_cpu_mem_arena = False  # freed between sessions: memory stays at one layer's working set
-        if root is not None:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(root))
-        widen_bf16(proto)  # a bf16 graph runs computed in float32 (no bf16 MatMul on CPU)
-        try:
-            session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        try:  # a bf16 graph runs computed in float32 (no bf16 MatMul on CPU)
+            session = proto_session(proto, so, root)
+        except QCError:
+            raise
         except Exception as e:  # ORT raises its own exception types
             where = "the graph's prefix" if layer is None else f"decoder layer {layer}"
             raise QCError(f"layer-wise runner: ONNX Runtime cannot run {where}: "

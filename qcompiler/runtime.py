@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from qcompiler.errors import InputError, QCError, UnsupportedModelError
@@ -50,6 +51,26 @@ def session_options(threads: int | None = None, optimize: bool = True, spin: boo
     # so the portable (QDQ) form evaluates to the same numbers as the MatMulNBits form.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return so
+
+
+def proto_session(proto: onnx.ModelProto, so: ort.SessionOptions,
+                  folder: str | os.PathLike | None = None) -> ort.InferenceSession:
+    """A CPU session over an in-memory graph whose external data lies in ``folder``.
+
+    Registers qcompiler's op library when the graph uses its domain, and widens a bf16 graph
+    to compute in float32 in place (ORT has no bf16 MatMul on CPU).  ONNX Runtime's own
+    exceptions propagate: the caller says what could not run.
+    """
+    from qcompiler.floattype import widen_bf16
+
+    if folder is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    if any(o.domain == "qcompiler" for o in proto.opset_import):
+        from qcompiler.ops import register_library  # raises a QCError naming the build command
+
+        register_library(so)
+    widen_bf16(proto)
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def custom_op_library() -> str | None:

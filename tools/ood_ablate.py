@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -104,18 +103,9 @@ def _toposort(g: Any) -> None:
 
 
 def session(proto: Any, model_dir: Path, threads: int | None) -> Any:
-    import onnxruntime as ort
+    from qcompiler.runtime import proto_session, session_options
 
-    from qcompiler.runtime import session_options
-
-    so = session_options(threads, True, True)
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
-    cwd = os.getcwd()
-    try:
-        os.chdir(model_dir)
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    finally:
-        os.chdir(cwd)
+    return proto_session(proto, session_options(threads, True, True), model_dir)
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:

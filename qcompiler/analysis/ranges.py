@@ -57,23 +57,15 @@ def _inputs(model_path: Path) -> dict[str, list[str]]:
 
 def _session(model_dir: Path, names: list[str], threads: int | None) -> Any:
     import onnx
-    import onnxruntime as ort
 
-    from qcompiler.runtime import session_options
+    from qcompiler.runtime import proto_session, session_options
 
     proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     have = {o.name for o in proto.graph.output}
     for n in names:
         if n not in have:
             proto.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = session_options(threads, True, True)
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
-    cwd = os.getcwd()
-    try:
-        os.chdir(model_dir)
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    finally:
-        os.chdir(cwd)
+    return proto_session(proto, session_options(threads, True, True), model_dir)
 
 
 def range_shift(model_dir: str | os.PathLike, calib_ids: np.ndarray, text_ids: np.ndarray,

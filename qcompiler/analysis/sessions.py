@@ -27,7 +27,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompiler.errors import QCError
-from qcompiler.floattype import graph_float_type, widen_bf16
+from qcompiler.floattype import graph_float_type
+from qcompiler.runtime import proto_session
 
 _PAST_PREFIX = "past_key_values."
 _INLINE_LIMIT = 1 << 16
@@ -169,14 +170,10 @@ class PartRunner:
             so.intra_op_num_threads = threads
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(root))
-        if any(o.domain == "qcompiler" for o in proto.opset_import):
-            from qcompiler.ops import register_library
-
-            register_library(so)
-        widen_bf16(proto)  # a bf16 graph runs computed in float32 (no bf16 MatMul on CPU)
-        try:
-            self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        try:  # a bf16 graph runs computed in float32 (no bf16 MatMul on CPU)
+            self.session = proto_session(proto, so, root)
+        except QCError:
+            raise
         except Exception as e:  # ORT raises its own exception types
             self._scratch.cleanup()
             raise QCError(f"ONNX Runtime cannot run a part of the model: {str(e).splitlines()[0]}") from None

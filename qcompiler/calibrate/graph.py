@@ -39,8 +39,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompiler.errors import CalibrationError, QCError
-from qcompiler.floattype import widen_bf16, widen_float
-from qcompiler.runtime import DecoderRunner
+from qcompiler.floattype import widen_float
+from qcompiler.runtime import DecoderRunner, proto_session
 
 log = logging.getLogger(__name__)
 
@@ -326,14 +326,10 @@ def session_from_proto(proto: onnx.ModelProto, root: Path, outputs: Sequence[str
     # idle intra-op threads sleep instead of spinning: the CPU goes to the observers (and to
     # other processes on a shared machine)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(root))
-    if any(o.domain == "qcompiler" for o in proto.opset_import):
-        from qcompiler.ops import register_library  # raises a QCError naming the build command
-
-        register_library(so)
-    widen_bf16(proto)  # a bf16 graph is observed computed in float32 (no bf16 MatMul on CPU)
-    try:
-        session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    try:  # a bf16 graph is observed computed in float32 (no bf16 MatMul on CPU)
+        session = proto_session(proto, so, root)
+    except QCError:
+        raise
     except Exception as e:  # ORT raises its own exception types
         raise CalibrationError(f"ONNX Runtime cannot run the calibration graph: {str(e).splitlines()[0]}") from None
     try:
