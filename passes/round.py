@@ -50,7 +50,7 @@ from qcompiler.errors import QCError
 from qcompiler.irutil import QUANT_OPSET, ensure_opset, linear_weight
 from qcompiler.layerwise import LayerwiseRunner
 from qcompiler.pipeline import QCPass, register_pass
-from qcompiler.quant.emit import emit_dequantized_weight
+from qcompiler.quant.emit import emit_dequantized_weight, stored_spec
 from qcompiler.spec import QuantSpec, linear_info, weight_spec
 
 if TYPE_CHECKING:  # torch is imported when the pass runs, not when passes are discovered
@@ -161,7 +161,8 @@ class Round(QCPass):
             if transposed or w_val.name not in graph.constants:
                 raise QCError(f"round: {linear_info(node).key}: its weight is not a float initializer of the layer")
             rounders[w_val.name] = LearnedRounding(graph.constants[w_val.name].numpy(),
-                                                   weight_spec(node) or default, cfg.min_clip)
+                                                   stored_spec(weight_spec(node) or default, model.graph, node),
+                                                   cfg.min_clip)
         n = runner.num_windows
         hidden, static = [], []  # per window: the layer's input, and what the mask/rotary nodes compute from the rest
         for w in range(n):

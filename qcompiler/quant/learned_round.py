@@ -17,6 +17,7 @@ from its own rows.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -64,11 +65,23 @@ class LearnedRounding:
         mx, mn = self.wmax * self.alpha, self.wmin * self.beta
         if self.spec.symmetric:
             scale = torch.maximum(mx.abs(), mn.abs()) / float(self.spec.qmax)
-            return torch.where(scale == 0, torch.ones_like(scale), scale), None
+            return self._stored(torch.where(scale == 0, torch.ones_like(scale), scale)), None
         scale = (mx - mn) / float(self.spec.qmax - self.spec.qmin)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale = self._stored(torch.where(scale == 0, torch.ones_like(scale), scale))
         zp = torch.clamp(round_ste(-mn / scale), self.spec.qmin, self.spec.qmax)
         return scale, zp
+
+    def _stored(self, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` rounded to the type the graph stores it in (``spec.scale_dtype``), as
+        :func:`qcompiler.quant.numerics.store_scales` does for RTN: the codes are chosen for the
+        stored scale.  The casts pass the gradient through unchanged."""
+        half = {"fp16": (torch.float16, np.float16), "bf16": (torch.bfloat16, ml_dtypes.bfloat16)}.get(
+            self.spec.scale_dtype)
+        if half is None:
+            return scale
+        stored = scale.to(half[0]).to(torch.float32)
+        tiny = float(ml_dtypes.finfo(half[1]).smallest_subnormal)
+        return torch.where((stored == 0) & (scale > 0), torch.full_like(stored, tiny), stored)
 
     def _q(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         scale, zp = self._grid()

@@ -24,18 +24,21 @@ from tests.conftest import family_export
 from tests.passes.calib_helpers import calib_context, values_of
 
 
-def _spec(group: int, sym: bool) -> QuantSpec:
+def _spec(group: int, sym: bool, scale_dtype: str = "fp32") -> QuantSpec:
     gran = Granularity.GROUP if group else Granularity.CHANNEL
-    return QuantSpec(bits=4, symmetric=sym, granularity=gran, group_size=group or 128, method="round")
+    return QuantSpec(bits=4, symmetric=sym, granularity=gran, group_size=group or 128, method="round",
+                     scale_dtype=scale_dtype)
 
 
-@pytest.mark.parametrize("group,sym", [(32, False), (32, True), (0, False), (64, False)])
-def test_initial_point_is_exactly_rtn(group: int, sym: bool) -> None:
+@pytest.mark.parametrize("group,sym,scale_dtype", [(32, False, "fp32"), (32, True, "fp32"), (0, False, "fp32"),
+                                                   (64, False, "fp32"), (32, False, "fp16"), (32, True, "bf16")])
+def test_initial_point_is_exactly_rtn(group: int, sym: bool, scale_dtype: str) -> None:
+    """At V = 0, α = β = 1 the learned grid is RTN's, scales rounded to the stored type included."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((72, 24)) * np.exp(rng.standard_normal((1, 24)))).astype(np.float32)  # K = 2.25 × 32
     w[:, 3] = np.abs(w[:, 3])  # a one-signed column: the range is widened to hold 0
-    lr = LearnedRounding(w, _spec(group, sym))
-    qw, rtn = lr.quantized(), quantize_rtn(w, _spec(group, sym))
+    lr = LearnedRounding(w, _spec(group, sym, scale_dtype))
+    qw, rtn = lr.quantized(), quantize_rtn(w, _spec(group, sym, scale_dtype))
     np.testing.assert_array_equal(qw.q, rtn.q)
     np.testing.assert_array_equal(qw.scale, rtn.scale)
     if sym:
