@@ -354,16 +354,10 @@ def _row_brief(row: BenchRow) -> str:
 
 
 def reference_name(model_dir: Path) -> str:
-    """The reference row's name: the float type of the model's logits (``fp32``, ``fp16`` or ``bf16``)."""
-    import onnx
-    import onnx_ir as ir
+    """The reference row's name: the model's float type (``fp32``, ``fp16`` or ``bf16``)."""
+    from qcompiler.floattype import file_float_type, type_name
 
-    from qcompiler.artifact import MODEL_FILE
-    from qcompiler.floattype import type_name
-
-    graph = onnx.load(str(Path(model_dir) / MODEL_FILE), load_external_data=False).graph
-    out = next((o for o in graph.output if o.name == "logits"), graph.output[0])
-    return type_name(ir.DataType(out.type.tensor_type.elem_type))
+    return type_name(file_float_type(model_dir))
 
 
 def _run_row_process(

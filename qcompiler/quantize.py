@@ -129,7 +129,7 @@ def quantize(
         raise QCError(f"recipe '{recipe}' needs calibration data: pass --calib PATH")
     if options.needs_calibration and not options.calib:
         raise QCError(f"--kv-cache {options.kv_cache} calibrates the cache scales: pass --calib PATH")
-    fp16 = _is_fp16(src.model_path)
+    fp16 = is_fp16_model(src.model_path)
     if fp16 and recipe and not options.calib:
         log.warning("fp16 graph without --calib: activations past fp16's 65504 are not looked for; pass --calib "
                     "TEXT to keep the ops that overflow in float32 (docs/half.md)")
@@ -203,8 +203,9 @@ def quantize(
     return summary
 
 
-def _is_fp16(path: Path) -> bool:
-    """Whether the saved graph is fp16 (False if it cannot be read: loading it reports why)."""
+def is_fp16_model(path: str | os.PathLike) -> bool:
+    """Whether the saved graph (``model.onnx`` or its folder) is fp16 (False if it cannot be read:
+    loading it reports why)."""
     try:
         return file_float_type(path) == ir.DataType.FLOAT16
     except Exception:  # a corrupt file is load_model's error to report, with its message
@@ -244,7 +245,7 @@ def keep_fp32_in_place(folder: str | os.PathLike, calib: str, samples: int = 32,
     from qcompiler.calibrate import CalibConfig, Calibrator
 
     src = open_model_dir(folder)
-    if not _is_fp16(src.model_path):
+    if not is_fp16_model(src.model_path):
         raise QCError(f"{src.path}: --calib keeps overflowing ops of an fp16 export in float32; this graph is not fp16")
     context = PassContext(calibrate=Calibrator(src.path, CalibConfig(calib=calib, samples=samples, seq_len=seq_len,
                                                                      progress=False)))

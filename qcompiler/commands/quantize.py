@@ -94,28 +94,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _is_fp16(in_dir: str) -> bool:
-    """Whether the input is an fp16 graph (then every recipe reads --calib: keep-fp32); False if unreadable
-    (quantize() reports a bad folder)."""
-    import onnx_ir as ir
-
-    from qcompiler.floattype import file_float_type
-
-    try:
-        return file_float_type(in_dir) == ir.DataType.FLOAT16
-    except Exception:
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
     from qcompiler.artifact import check_not_overlapping
     from qcompiler.option_use import check_options
-    from qcompiler.quantize import quantize
+    from qcompiler.quantize import is_fp16_model, quantize
 
     options, explicit = options_and_explicit(args)
     check_not_overlapping(args.out_dir, (args.in_dir, options.calib, args.config))
     if args.recipe and not args.passes:  # (both or neither: quantize() says so)
-        check_options(args.recipe, options, explicit, fp16=_is_fp16(args.in_dir))
+        check_options(args.recipe, options, explicit, fp16=is_fp16_model(args.in_dir))
     elif args.passes and not args.recipe:
         check_options(None, options, explicit)
     from qcompiler.distributed import make_executor
