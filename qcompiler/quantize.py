@@ -252,16 +252,18 @@ def keep_fp32_in_place(folder: str | os.PathLike, calib: str, samples: int = 32,
     model = load_model(src.model_path)
     result = get_pass(HALF_GUARD)(None, context)(model)
     report = context.report[HALF_GUARD]
-    if result.modified:
-        tmp = src.path / f".{HALF_GUARD}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    info_path = src.path / "qcompiler_export.json"
+    info = {**(json.loads(info_path.read_text()) if info_path.is_file() else {}), "keep_fp32": report}
+    if not result.modified:
+        write_json(info_path, info)
+        return report
+    # the rewritten model (model.onnx and its data together) replaces the folder in one rename
+    with atomic_output_dir(src.path, force=True) as tmp:
         save_model(result.model, tmp / MODEL_FILE)
         del model, result
-        for f in tmp.iterdir():  # model.onnx and its data, each replaced atomically
-            os.replace(f, src.path / f.name)
-        tmp.rmdir()
-    info_path = src.path / "qcompiler_export.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    write_json(info_path, {**info, "keep_fp32": report})
+        written = {p.name for p in tmp.iterdir()}
+        for f in src.path.iterdir():  # tokenizer, config and the rest of the export, as they are
+            if f.is_file() and f.name not in written:
+                shutil.copy2(f, tmp / f.name)
+        write_json(tmp / info_path.name, info)
     return report

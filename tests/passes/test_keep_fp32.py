@@ -129,7 +129,10 @@ def test_fp16_export_with_calib_keeps_islands_in_place(folders: dict[str, Path],
     folder = tmp_path / "export"
     shutil.copytree(folders["fp16"], folder)
     (folder / "qcompiler_export.json").write_text(json.dumps({"dtype": "fp16"}))
+    files = {p.name for p in folder.iterdir()} | {".qcompiler-output"}  # (the marker of a qcompiler output)
     report = keep_fp32_in_place(folder, str(CALIB_TEXT), samples=4, seq_len=64)
+    assert {p.name for p in folder.iterdir()} == files  # the export's other files come along
+    assert not list(tmp_path.glob(".export.*"))  # the folder was swapped whole: no partial or old copy left
     info = json.loads((folder / "qcompiler_export.json").read_text())
     assert info["dtype"] == "fp16" and info["keep_fp32"]["islands"] == report["islands"] != []
     residual = _output_of(onnx.load(str(folders["fp16"] / "model.onnx"), load_external_data=False),
