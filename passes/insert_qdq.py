@@ -113,6 +113,11 @@ class InsertQdqConfig:
     fallback_dtype: str = "float"  # what fallback inputs become: float (W8A16) | int16 (A16W8 QDQ)
     fallback_margin: float = 16.0  # int16 fallback: range widened by this (headroom for out-of-domain overshoot)
 
+    @property
+    def measures_static_error(self) -> bool:
+        """Whether a fallback criterion reads each input's static error on sampled calibration rows."""
+        return self.fallback_error > 0 or self.fallback_budget > 0
+
     def __post_init__(self) -> None:
         if self.margin < 1.0:
             raise ValueError(f"margin must be at least 1, got {self.margin}")
@@ -309,7 +314,7 @@ class InsertQdq(QCPass):
             obs = ("minmax",) if specs[key].method == "minmax" else ("minmax", "histogram")
             if loo:
                 obs = (*obs, "absmax_channel_window")
-            if cfg.fallback_error > 0 or cfg.fallback_budget > 0:
+            if cfg.measures_static_error:
                 obs = (*obs, "sample")
             requests.append(StatRequest(members[0].inputs[0].name, obs))  # type: ignore[union-attr]
         stats = calibrate(model, requests)
@@ -333,7 +338,7 @@ class InsertQdq(QCPass):
             lo, hi = lo * m, hi * m
             scale, zp = static_qparams(lo, hi, cfg.dtype, spec.symmetric)
             out[key] = (scale, zp, cfg.dtype)
-            if cfg.fallback_error > 0 or cfg.fallback_budget > 0:
+            if cfg.measures_static_error:
                 self._static_error[key] = _static_error(stats, name, scale, zp, cfg.dtype)
             fm = cfg.fallback_margin
             self._int16_scale[key] = static_qparams(lo * fm, hi * fm, "int16", True)[0]
