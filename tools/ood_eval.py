@@ -75,9 +75,42 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+#: ``--recipes ort-rtn``: ONNX Runtime's own ``MatMulNBitsQuantizer`` (RTN int4, g128 asymmetric, no calibration)
+#: on the same float graph, for a baseline row next to qcompiler's recipes; it reports its own peak RSS.
+ORT_RTN = "ort-rtn"
+
+
+def compile_ort_rtn(model: Path, out: Path, group_size: int = 128) -> dict[str, Any]:
+    """ORT's RTN in a child process; the model's other files (config, tokenizer) are copied alongside."""
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_compile import ORT_CHILD
+
+    shutil.rmtree(out, ignore_errors=True)
+    child = ORT_CHILD + "\nimport resource\nprint('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    cmd = [sys.executable, "-c", child, str(model), str(out), str(group_size), "0"]
+    t0, cpu0 = time.perf_counter(), _children_cpu()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
+    if proc.returncode != 0:
+        return {"status": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
+                "command": "MatMulNBitsQuantizer"}
+    for f in model.iterdir():
+        if f.is_file() and not f.name.startswith("model.onnx"):
+            shutil.copy2(f, out / f.name)
+    peak = next((float(x.split()[1]) for x in proc.stdout.splitlines() if x.startswith("PEAK_RSS_MB")), None)
+    return {"status": "ok", "command": f"MatMulNBitsQuantizer(block_size={group_size}, is_symmetric=False)",
+            "compile_s": round(wall, 1), "compile_cpu_s": round(cpu, 1),
+            "peak_rss_mb": round(peak) if peak else None, "kept_float": []}
+
+
 def compile_row(model: Path, out: Path, recipe: str, target: str, calib: str, extra: list[str],
                 passes: str | None = None) -> dict[str, Any]:
     from qcompiler.recipes import get_recipe
+
+    if recipe == ORT_RTN:
+        return compile_ort_rtn(model, out)
 
     how = ["--passes", passes] if passes else ["--recipe", recipe]
     data = ["--calib", calib] if passes or get_recipe(recipe).needs_calibration else []  # (refused by the others)
@@ -133,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.reuse and (out / "quantization.json").is_file():
                 q = json.loads((out / "quantization.json").read_text())
                 row = {"status": "ok", "compile_s": q.get("wall_seconds"), "peak_rss_mb": q.get("peak_rss_mb")}
+            elif args.reuse and recipe == ORT_RTN and (out / "model.onnx").is_file():
+                row = {"status": "ok", "compile_s": None, "peak_rss_mb": None}
             else:
                 row = compile_row(args.model_dir, out, recipe, target, args.calib, args.extra.split(), custom.get(recipe))
             row.update(recipe=recipe, target=target, texts={},
