@@ -5,7 +5,8 @@ Each sub-command lives in ``qcompiler/commands/<name>.py`` and exposes
 Errors meant for the user (:class:`qcompiler.errors.QCError`) print one line,
 ``qc: error: ...``, and exit with the code of its cause (``qcompiler.errors.EXIT_CODES``,
 the README's table); Ctrl-C exits 130 (SIGTERM 143) after the command's own clean-up
-(outputs are atomic, so nothing half-written is left).
+(outputs are atomic, so nothing half-written is left), within one ONNX Runtime node's time
+even in the middle of a run (:mod:`qcompiler.interrupt`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import signal
 import sys
 import threading
 
-from qcompiler import __version__
+from qcompiler import __version__, interrupt
 from qcompiler.errors import (
     EXIT_INTERRUPTED,
     EXIT_IO,
@@ -66,6 +67,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so that outputs are cleaned up as on Ctrl-C."""
 
 
+@interrupt.stops_runs  # SIGTERM also stops an ONNX Runtime run in flight (qcompiler.interrupt)
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 

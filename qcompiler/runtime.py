@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qcompiler import interrupt
 from qcompiler.errors import InputError, QCError, UnsupportedModelError
 from qcompiler.irutil import check_model_file
 
@@ -53,6 +54,24 @@ def session_options(threads: int | None = None, optimize: bool = True, spin: boo
     return so
 
 
+class Session(ort.InferenceSession):
+    """An ``InferenceSession`` whose runs stop within one node's time on Ctrl-C or SIGTERM.
+
+    Every :meth:`run` registers its ``RunOptions`` with :mod:`qcompiler.interrupt`, whose watcher
+    sets ``terminate`` on it when such a signal arrives; the run then raises the signal's
+    exception (``KeyboardInterrupt``) instead of finishing the window.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        interrupt.install()
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def run(self, output_names: list[str] | None, input_feed: dict[str, object],
+            run_options: ort.RunOptions | None = None) -> list[object]:
+        run = ort.InferenceSession.run
+        return interrupt.call(lambda opts: run(self, output_names, input_feed, opts), run_options)
+
+
 def proto_session(proto: onnx.ModelProto, so: ort.SessionOptions,
                   folder: str | os.PathLike | None = None) -> ort.InferenceSession:
     """A CPU session over an in-memory graph whose external data lies in ``folder``.
@@ -70,7 +89,7 @@ def proto_session(proto: onnx.ModelProto, so: ort.SessionOptions,
 
         register_library(so)
     widen_bf16(proto)
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return Session(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def custom_op_library() -> str | None:
@@ -106,7 +125,7 @@ def make_session(
 
         register_library(so)
     try:
-        return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+        return Session(str(path), so, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types
         raise InputError(f"ONNX Runtime cannot load {path}: {ort_message(e)}") from None
 
