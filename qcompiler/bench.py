@@ -478,7 +478,7 @@ def _crash_reason(rc: int | None, log_path: Path) -> str:
 class CachedLogits:
     """The reference model's logits per window, computed once and read back from ``.npy`` files.
 
-    Duck-types :class:`qcompiler.runtime.DecoderRunner` for ``evaluate_windows``.
+    A :class:`qcompiler.eval.LogitsSource` for ``evaluate_windows``.
     """
 
     def __init__(self, folder: Path, windows: np.ndarray) -> None:
@@ -599,11 +599,11 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         ref_dir.mkdir(parents=True, exist_ok=True)
         for i, ids in enumerate(windows):
             np.save(ref_dir / f"{i}.npy", runner.logits(ids))
-        ev = evaluate_windows(CachedLogits(ref_dir, windows), windows, name=name, progress=False)  # type: ignore[arg-type]
+        ev = evaluate_windows(CachedLogits(ref_dir, windows), windows, name=name, progress=False)
         res.update(perplexity=ev.perplexity, kl=0.0, top1=1.0)
     else:
         ref = CachedLogits(ref_dir, windows)
-        ev = evaluate_windows(runner, windows, ref, name=name, ref_name=spec["ref_name"], progress=False)  # type: ignore[arg-type]
+        ev = evaluate_windows(runner, windows, ref, name=name, ref_name=spec["ref_name"], progress=False)
         res.update(perplexity=ev.perplexity, kl=ev.kl, top1=ev.top1_agreement)
     res["eval_s"] = round(time.perf_counter() - t1, 2)
     if cfg.speed:

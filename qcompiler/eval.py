@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -49,6 +51,24 @@ def window_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """NLL of each next token in one window: ``[T-1]``."""
     lp = log_softmax(logits[:-1])
     return -lp[np.arange(len(ids) - 1), ids[1:]]
+
+
+class LogitsSource(Protocol):
+    """What :func:`evaluate_windows` reads from a model: logits ``[T, vocab]`` of one window
+    (:class:`~qcompiler.runtime.DecoderRunner`, :class:`LogitsOf`, bench's cached reference)."""
+
+    def logits(self, ids: np.ndarray) -> np.ndarray: ...
+
+
+class LogitsOf:
+    """A :class:`LogitsSource` from a function ``ids → logits [T, vocab]``: a session fed extra
+    inputs, or logits computed once and kept (``LogitsOf(cache.__getitem__)``)."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self._fn = fn
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        return self._fn(ids)
 
 
 @dataclass
@@ -101,19 +121,24 @@ def evaluate(
 
 
 def evaluate_windows(
-    runner: DecoderRunner,
+    runner: DecoderRunner | LogitsSource,
     windows: np.ndarray,
-    ref_runner: DecoderRunner | None = None,
+    ref_runner: DecoderRunner | LogitsSource | None = None,
     name: str = "",
     ref_name: str | None = None,
     size_bytes: int = 0,
     progress: bool = True,
     through_cache: bool = False,
 ) -> EvalResult:
+    """:func:`evaluate` on token ``windows`` ``[N, T]`` with models already open; ``through_cache``
+    needs :class:`~qcompiler.runtime.DecoderRunner` models."""
     t0 = time.perf_counter()
 
-    def logits_of(r: DecoderRunner, ids: np.ndarray) -> np.ndarray:
-        return r.logits_through_cache(ids, len(ids) // 2) if through_cache else r.logits(ids)
+    def logits_of(r: DecoderRunner | LogitsSource, ids: np.ndarray) -> np.ndarray:
+        if through_cache:
+            assert isinstance(r, DecoderRunner)
+            return r.logits_through_cache(ids, len(ids) // 2)
+        return r.logits(ids)
 
     nll_sum, count = 0.0, 0
     ref_nll_sum = 0.0
@@ -142,7 +167,8 @@ def evaluate_windows(
     )
     if through_cache:
         res.through_cache = True
-        res.cache_bytes_per_token = runner.kv.bytes_per_token if runner.kv is not None else None
+        kv = getattr(runner, "kv", None)
+        res.cache_bytes_per_token = kv.bytes_per_token if kv is not None else None
     if ref_runner is not None:
         res.reference = ref_name
         res.reference_perplexity = float(np.exp(ref_nll_sum / count))

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from qcompiler.eval import evaluate_windows
 from qcompiler.irutil import save_model
 from qcompiler.runtime import DecoderRunner, open_runner
 from tests.helpers import WINDOW
@@ -55,3 +56,10 @@ def test_gates_select_float_or_quantized(synthetic_nokv_dir, synthetic_text, tmp
     assert {r["value"] for r in doc["rows"]} >= {"layer 0", "layer 1"}
     assert all(r["float_one"]["t"]["kl"] >= 0 for r in doc["rows"])
     assert doc["all_float"]["t"][1] <= doc["all_quantized"]["t"][1]
+    # the numbers are qc eval's: the float model's perplexity, and g = 1 is the compiled model
+    win = ood_ablate.mid_windows(folder, text.read_text(), 64, 64)
+    ref = evaluate_windows(open_runner(folder), win, progress=False)
+    assert abs(doc["fp32"]["t"] / ref.perplexity - 1) < 1e-6
+    compiled = evaluate_windows(open_runner(quant, optimize=False), win, open_runner(folder), progress=False)
+    assert abs(doc["all_quantized"]["t"][0] / compiled.perplexity - 1) < 1e-3
+    assert abs(doc["all_quantized"]["t"][1] - compiled.kl) < 1e-3 * compiled.kl + 1e-6

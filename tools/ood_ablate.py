@@ -14,7 +14,8 @@ W8A16 form (int8 weights, float activations).
 For each quantizer ``i`` (one per distinct linear input: q/k/v share one, gate/up share one)
 the tool reports the perplexity and the KL divergence to the float model (``--reference``) with
 ``i`` alone kept in float (``gain_i``: how much of the whole loss that input's static range
-causes) on every ``--text``, plus both end points.  Writes ``DIR/ablate.json`` and
+causes) on every ``--text``, plus both end points, computed as ``qc eval`` computes them
+(:func:`qcompiler.eval.evaluate_windows`: KL averaged over every position of a window).  Writes ``DIR/ablate.json`` and
 ``DIR/ablate.md`` sorted by the summed KL gain.
 """
 
@@ -108,21 +109,13 @@ def session(proto: Any, model_dir: Path, threads: int | None) -> Any:
     return proto_session(proto, session_options(threads, True, True), model_dir)
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+def score(logits_of: Any, windows: np.ndarray, ref: Any) -> tuple[float, float]:
+    """(perplexity, mean KL(float ‖ model)) over the windows, as ``qc eval`` computes them
+    (:func:`qcompiler.eval.evaluate_windows`)."""
+    from qcompiler.eval import LogitsOf, evaluate_windows
 
-
-def score(run: Any, windows: np.ndarray, ref_lp: list[np.ndarray]) -> tuple[float, float]:
-    """(perplexity, mean KL(float ‖ model)) over the windows' next-token predictions."""
-    nll, kl, n = 0.0, 0.0, 0
-    for ids, rlp in zip(windows, ref_lp):
-        lp = log_softmax(run(ids))[:-1]
-        nll -= float(lp[np.arange(len(ids) - 1), ids[1:]].sum())
-        kl += float((np.exp(rlp) * (rlp - lp)).sum())
-        n += len(ids) - 1
-    return float(np.exp(nll / n)), kl / n
+    res = evaluate_windows(LogitsOf(logits_of), windows, ref, progress=False)
+    return res.perplexity, float(res.kl or 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,17 +132,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="input: one quantizer at a time; layer-role: each role (all layers) then each layer (all roles)")
     args = ap.parse_args(argv)
 
+    from qcompiler.eval import LogitsOf, evaluate_windows
     from qcompiler.runtime import DecoderRunner, open_runner
 
     texts = ({k: [v] for k, v in (t.split("=", 1) for t in args.text)} if args.text
              else {k: DEFAULT_TEXTS[k] for k in ("code", "docs")})
     windows = {k: mid_windows(args.reference, text_of(p) or "", args.tokens, args.seq_len) for k, p in texts.items()}
     ref = open_runner(args.reference, threads=args.threads)
-    ref_lp = {k: [log_softmax(ref.logits(ids))[:-1] for ids in w] for k, w in windows.items()}
-    ref_ppl = {}
-    for k, w in windows.items():
-        nll = -sum(float(lp[np.arange(len(ids) - 1), ids[1:]].sum()) for ids, lp in zip(w, ref_lp[k]))
-        ref_ppl[k] = float(np.exp(nll / sum(len(ids) - 1 for ids in w)))
+    # the float model's logits, once per window (every row compares against them)
+    ref_logits = {np.asarray(ids, np.int64).tobytes(): ref.logits(ids) for w in windows.values() for ids in w}
+    cached = LogitsOf(lambda ids: ref_logits[np.asarray(ids, np.int64).tobytes()])
+    ref_ppl = {k: evaluate_windows(cached, w, progress=False).perplexity for k, w in windows.items()}
     del ref
     proto, quant = gate_model(args.model_dir)
     sess = session(proto, args.model_dir.resolve(), args.threads)
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             feeds[GATES] = gates.astype(np.float32)
             return np.asarray(sess.run(["logits"], feeds)[0][0], np.float32)
 
-        return {k: score(run, w, ref_lp[k]) for k, w in windows.items()}
+        return {k: score(run, w, cached) for k, w in windows.items()}
 
     t0 = time.perf_counter()
     full = evaluate(np.ones(n))
