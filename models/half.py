@@ -3,7 +3,7 @@
 Every float initializer, ``Constant``, ``ConstantOfShape`` value, ``Cast`` to float32, graph
 input/output and intermediate value type becomes ``dtype``; values past the type's finite
 range are clamped to it (bf16: ``Cos``/``Sin``, which ONNX defines for no bf16, compute in
-float32 between Casts, as torch exports them) (the additive mask's −3·10³⁸ becomes −65504 in fp16, as torch's
+float32 between Casts, as torch exports them) (the additive mask's lowest float32 becomes −65504 in fp16, as torch's
 export of a half model writes ``finfo(half).min``).  Used by the tests to run every pass on
 fp16/bf16 graphs of the same seeded model.
 """

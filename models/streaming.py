@@ -34,7 +34,7 @@ class _ExternalG(_G):
         self.inline_bytes = inline_bytes
         self.bytes_written = 0
 
-    def _tensor(self, arr: np.ndarray, name: str) -> TensorProto:
+    def tensor(self, arr: np.ndarray, name: str) -> TensorProto:
         if arr.nbytes < self.inline_bytes:
             return numpy_helper.from_array(arr, name)
         offset = -(-self.data.tell() // ALIGN) * ALIGN
@@ -46,15 +46,6 @@ class _ExternalG(_G):
         for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(arr.nbytes))):
             t.external_data.add(key=key, value=value)
         return t
-
-    def const(self, arr: np.ndarray, base: str = "const") -> str:
-        n = self.name(base)
-        self.inits.append(self._tensor(np.asarray(arr), n))
-        return n
-
-    def init(self, arr: np.ndarray, name: str) -> str:
-        self.inits.append(self._tensor(np.asarray(arr), name))
-        return name
 
 
 def model_bytes(cfg: SyntheticConfig) -> int:

@@ -1,19 +1,10 @@
 """Streaming export of a Llama-family safetensors checkpoint: the graph is written, never traced.
 
-``qc export --stream`` builds the decoder graph directly in ONNX (the same op pattern as
-optimum's Llama export, which every pass already reads: RMSNorm as
-``Pow/ReduceMean/Add/Sqrt/Div/Mul``, rotary ``x·cos + rotate_half(x)·sin``, GQA repeat-kv,
-causal + padding mask from ``position_ids``/``attention_mask``, SiLU as ``x·σ(x)``,
-KV cache ``past_key_values.i.*`` → ``present.i.*``) from ``config.json`` alone, and copies
-every weight straight from the safetensors shards into ``model.onnx_data``, one tensor at
-a time, in the requested float type.  No model is ever held in torch or in memory.
-
-The math of one decoder layer (``T`` the graph's float type, norms and softmax in fp32 as
-transformers computes them)::
-
-    h   = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))     n1 = rms(x)·γ1
-    out = h + down_proj(silu(gate_proj(n2)) ⊙ up_proj(n2))                     n2 = rms(h)·γ2
-    rms(x) = T(x₃₂ / sqrt(mean(x₃₂²) + ε)),   attn = T(softmax₃₂(q·kᵀ/√d + mask))·v
+``qc export --stream`` builds the decoder graph directly in ONNX from ``config.json`` alone
+(:mod:`qcompiler.decoder_graph`, the builder the synthetic test models share: optimum's op
+pattern for Llama, with the math of one layer in its docstring), and copies every weight
+straight from the safetensors shards into ``model.onnx_data``, one tensor at a time, in the
+requested float type.  No model is ever held in torch or in memory.
 
 A Hugging Face linear stores ``W[out, in]`` (``y = x·Wᵀ``); the graph's ``MatMul`` reads
 ``Wᵀ[in, out]``, so linear weights are transposed while copied.
@@ -43,16 +34,16 @@ import shutil
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
+from qcompiler.decoder_graph import GraphBuilder, LlamaShape, build_decoder
 from qcompiler.errors import InputError, QCError, UnsupportedModelError
-from qcompiler.floattype import DTYPE_NAMES, lowest
+from qcompiler.floattype import DTYPE_NAMES, bf16_bits
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +147,7 @@ def _from_f32(x: np.ndarray, dst: int) -> np.ndarray:
         if not np.isfinite(y).all() and np.isfinite(x).all():
             raise InputError("a weight exceeds the fp16 range (|w| > 65504); export with --dtype bf16 or fp32")
         return y
-    u = x.view(np.uint32)
-    return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    return bf16_bits(x)
 
 
 def _convert(raw: np.ndarray, src: str, dst: int) -> np.ndarray:
@@ -251,23 +241,6 @@ def chunk_for_budget(max_bytes: int, src_bytes: int = 2, dst_bytes: int = 2) -> 
 # ---------------------------------------------------------------------------------------- config
 
 
-@dataclass(frozen=True)
-class LlamaShape:
-    """What the graph needs from ``config.json``."""
-
-    model_type: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    eps: float
-    tie: bool
-    inv_freq: tuple[float, ...] = field(repr=False)
-
-
 def _inv_freq(cfg: dict, head_dim: int) -> np.ndarray:
     theta = float(cfg.get("rope_theta", 10000.0))
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
@@ -322,41 +295,15 @@ def read_shape(folder: str | os.PathLike) -> LlamaShape:
 
 # ---------------------------------------------------------------------------------------- graph
 
-F = TensorProto.FLOAT
-I64 = TensorProto.INT64
 
-
-class _Graph:
-    """Graph under construction; checkpoint tensors go through ``weight`` (streamed), constants inline."""
+class _Graph(GraphBuilder):
+    """The decoder graph (:mod:`qcompiler.decoder_graph`) with every weight copied from the checkpoint."""
 
     def __init__(self, T: int, tensors: dict[str, SafeTensor], writer: TensorWriter) -> None:
-        self.T = T
+        super().__init__(T)
         self.tensors = tensors
         self.writer = writer
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
         self.used: set[str] = set()
-        self._n = 0
-
-    def op(self, op: str, inputs: list[str], name: str, **attrs: object) -> str:
-        self._n += 1
-        out = f"{name}_output_0"
-        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
-        return out
-
-    def const(self, arr: np.ndarray | float | int, dtype: int | None = None) -> str:
-        self._n += 1
-        name = f"const_{self._n}"
-        arr = np.asarray(arr)
-        if dtype is None or dtype == helper.np_dtype_to_tensor_dtype(arr.dtype):
-            t = numpy_helper.from_array(arr, name)
-        elif dtype == TensorProto.BFLOAT16:
-            bits = _from_f32(np.ascontiguousarray(arr, dtype=np.float32), TensorProto.BFLOAT16)
-            t = helper.make_tensor(name, dtype, list(arr.shape), bits.tobytes(), raw=True)
-        else:
-            t = numpy_helper.from_array(arr.astype(helper.tensor_dtype_to_np_dtype(dtype)), name)
-        self.inits.append(t)
-        return name
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -369,136 +316,10 @@ class _Graph:
         self.inits.append(self.writer.write(self.tensors[name], name, transpose))
         return name
 
-    def to_t(self, x: str, name: str) -> str:
-        return x if self.T == F else self.op("Cast", [x], name, to=self.T)
-
-
-def _rms_norm(g: _Graph, x: str, gamma: str, eps: float, p: str) -> str:
-    xc = g.op("Cast", [x], f"{p}/Cast", to=F)
-    sq = g.op("Pow", [xc, g.const(np.float32(2.0))], f"{p}/Pow")
-    mean = g.op("ReduceMean", [sq, g.const(np.array([-1], np.int64))], f"{p}/ReduceMean", keepdims=1)
-    add = g.op("Add", [mean, g.const(np.float32(eps))], f"{p}/Add")
-    inv = g.op("Div", [g.const(np.float32(1.0)), g.op("Sqrt", [add], f"{p}/Sqrt")], f"{p}/Div")
-    normed = g.to_t(g.op("Mul", [xc, inv], f"{p}/Mul"), f"{p}/Cast_1")
-    return g.op("Mul", [g.weight(gamma), normed], f"{p}/Mul_1")
-
-
-def _linear(g: _Graph, x: str, hf: str, p: str) -> str:
-    y = g.op("MatMul", [x, g.weight(f"{hf}.weight", transpose=True)], f"{p}/MatMul")
-    if g.has(f"{hf}.bias"):
-        y = g.op("Add", [g.weight(f"{hf}.bias"), y], f"{p}/Add")
-    return y
-
-
-def _rotate(g: _Graph, x: str, cos: str, sin: str, half: int, p: str) -> str:
-    i64 = np.int64
-    x1 = g.op("Slice", [x, g.const(np.array([0], i64)), g.const(np.array([half], i64)), g.const(np.array([-1], i64))],
-              f"{p}/Slice")
-    x2 = g.op("Slice", [x, g.const(np.array([half], i64)), g.const(np.array([2**62], i64)),
-                        g.const(np.array([-1], i64))], f"{p}/Slice_1")
-    rot = g.op("Concat", [g.op("Neg", [x2], f"{p}/Neg"), x1], f"{p}/Concat", axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos], f"{p}/Mul"), g.op("Mul", [rot, sin], f"{p}/Mul_1")], f"{p}/Add")
-
 
 def build_graph(s: LlamaShape, g: _Graph, kv_cache: bool) -> onnx.ModelProto:
     """The decoder graph of ``s`` (weights streamed through ``g``)."""
-    T, i64 = g.T, np.int64
-    hd, nh, nkv = s.head_dim, s.heads, s.kv_heads
-    n_rep = nh // nkv
-    inputs = [
-        helper.make_tensor_value_info("input_ids", I64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", I64, ["batch_size", "total_sequence_length"]),
-        helper.make_tensor_value_info("position_ids", I64, ["batch_size", "sequence_length"]),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", T, ["batch_size", "sequence_length", s.vocab])]
-    x = g.op("Gather", [g.weight("model.embed_tokens.weight"), "input_ids"], "/model/embed_tokens/Gather")
-
-    pos = g.op("Cast", [g.op("Unsqueeze", ["position_ids", g.const(np.array([-1], i64))], "/model/rotary_emb/Unsqueeze")],
-               "/model/rotary_emb/Cast", to=F)
-    freqs = g.op("Mul", [pos, g.const(np.asarray(s.inv_freq, np.float32))], "/model/rotary_emb/Mul")
-    emb = g.op("Concat", [freqs, freqs], "/model/rotary_emb/Concat", axis=-1)
-    cos = g.to_t(g.op("Cos", [emb], "/model/rotary_emb/Cos"), "/model/rotary_emb/Cast_1")
-    sin = g.to_t(g.op("Sin", [emb], "/model/rotary_emb/Sin"), "/model/rotary_emb/Cast_2")
-    cos = g.op("Unsqueeze", [cos, g.const(np.array([1], i64))], "/model/rotary_emb/Unsqueeze_1")
-    sin = g.op("Unsqueeze", [sin, g.const(np.array([1], i64))], "/model/rotary_emb/Unsqueeze_2")
-
-    total = g.op("Gather", [g.op("Shape", ["attention_mask"], "/model/mask/Shape"), g.const(np.array(1, i64))],
-                 "/model/mask/Gather", axis=0)
-    kpos = g.op("Range", [g.const(np.array(0, i64)), total, g.const(np.array(1, i64))], "/model/mask/Range")
-    kpos4 = g.op("Reshape", [kpos, g.const(np.array([1, 1, 1, -1], i64))], "/model/mask/Reshape")
-    qpos4 = g.op("Unsqueeze", ["position_ids", g.const(np.array([1, 3], i64))], "/model/mask/Unsqueeze")
-    causal = g.op("LessOrEqual", [kpos4, qpos4], "/model/mask/LessOrEqual")
-    pad = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const(np.array([1, 2], i64))], "/model/mask/Unsqueeze_1")],
-               "/model/mask/Cast", to=TensorProto.BOOL)
-    allowed = g.op("And", [causal, pad], "/model/mask/And")
-    # the mask in the graph's type (its lowest finite value, as transformers' eager attention):
-    # scores, mask and Softmax stay in T, the form the attention fusion reads (GroupQueryAttention
-    # accumulates its softmax in float32 whatever T)
-    low = lowest(ir.DataType(T))
-    mask_bias = g.op("Where", [allowed, g.const(np.float32(0.0), T), g.const(np.float32(low), T)],
-                     "/model/mask/Where")
-
-    scale = 1.0 / math.sqrt(math.sqrt(hd))  # applied to q and to kᵀ: q·kᵀ/√d
-    for i in range(s.layers):
-        p, hf = f"/model/layers.{i}", f"model.layers.{i}"
-        res = x
-        xn = _rms_norm(g, x, f"{hf}.input_layernorm.weight", s.eps, f"{p}/input_layernorm")
-        q = _linear(g, xn, f"{hf}.self_attn.q_proj", f"{p}/self_attn/q_proj")
-        k = _linear(g, xn, f"{hf}.self_attn.k_proj", f"{p}/self_attn/k_proj")
-        v = _linear(g, xn, f"{hf}.self_attn.v_proj", f"{p}/self_attn/v_proj")
-        heads = []
-        for t, n, tag in ((q, nh, ""), (k, nkv, "_1"), (v, nkv, "_2")):
-            r = g.op("Reshape", [t, g.const(np.array([0, 0, n, hd], i64))], f"{p}/self_attn/Reshape{tag}")
-            heads.append(g.op("Transpose", [r], f"{p}/self_attn/Transpose{tag}", perm=[0, 2, 1, 3]))
-        q, k, v = heads
-        q = _rotate(g, q, cos, sin, hd // 2, f"{p}/self_attn/rotary_q")
-        k = _rotate(g, k, cos, sin, hd // 2, f"{p}/self_attn/rotary_k")
-        if kv_cache:
-            for kind, t in (("key", k), ("value", v)):
-                inputs.append(helper.make_tensor_value_info(
-                    f"past_key_values.{i}.{kind}", T, ["batch_size", nkv, "past_sequence_length", hd]))
-                outputs.append(helper.make_tensor_value_info(
-                    f"present.{i}.{kind}", T, ["batch_size", nkv, "total_sequence_length", hd]))
-                g.nodes.append(helper.make_node("Concat", [f"past_key_values.{i}.{kind}", t], [f"present.{i}.{kind}"],
-                                                name=f"{p}/self_attn/Concat_{kind}", axis=-2))
-            k, v = f"present.{i}.key", f"present.{i}.value"
-        if n_rep > 1:
-            rep = []
-            for t, tag in ((k, "k"), (v, "v")):
-                u = g.op("Unsqueeze", [t, g.const(np.array([2], i64))], f"{p}/self_attn/repeat_{tag}/Unsqueeze")
-                e = g.op("Expand", [u, g.const(np.array([1, 1, n_rep, 1, 1], i64))], f"{p}/self_attn/repeat_{tag}/Expand")
-                rep.append(g.op("Reshape", [e, g.const(np.array([0, nh, -1, hd], i64))],
-                                f"{p}/self_attn/repeat_{tag}/Reshape"))
-            k, v = rep
-        qs = g.op("Mul", [q, g.const(np.float32(scale), T)], f"{p}/self_attn/Mul_q")
-        kt = g.op("Mul", [g.op("Transpose", [k], f"{p}/self_attn/Transpose_k", perm=[0, 1, 3, 2]),
-                          g.const(np.float32(scale), T)], f"{p}/self_attn/Mul_k")
-        scores = g.op("MatMul", [qs, kt], f"{p}/self_attn/MatMul")
-        probs = g.op("Softmax", [g.op("Add", [scores, mask_bias], f"{p}/self_attn/Add_mask")],
-                     f"{p}/self_attn/Softmax", axis=-1)
-        attn = g.op("MatMul", [probs, v], f"{p}/self_attn/MatMul_1")
-        attn = g.op("Reshape", [g.op("Transpose", [attn], f"{p}/self_attn/Transpose_o", perm=[0, 2, 1, 3]),
-                                g.const(np.array([0, 0, nh * hd], i64))], f"{p}/self_attn/Reshape_o")
-        o = _linear(g, attn, f"{hf}.self_attn.o_proj", f"{p}/self_attn/o_proj")
-        x = g.op("Add", [res, o], f"{p}/Add")
-        res = x
-        xn = _rms_norm(g, x, f"{hf}.post_attention_layernorm.weight", s.eps, f"{p}/post_attention_layernorm")
-        gate = _linear(g, xn, f"{hf}.mlp.gate_proj", f"{p}/mlp/gate_proj")
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")], f"{p}/mlp/act_fn/Mul")
-        up = _linear(g, xn, f"{hf}.mlp.up_proj", f"{p}/mlp/up_proj")
-        down = _linear(g, g.op("Mul", [act, up], f"{p}/mlp/Mul"), f"{hf}.mlp.down_proj", f"{p}/mlp/down_proj")
-        x = g.op("Add", [res, down], f"{p}/Add_1")
-
-    xn = _rms_norm(g, x, "model.norm.weight", s.eps, "/model/norm")
-    if s.tie or not g.has("lm_head.weight"):
-        wt = g.op("Transpose", ["model.embed_tokens.weight"], "/lm_head/Transpose", perm=[1, 0])
-    else:
-        wt = g.weight("lm_head.weight", transpose=True)
-    g.nodes.append(helper.make_node("MatMul", [xn, wt], ["logits"], name="/lm_head/MatMul"))
-    graph = helper.make_graph(g.nodes, "main_graph", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="qcompiler.export_stream")
-    model.ir_version = 8
-    return model
+    return build_decoder(s, g, kv_cache, producer="qcompiler.export_stream")
 
 
 # ---------------------------------------------------------------------------------------- entry point

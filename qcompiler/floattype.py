@@ -69,6 +69,12 @@ def float_array(array: np.ndarray | float, dtype: ir.DataType) -> np.ndarray:
     return np.ascontiguousarray(out) if out.ndim else out  # ascontiguousarray makes a scalar 1-D
 
 
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values as bf16 storage: the upper 16 bits (uint16), rounded to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+
+
 def lowest(dtype: ir.DataType) -> float:
     """The lowest finite value of a float type (−65504 for fp16)."""
     import ml_dtypes

@@ -68,8 +68,8 @@ def test_padded_batch_valid_rows_exact(tmp_path: Path) -> None:
 def _tile_heads(proto: onnx.ModelProto) -> None:
     """Layer 0 repeats kv heads by tiling (Unsqueeze at axis 1), not by repeat-kv's interleave."""
     for kind in ("k", "v"):
-        un = node_by_name(proto, f"layers.0/repeat_{kind}/Unsqueeze")
-        ex = node_by_name(proto, f"layers.0/repeat_{kind}/Expand")
+        un = node_by_name(proto, f"layers.0/self_attn/repeat_{kind}/Unsqueeze")
+        ex = node_by_name(proto, f"layers.0/self_attn/repeat_{kind}/Expand")
         set_const(proto, un.input[1], np.array([1], np.int64))
         set_const(proto, ex.input[1], np.array([1, 2, 1, 1, 1], np.int64))
 

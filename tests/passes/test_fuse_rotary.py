@@ -47,13 +47,13 @@ def test_arbitrary_positions_exact(tmp_path: Path) -> None:
 
 def _swap_halves(proto: onnx.ModelProto) -> None:
     """Layer 0's q rotation becomes [x₁, −x₂]: not rotate_half."""
-    cat = node_by_name(proto, "layers.0/rotary_q/Concat")
+    cat = node_by_name(proto, "layers.0/self_attn/rotary_q/Concat")
     cat.input[0], cat.input[1] = cat.input[1], cat.input[0]
 
 
 def _unequal_halves(proto: onnx.ModelProto) -> None:
     """The tables become cos(Concat(f, 1.5·f)): two different halves, not a RoPE table."""
-    emb = node_by_name(proto, "/rotary/Concat")
+    emb = node_by_name(proto, "/model/rotary_emb/Concat")
     scaled = emb.input[0] + "_x1.5"
     proto.graph.node.insert(list(proto.graph.node).index(emb), onnx.helper.make_node(
         "Mul", [emb.input[0], add_const(proto, "one_and_half", np.array(1.5, np.float32))], [scaled]))
