@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -520,3 +520,64 @@ def unknown_ops(model: ir.Model) -> dict[str, int]:
         key = f"{domain}.{node.op_type}" if domain else node.op_type
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+# ----------------------------------------------------------------------------- sessions over in-memory models
+
+#: In-memory initializers at least this large go to a session's scratch data file (smaller ones stay inline).
+SESSION_INLINE_LIMIT = 1 << 16
+
+
+def external_weights_proto(model: ir.Model, scratch: Path, data_name: str, read: Collection[str] | None = None,
+                           inline_limit: int = SESSION_INLINE_LIMIT) -> tuple[onnx.ModelProto, dict[str, Path]]:
+    """``model`` serialized with its large weights as external-data references, so that a session over
+    it (``runtime.proto_session``) holds no second copy of them in the proto.
+
+    A weight already in a file stays there; an in-memory one of ``inline_limit`` bytes or more is
+    written to ``scratch/data_name`` (4 KiB aligned), only when ``read`` is None or names it (the
+    others get a reference nothing reads: the caller drops them from the graph).  ``model`` is as
+    it was on return.  Returns the proto and the file of each external weight, for
+    :func:`relocate_external_data`.
+    """
+    paths: dict[str, Path] = {}
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    data_file = scratch / data_name
+    try:
+        with open(data_file, "wb") as f:
+            for name, value in model.graph.initializers.items():
+                t = value.const_value
+                if t is None:
+                    continue
+                if isinstance(t, ir.ExternalTensor):
+                    paths[name] = Path(t.path).resolve()
+                    continue
+                if t.nbytes < inline_limit:
+                    continue
+                offset = -(-f.tell() // _SPILL_ALIGN) * _SPILL_ALIGN
+                if read is None or name in read:
+                    f.seek(offset)
+                    f.write(t.tobytes())
+                    paths[name] = data_file.resolve()
+                swapped.append((value, t))
+                value.const_value = ir.ExternalTensor(data_name, offset, t.nbytes, t.dtype, shape=t.shape,
+                                                      name=t.name or name, base_dir=scratch)
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, t in swapped:
+            value.const_value = t
+    return proto, paths
+
+
+def relocate_external_data(proto: onnx.ModelProto, paths: dict[str, Path], scratch: Path) -> Path:
+    """Point the external initializers ``proto`` still holds at their files (``paths``), relative to
+    the deepest folder holding all of them (``scratch`` when there are none), which it returns: the
+    session's ``model_external_initializers_file_folder_path``."""
+    used = {t.name: paths[t.name] for t in proto.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL and t.name in paths}
+    root = Path(os.path.commonpath([str(p.parent) for p in used.values()])) if used else scratch.resolve()
+    for t in proto.graph.initializer:
+        if t.name in used:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = os.path.relpath(used[t.name], root)
+    return root

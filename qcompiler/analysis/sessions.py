@@ -16,7 +16,6 @@ Weights are never copied: the graph refers to the model's external-data files by
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,11 +27,10 @@ import onnxruntime as ort
 
 from qcompiler.errors import QCError
 from qcompiler.floattype import graph_float_type
+from qcompiler.irutil import external_weights_proto, relocate_external_data
 from qcompiler.runtime import proto_session
 
 _PAST_PREFIX = "past_key_values."
-_INLINE_LIMIT = 1 << 16
-_ALIGN = 4096
 
 
 def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
@@ -43,45 +41,6 @@ def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
         for g in graphs:
             for sub in g.node:
                 yield from _node_inputs(sub)
-
-
-def external_proto(model: ir.Model, scratch: Path) -> tuple[onnx.ModelProto, Path]:
-    """``model`` as a proto whose large weights are external-data references (no copy of mapped ones).
-
-    Returns the proto and the folder its ``location`` entries are relative to.
-    """
-    paths: dict[str, Path] = {}
-    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
-    data_file = scratch / "weights.bin"
-    try:
-        with open(data_file, "wb") as f:
-            for name, value in model.graph.initializers.items():
-                t = value.const_value
-                if t is None:
-                    continue
-                if isinstance(t, ir.ExternalTensor):
-                    paths[name] = Path(t.path).resolve()
-                    continue
-                if t.nbytes < _INLINE_LIMIT:
-                    continue
-                offset = -(-f.tell() // _ALIGN) * _ALIGN
-                f.seek(offset)
-                f.write(t.tobytes())
-                swapped.append((value, t))
-                value.const_value = ir.ExternalTensor(data_file.name, offset, t.nbytes, t.dtype, shape=t.shape,
-                                                      name=t.name or name, base_dir=scratch)
-                paths[name] = data_file.resolve()
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for value, t in swapped:
-            value.const_value = t
-    root = Path(os.path.commonpath([str(p.parent) for p in paths.values()])) if paths else scratch.resolve()
-    for t in proto.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL and t.name in paths:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    entry.value = os.path.relpath(paths[t.name], root)
-    return proto, root
 
 
 def prune_with_cuts(proto: onnx.ModelProto, outputs: Sequence[str], cuts: Iterable[str],
@@ -162,8 +121,9 @@ class PartRunner:
         # in-memory weights are written to the scratch folder, which lives as long as the session
         self._scratch = tempfile.TemporaryDirectory(prefix="qc-part-")
         scratch = self._scratch.name
-        proto, root = external_proto(model, Path(scratch))
+        proto, paths = external_weights_proto(model, Path(scratch), "weights.bin")
         prune_with_cuts(proto, self.outputs, cuts, overridable, types)
+        root = relocate_external_data(proto, paths, Path(scratch))
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:

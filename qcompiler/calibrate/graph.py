@@ -40,6 +40,7 @@ import onnxruntime as ort
 
 from qcompiler.errors import CalibrationError, QCError
 from qcompiler.floattype import widen_float
+from qcompiler.irutil import external_weights_proto, relocate_external_data
 from qcompiler.runtime import DecoderRunner, proto_session
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 WIDEN_META = "qc.calib_widen"
 #: In-memory initializers at least this large go to the scratch data file (smaller ones stay inline).
 INLINE_LIMIT = 1 << 16
-_ALIGN = 4096
 SCRATCH_DATA = "calib_weights.bin"
 
 
@@ -228,38 +228,11 @@ def calibration_proto(model: ir.Model, outputs: Sequence[str], scratch: Path, ke
                       cut: dict[str, int]) -> tuple[onnx.ModelProto, Path]:
     """The graph with nodes ``keep`` only, ``cut`` values (name → ONNX element type) as extra
     inputs and ``outputs`` as its outputs; weights refer to files.  Returns (proto, data root)."""
-    paths: dict[str, Path] = {}
-    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
-    data_file = scratch / SCRATCH_DATA
     nodes_ir = list(model.graph)
     read = {v.name for i in keep for v in nodes_ir[i].inputs if v is not None}
     read.update(n for i in keep for n in _subgraph_inputs(nodes_ir[i]))
-    try:
-        with open(data_file, "wb") as f:
-            for name, value in model.graph.initializers.items():
-                t = value.const_value
-                if t is None:
-                    continue
-                if isinstance(t, ir.ExternalTensor):
-                    paths[name] = Path(t.path).resolve()
-                    continue
-                if t.nbytes < INLINE_LIMIT:
-                    continue
-                # changed in memory: to the scratch file if this slice reads it, else a placeholder
-                # reference (the initializer is dropped from the slice; never serialized inline)
-                offset = -(-f.tell() // _ALIGN) * _ALIGN
-                if name in read:
-                    f.seek(offset)
-                    f.write(t.tobytes())
-                    paths[name] = data_file.resolve()
-                ext = ir.ExternalTensor(SCRATCH_DATA, offset, t.nbytes, t.dtype, shape=t.shape, name=t.name or name,
-                                        base_dir=scratch)
-                swapped.append((value, t))
-                value.const_value = ext
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for value, t in swapped:
-            value.const_value = t
+    # weights this slice does not read are not written (and dropped from the graph below)
+    proto, paths = external_weights_proto(model, scratch, SCRATCH_DATA, read, INLINE_LIMIT)
     graph = proto.graph
     nodes = [graph.node[i] for i in keep]
     needed = {n for node in nodes for n in node.input} | set(outputs)
@@ -278,13 +251,7 @@ def calibration_proto(model: ir.Model, outputs: Sequence[str], scratch: Path, ke
     graph.output.extend(
         _value_info(n, int(values[n].dtype) if n in values and values[n].dtype is not None else None) for n in outputs
     )
-    used = [p for n, p in paths.items() if n in needed]
-    root = Path(os.path.commonpath([str(p.parent) for p in used])) if used else scratch.resolve()
-    for t in graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL and t.name in paths:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    entry.value = os.path.relpath(paths[t.name], root)
+    root = relocate_external_data(proto, paths, scratch)
     if model.graph.meta.get(WIDEN_META):  # after the paths: widening renames the initializers it casts
         widen_float(proto, (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
     return proto, root
