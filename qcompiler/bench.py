@@ -54,7 +54,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,6 +62,9 @@ from qcompiler import __version__
 from qcompiler.artifact import atomic_output_dir, open_model_dir, write_json
 from qcompiler.errors import InputError, QCError
 from qcompiler.recipes import QuantizeOptions
+
+if TYPE_CHECKING:
+    from qcompiler.eval import LogitsSource
 
 log = logging.getLogger(__name__)
 
@@ -483,7 +486,15 @@ class CachedLogits:
 
     def __init__(self, folder: Path, windows: np.ndarray) -> None:
         self.folder = folder
-        self.index = {w.tobytes(): i for i, w in enumerate(windows)}
+        self.index = {np.asarray(w, dtype=np.int64).tobytes(): i for i, w in enumerate(windows)}
+
+    @classmethod
+    def write(cls, folder: Path, runner: LogitsSource, windows: np.ndarray) -> CachedLogits:
+        """Compute ``runner``'s logits of every window into ``folder`` and read them from there."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, ids in enumerate(windows):
+            np.save(folder / f"{i}.npy", runner.logits(ids))
+        return cls(folder, windows)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         i = self.index.get(np.asarray(ids, dtype=np.int64).tobytes())
@@ -596,10 +607,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     ref_dir = Path(spec["ref_logits"])
     t1 = time.perf_counter()
     if kind == "reference":
-        ref_dir.mkdir(parents=True, exist_ok=True)
-        for i, ids in enumerate(windows):
-            np.save(ref_dir / f"{i}.npy", runner.logits(ids))
-        ev = evaluate_windows(CachedLogits(ref_dir, windows), windows, name=name, progress=False)
+        ev = evaluate_windows(CachedLogits.write(ref_dir, runner, windows), windows, name=name, progress=False)
         res.update(perplexity=ev.perplexity, kl=0.0, top1=1.0)
     else:
         ref = CachedLogits(ref_dir, windows)

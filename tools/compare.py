@@ -39,8 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SECTIONS = {"calibration": "tools.compare_calibration", "w8a8": "tools.compare_w8a8"}
 
@@ -145,6 +147,35 @@ def open_eval_runner(path: Path):
     return runner
 
 
+def quantized_row(row: str, cmd: list[str], out: Path, windows: Any, ref: Any, base_ppl: float,
+                  open_eval: Callable[[Path], Any] | None = None) -> tuple[dict[str, Any], Path | None]:
+    """One row: ``cmd`` quantizes into ``out`` in a child process (its last stdout line:
+    ``{"seconds", "peak_rss_mb"}``), then the result is scored against ``ref`` on ``windows``.
+    Returns the row (``error`` when the child failed) and the model folder (None then)."""
+    from qcompiler.artifact import open_model_dir
+    from qcompiler.eval import evaluate_windows
+    from qcompiler.runtime import open_runner
+
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"row": row, "error": f"failed: {tail}"}, None
+    cost = json.loads(proc.stdout.strip().splitlines()[-1])
+    md = open_model_dir(out)
+    res = evaluate_windows((open_eval or open_runner)(md.path), windows, ref, name=row, size_bytes=md.size_bytes(),
+                           progress=False)
+    return {
+        "row": row,
+        "perplexity": res.perplexity,
+        "delta_pct": 100 * (res.perplexity / base_ppl - 1),
+        "kl": res.kl,
+        "top1": res.top1_agreement,
+        "size_mb": md.size_bytes() / 1e6,
+        "quantize_s": cost["seconds"],
+        "peak_rss_mb": cost["peak_rss_mb"],
+    }, md.path
+
+
 def run_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     from qcompiler.artifact import open_model_dir
     from qcompiler.data import make_windows, read_text, tokenize
@@ -167,45 +198,28 @@ def run_rows(args: argparse.Namespace) -> list[dict[str, object]]:
         cmd = [sys.executable, __file__, "_child", row, str(fp32.path), str(out), str(args.group_size), json.dumps(calib)]
         if args.sym:
             cmd.append("--sym")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            rows.append({"row": row, "error": f"failed: {tail}"})
-            continue
-        cost = json.loads(proc.stdout.strip().splitlines()[-1])
-        md = open_model_dir(out)
-        res = evaluate_windows(open_eval_runner(md.path), windows, ref, name=row, size_bytes=md.size_bytes())
-        rows.append({
-            "row": row,
-            "perplexity": res.perplexity,
-            "delta_pct": 100 * (res.perplexity / base.perplexity - 1),
-            "kl": res.kl,
-            "top1": res.top1_agreement,
-            "size_mb": md.size_bytes() / 1e6,
-            "quantize_s": cost["seconds"],
-            "peak_rss_mb": cost["peak_rss_mb"],
-        })
+        rows.append(quantized_row(row, cmd, out, windows, ref, base.perplexity, open_eval_runner)[0])
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
-def format_table(rows: list[dict[str, object]]) -> str:
-    head = "| row | PPL | Δ% vs fp32 | KL | top-1 | size MB | quantize s | peak RSS MB |"
-    lines = [head, "|" + "---|" * 8]
+#: the table's columns after ``row``: (heading, key, format)
+COLUMNS = (("PPL", "perplexity", ".3f"), ("Δ% vs fp32", "delta_pct", "+.2f"), ("KL", "kl", ".4f"),
+           ("top-1", "top1", ".3f"), ("size MB", "size_mb", ".1f"), ("quantize s", "quantize_s", ".1f"),
+           ("peak RSS MB", "peak_rss_mb", ".0f"))
+
+
+def format_table(rows: list[dict[str, Any]], extra: tuple[tuple[str, str, str], ...] = ()) -> str:
+    """A Markdown table of ``rows``: :data:`COLUMNS`, then ``extra`` columns; a missing value is blank."""
+    columns = (*COLUMNS, *extra)
+    lines = ["| row | " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['error']} |  |  |  |  |  |  |")
+            lines.append(f"| {r['row']} | {r['error']} |" + "  |" * (len(columns) - 1))
             continue
-
-        def f(key: str, fmt: str, r: dict[str, object] = r) -> str:
-            v = r.get(key)
-            return format(v, fmt) if isinstance(v, (int, float)) else ""
-
-        lines.append(
-            f"| {r['row']} | {f('perplexity', '.3f')} | {f('delta_pct', '+.2f')} | {f('kl', '.4f')} | "
-            f"{f('top1', '.3f')} | {f('size_mb', '.1f')} | {f('quantize_s', '.1f')} | {f('peak_rss_mb', '.0f')} |"
-        )
+        cells = [format(v, fmt) if isinstance(v := r.get(key), (int, float)) else "" for _, key, fmt in columns]
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -31,12 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the table and the row loop are the weight-only comparison's
+import compare
+from compare import quantized_row
 
 QC_ROWS = {
     "qc-static": ("w8a8-static", "cpu"),
@@ -135,35 +139,17 @@ def _ort_child(row: str, model_dir: str, out_dir: str, cfg: dict[str, Any]) -> N
 # ----------------------------------------------------------------------------- parent
 
 
-class CachedLogits:
-    """The float model's logits of each evaluation window, computed once and kept on disk."""
-
-    def __init__(self, runner: Any, windows: Any, folder: Path) -> None:
-        import numpy as np
-
-        folder.mkdir(parents=True, exist_ok=True)
-        self.files: dict[bytes, Path] = {}
-        for i, ids in enumerate(windows):
-            path = folder / f"window{i}.npy"
-            np.save(path, runner.logits(ids))
-            self.files[np.asarray(ids, np.int64).tobytes()] = path
-
-    def logits(self, ids: Any) -> Any:
-        import numpy as np
-
-        return np.load(self.files[np.asarray(ids, np.int64).tobytes()])
-
-
 def run_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     from qcompiler.artifact import open_model_dir
+    from qcompiler.bench import CachedLogits
     from qcompiler.data import make_windows, read_text, tokenize
     from qcompiler.eval import evaluate_windows
     from qcompiler.runtime import open_runner
 
     fp32 = open_model_dir(args.model_dir)
     windows = make_windows(tokenize(fp32.path, read_text(args.text)), args.seq_len, args.max_tokens).ids
-    ref = CachedLogits(open_runner(fp32.path), windows, work / "fp32-logits")
-    base = evaluate_windows(ref, windows, name="fp32", progress=False)  # type: ignore[arg-type]
+    ref = CachedLogits.write(work / "fp32-logits", open_runner(fp32.path), windows)
+    base = evaluate_windows(ref, windows, name="fp32", progress=False)
     rows: list[dict[str, Any]] = [{"row": "fp32", "perplexity": base.perplexity, "size_mb": fp32.size_bytes() / 1e6}]
     folders: dict[str, Path] = {"fp32": fp32.path}
     cfg = {"calib": str(args.calib), "samples": args.calib_samples, "seq_len": args.calib_seq_len}
@@ -172,25 +158,10 @@ def run_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]]
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, __file__, "_child", row, str(fp32.path), str(out), json.dumps(cfg)]
         print(f"[{time.strftime('%H:%M:%S')}] {row} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            rows.append({"row": row, "error": f"failed: {tail}"})
-            continue
-        cost = json.loads(proc.stdout.strip().splitlines()[-1])
-        md = open_model_dir(out)
-        res = evaluate_windows(open_runner(md.path), windows, ref, name=row, progress=False)  # type: ignore[arg-type]
-        rows.append({
-            "row": row,
-            "perplexity": res.perplexity,
-            "delta_pct": 100 * (res.perplexity / base.perplexity - 1),
-            "kl": res.kl,
-            "top1": res.top1_agreement,
-            "size_mb": md.size_bytes() / 1e6,
-            "quantize_s": cost["seconds"],
-            "peak_rss_mb": cost["peak_rss_mb"],
-        })
-        folders[row] = md.path
+        result, folder = quantized_row(row, cmd, out, windows, ref, base.perplexity)
+        rows.append(result)
+        if folder is not None:
+            folders[row] = folder
     del ref
     if args.prefill > 0:
         _latency(rows, folders, fp32.path, args)
@@ -255,23 +226,7 @@ def outliers_per_layer(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = "| row | PPL | Δ% vs fp32 | KL | top-1 | size MB | quantize s | peak RSS MB | prefill s | × fp32 |"
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['row']} | {r['error']} |" + " |" * 8)
-            continue
-
-        def f(key: str, fmt: str, r: dict[str, Any] = r) -> str:
-            v = r.get(key)
-            return format(v, fmt) if isinstance(v, (int, float)) else ""
-
-        lines.append(
-            f"| {r['row']} | {f('perplexity', '.3f')} | {f('delta_pct', '+.2f')} | {f('kl', '.4f')} | "
-            f"{f('top1', '.3f')} | {f('size_mb', '.1f')} | {f('quantize_s', '.1f')} | {f('peak_rss_mb', '.0f')} | "
-            f"{f('prefill_s', '.3f')} | {f('prefill_ratio', '.2f')} |"
-        )
-    return "\n".join(lines)
+    return compare.format_table(rows, extra=(("prefill s", "prefill_s", ".3f"), ("× fp32", "prefill_ratio", ".2f")))
 
 
 def main(argv: list[str] | None = None) -> int:
