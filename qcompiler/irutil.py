@@ -241,13 +241,16 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: str = EX
     p = Path(path)
     pending: list[ir.ExternalTensor] = []
 
-    def _release_written(tensor: ir.TensorProtocol, _info: object) -> None:
+    def release_pending() -> None:
         while pending:
             done = pending.pop()
             try:
                 done.release()
             except BufferError:  # a numpy view of the mapping is still alive; it is unmapped when that goes
                 log.debug("save_model: %s is still referenced; not unmapped early", done.name)
+
+    def _release_written(tensor: ir.TensorProtocol, _info: object) -> None:
+        release_pending()  # the tensors handed over before this one are written by now
         if isinstance(tensor, ir.ExternalTensor):
             pending.append(tensor)
 
@@ -256,12 +259,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: str = EX
     except OSError as e:
         raise OutputError(f"cannot write {p}: {e.strerror or e}") from None
     finally:
-        while pending:
-            done = pending.pop()
-            try:
-                done.release()
-            except BufferError:  # a numpy view of the mapping is still alive; it is unmapped when that goes
-                log.debug("save_model: %s is still referenced; not unmapped early", done.name)
+        release_pending()
 
 
 # ----------------------------------------------------------------------------- spilling
