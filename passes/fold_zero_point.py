@@ -38,7 +38,7 @@ from qcompiler.floattype import float_type, graph_float_type
 from qcompiler.irutil import MS_DOMAIN, add_initializer, ensure_opset, remove_unused_initializers
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.intgemm import check_cpu_isa, encode_weight
-from qcompiler.quant.w8a8 import QUANT_KEY, W8A8Match, match_w8a8
+from qcompiler.quant.w8a8 import QUANT_KEY, W8A8Match, w8a8_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,8 @@ class FoldZeroPoint(QCPass):
         cfg: FoldZeroPointConfig = self.config
         graph = model.graph
         counts: Counter[str] = Counter()
-        for node in list(graph):
-            if node.graph is not graph or node.op_type != "MatMul":
-                continue
-            m = match_w8a8(node)
-            if m is None or m.kind != "static":
+        for m in w8a8_matmuls(graph):
+            if m.kind != "static":
                 continue
             if m.x_zero == 0 and not cfg.symmetric:
                 counts["symmetric left as QDQ"] += 1

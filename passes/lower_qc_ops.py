@@ -32,7 +32,7 @@ from qcompiler.floattype import FLOAT_TYPES
 from qcompiler.irutil import QC_DOMAIN, ensure_opset, remove_unused_initializers
 from qcompiler.ops.emit import OP_VERSION, make_qc_gemm, match_outlier_split
 from qcompiler.pipeline import QCPass, register_pass
-from qcompiler.quant.w8a8 import W8A8Match, match_w8a8
+from qcompiler.quant.w8a8 import W8A8Match, w8a8_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,7 @@ class LowerQcOps(QCPass):
                     m = match_outlier_split(node)
                     if m is not None and self._lower(graph, m.int8, m.add, m.nodes, m.x, m.outlier_idx, m.w_outlier):
                         counts["W8A8OutlierMatMul"] += 1
-        for node in list(graph):
-            if node.graph is not graph or node.op_type != "MatMul":
-                continue
-            m = match_w8a8(node)
-            if m is None:
-                continue
+        for m in w8a8_matmuls(graph):
             if m.kind != "per-token":
                 counts["static W8A8 left as QDQ"] += 1
             elif self.config.per_token and self._lower(graph, m, m.matmul, m.nodes, m.x):

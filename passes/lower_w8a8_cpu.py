@@ -63,7 +63,7 @@ from qcompiler.irutil import (
 )
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.intgemm import check_cpu_isa, encode_weight
-from qcompiler.quant.w8a8 import W8A8Match, match_w8a8
+from qcompiler.quant.w8a8 import W8A8Match, w8a8_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,8 @@ class LowerW8A8Cpu(QCPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         counts: Counter[str] = Counter()
-        for node in list(graph):
-            if node.graph is not graph or node.op_type != "MatMul":
-                continue
-            m = match_w8a8(node)
-            if m is None:
-                continue
+        for m in w8a8_matmuls(graph):
+            node = m.matmul
             wdq = node.inputs[1].producer() if node.inputs[1] is not None else None
             ft = float_dtype(m.x, node.outputs[0], wdq.inputs[1] if wdq else None)
             if ft not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):

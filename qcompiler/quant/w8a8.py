@@ -24,6 +24,7 @@ The MatMul carries ``metadata_props["qc.quant"] = "w8a8-static" | "w8a8-per-toke
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,6 +221,16 @@ def match_w8a8(matmul: ir.Node) -> W8A8Match | None:
         x, s, z, dt, nodes = st
         return W8A8Match("static", matmul, x, w_q, w_scale, s, z, dt, nodes=(*nodes, wdq, matmul))
     return None
+
+
+def w8a8_matmuls(graph: ir.Graph) -> Iterator[W8A8Match]:
+    """The W8A8 forms ending in ``graph``'s own MatMuls (not its subgraphs'), each matched when the
+    iteration reaches it, over a snapshot of the nodes: the caller may rewrite one before the next."""
+    for node in list(graph):
+        if node.graph is graph and node.op_type == "MatMul":
+            m = match_w8a8(node)
+            if m is not None:
+                yield m
 
 
 def reference_per_token_matmul(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
