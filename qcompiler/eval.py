@@ -53,6 +53,25 @@ def window_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return -lp[np.arange(len(ids) - 1), ids[1:]]
 
 
+def kl_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """``KL(softmax(ref_t) ‖ softmax(q_t))`` of every position t of logits ``[..., vocab]``, in nats
+    (each summed in float64): ``[positions]``."""
+    lp = log_softmax(ref_logits.reshape(-1, ref_logits.shape[-1]))
+    lq = log_softmax(logits.reshape(-1, logits.shape[-1]))
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1, dtype=np.float64)
+
+
+def kl_per_token(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean :func:`kl_rows` over every position."""
+    return float(np.mean(kl_rows(ref_logits, logits)))
+
+
+def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    """``exp(mean NLL)`` of the next tokens of windows ``ids[N, T]`` from their logits ``[N, T, vocab]``."""
+    nll = np.concatenate([window_nll(logits[i], ids[i]) for i in range(len(ids))])
+    return float(np.exp(nll.mean(dtype=np.float64)))
+
+
 class LogitsSource(Protocol):
     """What :func:`evaluate_windows` reads from a model: logits ``[T, vocab]`` of one window
     (:class:`~qcompiler.runtime.DecoderRunner`, :class:`LogitsOf`, bench's cached reference)."""
@@ -151,8 +170,7 @@ def evaluate_windows(
         if ref_runner is not None:
             ref_logits = logits_of(ref_runner, ids)
             ref_nll_sum += float(window_nll(ref_logits, ids).sum(dtype=np.float64))
-            lp, lq = log_softmax(ref_logits), log_softmax(logits)
-            kl_sum += float((np.exp(lp) * (lp - lq)).sum(dtype=np.float64))
+            kl_sum += float(kl_rows(ref_logits, logits).sum())
             agree += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
             positions += logits.shape[0]
     res = EvalResult(

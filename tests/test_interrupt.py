@@ -70,7 +70,7 @@ def test_ctrl_c_stops_a_run_in_flight() -> None:
         t0 = time.perf_counter()
         with pytest.raises(KeyboardInterrupt) as info:
             session.run(["y"], {"x": np.zeros(3, np.float32)})
-        assert time.perf_counter() - t0 < 2.0
+        assert time.perf_counter() - t0 < 5.0  # about 0.3 s: the signal, then one Loop iteration
         assert "terminate flag" in str(info.value.__context__)  # ONNX Runtime's run was the one stopped
         assert not interrupt._runs
     finally:

@@ -35,15 +35,12 @@ from qcompiler.analysis.candidates import Candidate, fake_quant_weight, parse_ca
 from qcompiler.analysis.sensitivity import EndToEnd, spearman
 from qcompiler.analysis.structure import ModelSites, find_sites
 from qcompiler.data import make_windows, read_text, tokenize
-from qcompiler.eval import log_softmax, window_nll
+from qcompiler.eval import kl_per_token, perplexity
 from qcompiler.irutil import load_model
 
 
 def _metrics(e2e: EndToEnd, ids: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-    nll = np.concatenate([window_nll(logits[i], ids[i]) for i in range(len(ids))])
-    lp = log_softmax(e2e.ref.reshape(-1, e2e.ref.shape[-1]))
-    lq = log_softmax(logits.reshape(-1, logits.shape[-1]))
-    return float(np.exp(nll.mean(dtype=np.float64))), float((np.exp(lp) * (lp - lq)).sum(-1, dtype=np.float64).mean())
+    return perplexity(logits, ids), kl_per_token(e2e.ref, logits)
 
 
 def main(argv: list[str] | None = None) -> int:

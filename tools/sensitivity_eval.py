@@ -35,13 +35,12 @@ from qcompiler.analysis.sensitivity import SENSITIVITY_METHODS, kl_per_token, sp
 from qcompiler.analysis.sessions import PartRunner
 from qcompiler.analysis.structure import find_sites
 from qcompiler.data import make_windows, read_text, tokenize
-from qcompiler.eval import window_nll
+from qcompiler.eval import perplexity
 from qcompiler.irutil import load_model
 
 
 def _ppl(ids: np.ndarray, logits: np.ndarray) -> float:
-    nll = np.concatenate([window_nll(logits[i], ids[i]) for i in range(len(ids))])
-    return float(np.exp(nll.mean(dtype=np.float64)))
+    return perplexity(logits, ids)
 
 
 def _spread(items: list) -> list:

@@ -83,6 +83,7 @@ from qcompiler.analysis.sessions import PartRunner
 from qcompiler.analysis.structure import LayerSites, ModelSites
 from qcompiler.distributed import Executor, Resources
 from qcompiler.errors import QCError
+from qcompiler.eval import kl_per_token
 
 log = logging.getLogger(__name__)
 
@@ -234,15 +235,6 @@ def _layers_task(model_path: str, lm_head: bool, layers: list[int], ids: np.ndar
         if head is not None:
             head.close()
     return out
-
-
-def kl_per_token(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    """``mean_t KL(softmax(ref_t) ‖ softmax(q_t))`` in nats (float64 accumulation)."""
-    from qcompiler.eval import log_softmax
-
-    lp = log_softmax(ref_logits.reshape(-1, ref_logits.shape[-1]))
-    lq = log_softmax(logits.reshape(-1, logits.shape[-1]))
-    return float(np.mean((np.exp(lp) * (lp - lq)).sum(axis=-1, dtype=np.float64)))
 
 
 class EndToEnd:
