@@ -28,11 +28,11 @@ import onnx_ir as ir
 from qcompiler.floattype import float_array, float_type
 from qcompiler.irutil import MS_DOMAIN, add_initializer, ensure_opset, remove_unused_initializers
 from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.quant.emit import read_dq_constants
 from qcompiler.quant.packing import matmulnbits_block_size, pack_matmulnbits
 
 log = logging.getLogger(__name__)
 
-_BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 
 
 @dataclass(frozen=True)
@@ -56,36 +56,21 @@ class RowBlocked:
 
 
 def read_row_blocked(dq: ir.Node) -> RowBlocked | None:
-    if dq.op_type != "DequantizeLinear" or dq.domain != "" or len(dq.inputs) < 2:
+    """``dq`` as a table ``[V, H]`` blocked along H (or per row), transposed to MatMulNBits' ``[H, V]``."""
+    c = read_dq_constants(dq)
+    if c is None:
         return None
-    qv, sv = dq.inputs[0], dq.inputs[1]
-    zv = dq.inputs[2] if len(dq.inputs) > 2 else None
-    if qv is None or qv.const_value is None or sv is None or sv.const_value is None:
-        return None
-    if (zv is not None and zv.const_value is None) or len(qv.const_value.shape) != 2:
-        return None
-    bits = _BITS.get(qv.const_value.dtype)
-    if bits is None:
-        return None
-    sym = qv.const_value.dtype in (ir.DataType.INT4, ir.DataType.INT8)
-    q = qv.const_value.numpy()
-    v, h = q.shape
-    scale = sv.const_value.numpy().astype(np.float32)
-    zp = None if zv is None else zv.const_value.numpy().astype(np.int16)
-    if sym and zp is not None and np.any(zp != 0):
-        return None
-    axis, block = dq.attributes.get_int("axis", 1), dq.attributes.get_int("block_size", 0)
-    if axis == 1 and block and scale.shape == (v, -(-h // block)):
-        group = block
-    elif axis == 0 and not block and scale.size == v:
+    v, h = c.q.shape
+    scale, zp = c.scale, c.zero_point
+    if c.axis == 1 and c.block and scale.shape == (v, -(-h // c.block)):
+        group = c.block
+    elif c.axis == 0 and not c.block and scale.size == v:
         group, scale = h, scale.reshape(v, 1)
         zp = None if zp is None else zp.reshape(v, 1)
     else:
         return None
-    q = q.astype(np.int8) if sym else q.astype(np.uint8)
-    zp = None if sym or zp is None else zp.astype(np.uint8)
-    return RowBlocked(np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T),
-                      None if zp is None else np.ascontiguousarray(zp.T), bits, group)
+    return RowBlocked(np.ascontiguousarray(c.q.T), np.ascontiguousarray(scale.T),
+                      None if zp is None else np.ascontiguousarray(zp.T), c.bits, group)
 
 
 def _users(dq: ir.Node) -> tuple[list[ir.Node], list[tuple[ir.Node, ir.Node]]] | None:

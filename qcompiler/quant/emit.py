@@ -115,10 +115,28 @@ class DQWeight:
     scale_type: ir.DataType = ir.DataType.FLOAT  # the scale's type in the graph (the graph's float type)
 
 
-def read_dq_weight(value: ir.Value) -> DQWeight | None:
-    """If ``value`` is ``DequantizeLinear(const int weight, const scale[, const zp])``, decode it."""
-    dq = value.producer()
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
+_BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
+
+
+@dataclass(frozen=True)
+class DQConstants:
+    """The constant operands of a 2-D int4/int8 ``DequantizeLinear``, decoded; the layout (which
+    ``axis``, ``block_size``) is the reader's to check."""
+
+    q: np.ndarray  # 2-D, int8 (signed grid) or uint8 values
+    scale: np.ndarray  # float32 (read wide), as stored
+    zero_point: np.ndarray | None  # uint8, as stored; None on a signed grid
+    bits: int
+    symmetric: bool
+    axis: int
+    block: int  # block_size; 0 when per-axis
+    scale_type: ir.DataType  # the scale's type in the graph
+
+
+def read_dq_constants(dq: ir.Node) -> DQConstants | None:
+    """:class:`DQConstants` of ``dq`` if it is ``DequantizeLinear(const int4/int8 [A, B], const scale[,
+    const zero point])``; None otherwise (also for a signed grid with a non-zero zero point)."""
+    if dq.op_type != "DequantizeLinear" or dq.domain != "" or len(dq.inputs) < 2:
         return None
     qv, sv = dq.inputs[0], dq.inputs[1]
     zv = dq.inputs[2] if len(dq.inputs) > 2 else None
@@ -127,37 +145,36 @@ def read_dq_weight(value: ir.Value) -> DQWeight | None:
     if zv is not None and zv.const_value is None:
         return None
     qt = qv.const_value
-    if len(qt.shape) != 2:
-        return None
-    bits = {
-        ir.DataType.INT4: 4,
-        ir.DataType.UINT4: 4,
-        ir.DataType.INT8: 8,
-        ir.DataType.UINT8: 8,
-    }.get(qt.dtype)
-    if bits is None:
+    bits = _BITS.get(qt.dtype)
+    if len(qt.shape) != 2 or bits is None:
         return None
     symmetric = qt.dtype in (ir.DataType.INT4, ir.DataType.INT8)
-    k, n = (int(d) for d in qt.shape)
-    q = qt.numpy()
-    q = q.astype(np.int8 if symmetric else np.uint8, copy=False)
-    scale = sv.const_value.numpy().astype(np.float32)
     zp = zv.const_value.numpy().astype(np.int16) if zv is not None else None
     if zp is not None and symmetric and np.any(zp != 0):
         return None  # signed grid with a zero point: not a form we lower
-    if symmetric:
-        zp = None
-    axis = dq.attributes.get_int("axis", 1)
-    block = dq.attributes.get_int("block_size", 0)
-    if block:
-        if axis != 0 or scale.ndim != 2 or scale.shape[1] != n:
+    return DQConstants(qt.numpy().astype(np.int8 if symmetric else np.uint8, copy=False),
+                       sv.const_value.numpy().astype(np.float32),
+                       None if symmetric or zp is None else zp.astype(np.uint8), bits, symmetric,
+                       dq.attributes.get_int("axis", 1), dq.attributes.get_int("block_size", 0), float_type(sv))
+
+
+def read_dq_weight(value: ir.Value) -> DQWeight | None:
+    """If ``value`` is ``DequantizeLinear(const int weight [K, N], const scale[, const zp])`` blocked or
+    per-channel along K, decode it."""
+    dq = value.producer()
+    c = read_dq_constants(dq) if dq is not None else None
+    if c is None:
+        return None
+    k, n = c.q.shape
+    scale, zp = c.scale, c.zero_point
+    if c.block:
+        if c.axis != 0 or scale.ndim != 2 or scale.shape[1] != n:
             return None
-        group = block
+        group = c.block
     else:
-        if axis not in (1, -1) or scale.size != n:
+        if c.axis not in (1, -1) or scale.size != n:
             return None
         scale = scale.reshape(1, n)
         zp = zp.reshape(1, n) if zp is not None else None
         group = k
-    return DQWeight(dq, q, scale, None if zp is None else zp.astype(np.uint8), bits, symmetric, group,
-                    float_type(sv))
+    return DQWeight(dq, c.q, scale, zp, c.bits, c.symmetric, group, c.scale_type)
