@@ -64,6 +64,8 @@ def test_run_returns_the_graphs_result() -> None:
 
 def test_ctrl_c_stops_a_run_in_flight() -> None:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    done = threading.Event()  # backstop: without the watcher the run would never end; fail instead
+    threading.Thread(target=lambda: done.wait(30) or interrupt.terminate_all(), daemon=True).start()
     try:
         session = _session(10**12)
         _signal_later(signal.SIGINT, 0.3)
@@ -74,6 +76,7 @@ def test_ctrl_c_stops_a_run_in_flight() -> None:
         assert "terminate flag" in str(info.value.__context__)  # ONNX Runtime's run was the one stopped
         assert not interrupt._runs
     finally:
+        done.set()
         signal.signal(signal.SIGINT, previous)
 
 
