@@ -27,6 +27,11 @@ with ``Q`` once their weight ``γ`` is folded away::
    v→o channel map (``passes/_channels.py``); a model with as many kv heads as heads, where
    that map is the identity, is skipped (reported).
 
+5. **Inside the blocks only** (``residual=false``): steps 3 and 4 do not touch the residual
+   stream, so they hold for any norm (LayerNorm, post-norms, parallel blocks: nothing is checked
+   but the down_proj / v→o roles); with smoothing on the other inputs this is the static recipe
+   for the families where step 2 is refused (``w8a8-static-smooth``).
+
 ``Q`` is a randomized Hadamard matrix, ``Q = diag(±1)·(H_{2^a} ⊗ R_m)/√(2^a)`` for
 ``D = 2^a·m``: Sylvester's Hadamard on the power-of-two factor and a seeded random orthogonal
 ``R_m`` (QR of a Gaussian) on the odd rest (``m = 9`` for SmolLM2's 576), random signs seeded
@@ -77,10 +82,13 @@ class RotateConfig:
     v_o: bool = False  # a per-head orthogonal transform folded into v_proj's columns and o_proj's rows
     untie: bool = False  # a tied lm_head: untie it (E stored twice) instead of two online D×D transforms
     random: bool = True  # random signs (and the random odd factor); false: plain Sylvester × identity
+    residual: bool = True  # rotate the residual stream; false: only the transforms inside a block (5.)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
+        if not self.residual and not (self.online_down or self.v_o):
+            raise ValueError("residual=false leaves only online_down and v_o: enable at least one")
 
 
 def hadamard(n: int) -> np.ndarray:
@@ -410,6 +418,8 @@ class Rotate(QCPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: RotateConfig = self.config
         t0 = time.perf_counter()
+        if not cfg.residual:
+            return self._inside_blocks(model, cfg, t0)
         p = plan(model)
         graph = model.graph
         q = random_orthogonal(p.dim, cfg.seed, cfg.random)
@@ -460,6 +470,15 @@ class Rotate(QCPass):
                  len(p.readers), sum(len(ls) for _, ls in p.readers), len(p.writers), p.dim,
                  time.perf_counter() - t0)
         return ir.passes.PassResult(model, modified=True)
+
+    def _inside_blocks(self, model: ir.Model, cfg: RotateConfig, t0: float) -> ir.passes.PassResult:
+        """``residual=false``: the online down_proj transform and the per-head v→o transform only."""
+        online = self._online_down(model, cfg) if cfg.online_down else 0
+        v_o = self._v_o(model, cfg) if cfg.v_o else {}
+        self.context.report[self.name] = {"residual": False, "seed": cfg.seed, "online_down": online, "v_o": v_o}
+        log.info("rotate: residual stream left as is; %d online down_proj transforms, v→o in %d layers (%.1fs)",
+                 online, v_o.get("layers", 0), time.perf_counter() - t0)
+        return ir.passes.PassResult(model, modified=bool(online or v_o.get("layers")))
 
     def _v_o(self, model: ir.Model, cfg: RotateConfig) -> dict[str, Any]:
         """Per head: ``V ← V·H`` (v_proj's columns of each kv head, and its bias), ``W_o ← Hᵀ·W_o`` (o_proj's
