@@ -176,13 +176,21 @@ def test_inside_blocks_only_holds_for_layernorm(tmp_path) -> None:
     ref = run_logits(folder, WINDOW)
     before = {v.name: v.const_value.numpy().copy() for v in load_model(folder / "model.onnx").graph.initializers.values()
               if v.const_value is not None and v.const_value.numpy().ndim == 1}
-    model, ctx = _rotate(folder, "canonicalize,rotate{residual=false,online_down=true,v_o=true,seed=2}")
+    model, ctx = _rotate(folder, "canonicalize,rotate{residual=false,online_down=true,v_o=true,online_in=gate_up,seed=2}")
     assert _rel(ref, run_logits(model, WINDOW, tmp_path / "out")) < 1e-4
     rep = ctx.report["rotate"]
     assert rep["residual"] is False and rep["online_down"] == 2 and rep["v_o"]["layers"] == 2
+    assert rep["online_in"] == {"groups": ["gate_up"], "inputs": 2}
     after = {v.name: v.const_value.numpy() for v in model.graph.initializers.values() if v.const_value is not None}
     for name, gamma in before.items():  # norm weights (1-D constants) unchanged
         np.testing.assert_array_equal(after[name], gamma)
-    assert sum(ROTATION_MARK in n.metadata_props for n in model.graph) == 2  # the two online transforms only
+    marked = [n for n in model.graph if ROTATION_MARK in n.metadata_props]
+    assert len(marked) == 4  # two online down_proj transforms, two on the MLP's normalized input
+    # gate and up read one rotated input, which spreads the synthetic model's massive channel
+    gate = next(n for n in model.graph if (i := linear_info(n)) is not None and i.key == "layers.1.gate_proj")
+    up = next(n for n in model.graph if (i := linear_info(n)) is not None and i.key == "layers.1.up_proj")
+    assert gate.inputs[0] is up.inputs[0] and ROTATION_MARK in gate.inputs[0].producer().metadata_props
     with pytest.raises(QCError, match="residual=false"):
         _rotate(folder, "canonicalize,rotate{residual=false}")
+    with pytest.raises(QCError, match="online_in"):
+        _rotate(folder, "canonicalize,rotate{residual=false,online_in=o_proj}")
