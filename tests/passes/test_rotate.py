@@ -194,3 +194,19 @@ def test_inside_blocks_only_holds_for_layernorm(tmp_path) -> None:
         _rotate(folder, "canonicalize,rotate{residual=false}")
     with pytest.raises(QCError, match="online_in"):
         _rotate(folder, "canonicalize,rotate{residual=false,online_in=o_proj}")
+
+
+@pytest.mark.parametrize("model_type", [*_EXACT, *sorted(_REFUSED)])
+def test_inside_blocks_exact_for_every_family(model_type: str, tmp_path) -> None:
+    """``residual=false`` (w8a8-static-smooth's transforms) holds where the residual rotation is refused too:
+    LayerNorm, post-norms, mixture-of-experts."""
+    from qcompiler.families.tiny import VOCAB
+    from tests.conftest import family_export
+
+    folder = family_export(model_type) / "onnx"
+    ids = np.random.default_rng(7).integers(0, VOCAB, 24)
+    ref = run_logits(folder, ids)
+    model, ctx = _rotate(folder, "canonicalize,rotate{residual=false,online_in=gate_up:qkv,online_down=true,v_o=true}")
+    assert _rel(ref, run_logits(model, ids, tmp_path)) < 1e-4
+    rep = ctx.report["rotate"]
+    assert rep["online_in"]["inputs"] >= 2 and rep["online_down"] >= 2
