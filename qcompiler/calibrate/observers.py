@@ -17,7 +17,7 @@ observer               state / what ``CalibrationStats.get`` returns            
                        per row ``max|x| / median|x|`` (massive activations)
 ``sample``             ``Sample``: a seeded uniform subset of at most                ``sample_rows``·C·4
                        ``sample_rows`` rows, the *same* rows for every value
-``log_histogram``      :class:`~qcompiler.calibrate.histogram.LogHistogram`: count,     24 KiB
+``log_histogram``      :class:`~qcompiler.calibrate.histogram.LogHistogram`: count,     40 KiB
                        Σ|x|, Σx² per sign and geometric bin of ``|x|`` (8 per
                        octave): any static quantizer's error, bounded memory
 =====================  ==========================================================  ==============
