@@ -55,3 +55,9 @@ def test_gates_select_float_or_quantized(synthetic_nokv_dir, synthetic_text, tmp
     assert {r["value"] for r in doc["rows"]} >= {"layer 0", "layer 1"}
     assert all(r["float_one"]["t"]["kl"] >= 0 for r in doc["rows"])
     assert doc["all_float"]["t"][1] <= doc["all_quantized"]["t"][1]
+    # --groups role: one row per role, each the union of that role's inputs over the layers
+    assert ood_ablate.main([str(quant), "--reference", str(folder), "--out", str(out), "--text", f"t={text}",
+                            "--tokens", "64", "--seq-len", "64", "--groups", "role"]) == 0
+    rows = json.loads((out / "ablate.json").read_text())["rows"]
+    assert rows and all(r["value"].startswith("role ") for r in rows)
+    assert sorted(i for r in rows for i in r["members"]) == list(range(8))
