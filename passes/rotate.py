@@ -27,6 +27,18 @@ with ``Q`` once their weight ``γ`` is folded away::
    v→o channel map (``passes/_channels.py``); a model with as many kv heads as heads, where
    that map is the identity, is skipped (reported).
 
+5. **Inside the blocks only** (``residual=false``): steps 3 and 4 do not touch the residual
+   stream, so they hold for any norm (LayerNorm, post-norms, parallel blocks: nothing is checked
+   but the down_proj / v→o roles); with smoothing on the other inputs this is the static recipe
+   for the families where step 2 is refused (``w8a8-static-smooth``).
+
+6. **Online transform on a norm's readers** (``online_in=gate_up`` and/or ``qkv``, for
+   ``residual=false``): ``z·W = (z·H)·(Hᵀ·W)`` on the normalized input itself, a constant ``D × D``
+   ``MatMul`` after the norm (``D²`` multiply-adds per token and layer: 12% of SmolLM2's MLP).  What
+   the residual rotation does for these readers, where it is refused or unwanted: the norm output's
+   outlier channels — those that move between text domains — are spread over all channels before a
+   static per-tensor range is set.
+
 ``Q`` is a randomized Hadamard matrix, ``Q = diag(±1)·(H_{2^a} ⊗ R_m)/√(2^a)`` for
 ``D = 2^a·m``: Sylvester's Hadamard on the power-of-two factor and a seeded random orthogonal
 ``R_m`` (QR of a Gaussian) on the odd rest (``m = 9`` for SmolLM2's 576), random signs seeded
@@ -67,6 +79,8 @@ from qcompiler.spec import Role, linear_info
 log = logging.getLogger(__name__)
 
 _WRITERS = frozenset({Role.O, Role.DOWN})
+_ONLINE_IN = {"qkv": frozenset({Role.Q, Role.K, Role.V, Role.QKV}),
+              "gate_up": frozenset({Role.GATE, Role.UP, Role.GATE_UP})}
 _FLOAT_TYPES = frozenset({1, 10, 11, 16})
 
 
@@ -77,10 +91,20 @@ class RotateConfig:
     v_o: bool = False  # a per-head orthogonal transform folded into v_proj's columns and o_proj's rows
     untie: bool = False  # a tied lm_head: untie it (E stored twice) instead of two online D×D transforms
     random: bool = True  # random signs (and the random odd factor); false: plain Sylvester × identity
+    residual: bool = True  # rotate the residual stream; false: only the transforms inside a block (5.)
+    online_in: str = ""  # ':'-separated norm-fed inputs (qkv, gate_up) given an online D×D transform (6.)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
+        unknown = set(self.online_groups()) - set(_ONLINE_IN)
+        if unknown:
+            raise ValueError(f"online_in: unknown input(s) {', '.join(sorted(unknown))}; choose from qkv, gate_up")
+        if not self.residual and not (self.online_down or self.v_o or self.online_in):
+            raise ValueError("residual=false leaves only online_down, online_in and v_o: enable at least one")
+
+    def online_groups(self) -> tuple[str, ...]:
+        return tuple(filter(None, self.online_in.split(":")))
 
 
 def hadamard(n: int) -> np.ndarray:
@@ -410,6 +434,8 @@ class Rotate(QCPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: RotateConfig = self.config
         t0 = time.perf_counter()
+        if not cfg.residual:
+            return self._inside_blocks(model, cfg, t0)
         p = plan(model)
         graph = model.graph
         q = random_orthogonal(p.dim, cfg.seed, cfg.random)
@@ -460,6 +486,47 @@ class Rotate(QCPass):
                  len(p.readers), sum(len(ls) for _, ls in p.readers), len(p.writers), p.dim,
                  time.perf_counter() - t0)
         return ir.passes.PassResult(model, modified=True)
+
+    def _inside_blocks(self, model: ir.Model, cfg: RotateConfig, t0: float) -> ir.passes.PassResult:
+        """``residual=false``: the online down_proj transform and the per-head v→o transform only."""
+        online = self._online_down(model, cfg) if cfg.online_down else 0
+        v_o = self._v_o(model, cfg) if cfg.v_o else {}
+        online_in = self._online_in(model, cfg) if cfg.online_in else 0
+        self.context.report[self.name] = {"residual": False, "seed": cfg.seed, "online_down": online, "v_o": v_o,
+                                          "online_in": {"groups": list(cfg.online_groups()), "inputs": online_in}}
+        log.info("rotate: residual stream left as is; %d online down_proj transforms, %d on norm outputs, v→o in "
+                 "%d layers (%.1fs)", online, online_in, v_o.get("layers", 0), time.perf_counter() - t0)
+        return ir.passes.PassResult(model, modified=bool(online or online_in or v_o.get("layers")))
+
+    def _online_in(self, model: ir.Model, cfg: RotateConfig) -> int:
+        """``z·W = (z·H)·(Hᵀ·W)`` for the chosen readers of each normalized input (one MatMul per input)."""
+        graph = model.graph
+        roles = frozenset().union(*(_ONLINE_IN[g] for g in cfg.online_groups()))
+        readers: dict[int, list[ir.Node]] = {}
+        for n in list(graph):
+            info = linear_info(n)
+            if info is not None and info.role in roles and linear_weight(n) is not None and n.inputs[0] is not None:
+                readers.setdefault(id(n.inputs[0]), []).append(n)
+        shared: dict[tuple[int, Any], ir.Value] = {}
+        for nodes in readers.values():
+            x = nodes[0].inputs[0]
+            w0, _ = _weight64(nodes[0])
+            d = w0.shape[0]
+            dtype = linear_weight(nodes[0])[0].const_value.numpy().dtype  # type: ignore[index,union-attr]
+            h = random_orthogonal(d, cfg.seed + 3, cfg.random)
+            key = (d, np.dtype(dtype).str)
+            if key not in shared:
+                shared[key] = add_initializer(graph, f"rotate_online_in_hadamard_{d}", h.astype(dtype))
+            mm = ir.node("MatMul", [x, shared[key]], name=f"{nodes[0].name}_online_in_rotation")
+            mm.metadata_props[ROTATION_MARK] = "online"
+            mm.outputs[0].name = f"{nodes[0].name}_rotated_input"
+            mm.outputs[0].shape, mm.outputs[0].type = x.shape, x.type  # type: ignore[union-attr]
+            graph.insert_before(nodes[0], mm)
+            for node in nodes:
+                w, transposed = _weight64(node)
+                node.replace_input_with(0, mm.outputs[0])
+                _set_linear(graph, node, h.T @ w, transposed, f"rotate_online_in_{_where(node).replace('.', '_')}")
+        return len(readers)
 
     def _v_o(self, model: ir.Model, cfg: RotateConfig) -> dict[str, Any]:
         """Per head: ``V ← V·H`` (v_proj's columns of each kv head, and its bias), ``W_o ← Hᵀ·W_o`` (o_proj's

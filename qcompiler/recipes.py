@@ -255,14 +255,31 @@ register_recipe(Recipe(
     lambda o: f"canonicalize,{_w8a8_smooth('per-token', o)},{_w8a8_qdq(o, 'per-token')}",
     needs_calibration=True, options=W8A8_OPTIONS | {"alpha"}, bits=8,
 ))
+#: static smoothing out of domain (issue 22, docs/w8a8.md "Out of domain"): the MLP's inputs get online
+#: orthogonal transforms inside each block (``rotate{residual=false}``: valid for any norm, LayerNorm included,
+#: unlike the residual rotation), smoothing and splitting keep the attention inputs.  On SmolLM2 calibrated on
+#: the GPL-3 the float ablation (tools/ood_ablate.py) put what smoothing left on Python source in the gate/up
+#: inputs (a residual channel that moves between domains: no α and no 10% fallback covers 30 layers) and in
+#: down_proj (sink tokens); the transforms spread both.
+STATIC_SMOOTH_BLOCK_TRANSFORMS = "rotate{residual=false,online_in=gate_up,online_down=true,v_o=true}"
+
+
+def _w8a8_static_smooth(o: QuantizeOptions) -> str:
+    groups = "groups=qkv:o_proj"
+    smooth = _w8a8_smooth("static", o).replace("smooth-scale{", f"smooth-scale{{{groups},")
+    return (f"canonicalize,{STATIC_SMOOTH_BLOCK_TRANSFORMS},{smooth},split-outliers{{budget=0.05,{groups}}},"
+            f"{_w8a8_qdq(o, 'static', ',method=minmax,dtype=uint8,sym=false' + _static_fallback(o))}"
+            + ("" if o.target == "npu" else f",fold-zero-point{{cpu_isa={o.cpu_isa}}}"))
+
+
 register_recipe(Recipe(
     "w8a8-static-smooth",
-    "W8A8 for NPUs: SmoothQuant (static-aware α search) + outlier channel splitting + static per-tensor "
-    "uint8 activations (calibrated min/max) with the zero point folded into the integer GEMM's bias; the 10% "
-    "of linears with the largest static error keep float (cpu) or int16 (npu) activations",
-    lambda o: (f"canonicalize,{_w8a8_smooth('static', o)},split-outliers{{budget=0.05}},"
-               f"{_w8a8_qdq(o, 'static', ',method=minmax,dtype=uint8,sym=false' + _static_fallback(o))}"
-               + ("" if o.target == "npu" else f",fold-zero-point{{cpu_isa={o.cpu_isa}}}")),
+    "W8A8 for NPUs: online orthogonal transforms on the MLP's inputs (gate/up and down_proj, inside each block: "
+    "any norm) and a per-head one on o_proj's, SmoothQuant (static-aware α search) + outlier channel splitting "
+    "on the attention inputs, static per-tensor uint8 activations (calibrated min/max) with the zero point folded "
+    "into the integer GEMM's bias; the 10% of linears with the largest static error keep float (cpu) or int16 "
+    "(npu) activations",
+    _w8a8_static_smooth,
     needs_calibration=True, options=W8A8_OPTIONS | {"alpha"}, bits=8,
 ))
 register_recipe(Recipe(

@@ -63,3 +63,9 @@ def test_gates_select_float_or_quantized(synthetic_nokv_dir, synthetic_text, tmp
     compiled = evaluate_windows(open_runner(quant, optimize=False), win, open_runner(folder), progress=False)
     assert abs(doc["all_quantized"]["t"][0] / compiled.perplexity - 1) < 1e-3
     assert abs(doc["all_quantized"]["t"][1] - compiled.kl) < 1e-3 * compiled.kl + 1e-6
+    # --groups role: one row per role, each the union of that role's inputs over the layers
+    assert ood_ablate.main([str(quant), "--reference", str(folder), "--out", str(out), "--text", f"t={text}",
+                            "--tokens", "64", "--seq-len", "64", "--groups", "role"]) == 0
+    rows = json.loads((out / "ablate.json").read_text())["rows"]
+    assert rows and all(r["value"].startswith("role ") for r in rows)
+    assert sorted(i for r in rows for i in r["members"]) == list(range(8))

@@ -47,8 +47,11 @@ def test_recipe_runs_on_ort_cpu(recipe, target, synthetic_nokv_dir, synthetic_te
     report = q["report"]
     main = "mixed-decompose" if recipe == "w8a8-int8mix" else "insert-qdq"
     assert "lm_head" in report[main]["float"] and "KV cache" in report[main]["float"]
-    if recipe in ("w8a8-smooth", "w8a8-static-smooth"):
+    if recipe == "w8a8-smooth":
         assert len(report["smooth-scale"]["groups"]) == 8
+    if recipe == "w8a8-static-smooth":  # the MLP inputs get online transforms, the attention inputs smoothing
+        assert len(report["smooth-scale"]["groups"]) == 4
+        assert report["rotate"]["online_down"] == 2 and report["rotate"]["online_in"]["inputs"] == 2
     ops = op_types(load_model(tmp_path / "out" / "model.onnx"))
     if target == "npu":
         assert "fold-zero-point" not in report and ops["QuantizeLinear"] == 8 and ops["DequantizeLinear"] >= 14

@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--all-but-one", action="store_true", help="also: only input i quantized (the rest float)")
-    ap.add_argument("--groups", choices=("input", "layer-role"), default="input",
-                    help="input: one quantizer at a time; layer-role: each role (all layers) then each layer (all roles)")
+    ap.add_argument("--groups", choices=("input", "layer-role", "role"), default="input",
+                    help="input: one quantizer at a time; layer-role: each role (all layers) then each layer (all "
+                         "roles); role: each role only")
     args = ap.parse_args(argv)
 
     from qcompiler.eval import LogitsOf, evaluate_windows
@@ -163,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"all quantized {full}, all float {none} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     rows = []
     units: list[dict[str, Any]] = quant
-    if args.groups == "layer-role":
+    if args.groups in ("layer-role", "role"):
         keys = [(q["layer"], q["role"] or q["value"]) for q in quant]  # the first reader's qc.layer / qc.role
         roles = sorted({r for _, r in keys})
         layers = sorted({lay for lay, _ in keys})
         units = ([{"value": f"role {r}", "members": [i for i, k in enumerate(keys) if k[1] == r]} for r in roles]
-                 + [{"value": f"layer {lay}", "members": [i for i, k in enumerate(keys) if k[0] == lay]} for lay in layers])
+                 + [{"value": f"layer {lay}", "members": [i for i, k in enumerate(keys) if k[0] == lay]} for lay in layers
+                    if args.groups == "layer-role"])
     for q in units:
         g = np.ones(n)
         g[q.get("members", [q.get("index")])] = 0

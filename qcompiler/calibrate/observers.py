@@ -17,6 +17,9 @@ observer               state / what ``CalibrationStats.get`` returns            
                        per row ``max|x| / median|x|`` (massive activations)
 ``sample``             ``Sample``: a seeded uniform subset of at most                ``sample_rows``·C·4
                        ``sample_rows`` rows, the *same* rows for every value
+``log_histogram``      :class:`~qcompiler.calibrate.histogram.LogHistogram`: count,     40 KiB
+                       Σ|x|, Σx² per sign and geometric bin of ``|x|`` (8 per
+                       octave): any static quantizer's error, bounded memory
 =====================  ==========================================================  ==============
 
 ``absmax_channel_window`` is ``absmax_channel`` per calibration window (``WindowAbsMax``,
@@ -57,7 +60,7 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.linalg import blas
 
-from qcompiler.calibrate.histogram import Histogram, StreamingHistogram
+from qcompiler.calibrate.histogram import LOG_BINS, Histogram, LogHistogram, StreamingHistogram, log_bin_index
 from qcompiler.calibrate.results import Hessian, MinMax, Outliers, Sample
 
 
@@ -405,6 +408,62 @@ class HistogramObserver(Observer):
     @staticmethod
     def nbytes(cfg: ObserverConfig, channels: int, rows_total: int) -> int:
         return 8 * cfg.histogram_bins
+
+
+@_register
+class LogHistogramObserver(Observer):
+    """Per sign and geometric bin of ``|x|``: count (int64, order-free) and ``Σ|x|``, ``Σx²`` (float64, per
+    shard, shard sums added in shard order), for :meth:`LogHistogram.static_error` after calibration."""
+
+    name = "log_histogram"
+    exact_merge = False
+
+    def __init__(self, cfg: ObserverConfig, channels: int) -> None:
+        super().__init__(cfg, channels)
+        self.count = np.zeros(2 * LOG_BINS, dtype=np.int64)
+        self.acc = np.zeros((2, 2 * LOG_BINS), dtype=np.float64)
+        self.shard = np.zeros((2, 2 * LOG_BINS), dtype=np.float64)
+        self.open = False
+
+    def update(self, b: BatchView) -> None:
+        x = b.x2.ravel()
+        x = x[x != 0]
+        if not x.size:
+            return
+        ax = np.abs(x).astype(np.float64)
+        k = log_bin_index(ax) + LOG_BINS * (x > 0)
+        self.count += np.bincount(k, minlength=2 * LOG_BINS)
+        self.shard[0] += np.bincount(k, weights=ax, minlength=2 * LOG_BINS)
+        self.shard[1] += np.bincount(k, weights=ax * ax, minlength=2 * LOG_BINS)
+        self.open = True
+
+    def end_shard(self) -> None:
+        if self.open:
+            self.acc += self.shard
+            self.shard[:] = 0.0
+            self.open = False
+
+    def merge(self, other: Observer) -> None:
+        self._check(other)
+        assert isinstance(other, LogHistogramObserver)
+        self.end_shard()
+        other.end_shard()
+        self.count += other.count
+        self.acc += other.acc
+
+    def state(self) -> dict[str, np.ndarray]:
+        self.end_shard()
+        return {"count": self.count, "sum_abs": self.acc[0], "sum_sq": self.acc[1]}
+
+    @staticmethod
+    def result(state: Mapping[str, np.ndarray]) -> LogHistogram:
+        shape = (2, LOG_BINS)
+        return LogHistogram(np.asarray(state["count"]).reshape(shape), np.asarray(state["sum_abs"]).reshape(shape),
+                            np.asarray(state["sum_sq"]).reshape(shape))
+
+    @staticmethod
+    def nbytes(cfg: ObserverConfig, channels: int, rows_total: int) -> int:
+        return 40 * 2 * LOG_BINS
 
 
 @_register

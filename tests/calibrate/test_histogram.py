@@ -105,3 +105,50 @@ def test_all_zero_start_and_empty() -> None:
 def test_bad_bins() -> None:
     with pytest.raises(ValueError, match="power of two"):
         StreamingHistogram(100)
+
+
+def _log_hist(x: np.ndarray):
+    from qcompiler.calibrate.observers import BatchView, LogHistogramObserver, ObserverConfig
+
+    obs = LogHistogramObserver(ObserverConfig(), x.shape[1])
+    for w, part in enumerate(np.array_split(x, 3)):
+        obs.update(BatchView(part, w))
+        obs.end_shard()
+    return LogHistogramObserver.result(obs.state())
+
+
+def _exact_error(x: np.ndarray, scale: float, zp: int, lo: int, hi: int) -> float:
+    x = x.astype(np.float64)
+    q = (np.clip(np.rint(x / scale) + zp, lo, hi) - zp) * scale
+    return float(((x - q) ** 2).sum() / (x**2).sum())
+
+
+def test_log_histogram_static_error_matches_the_rows() -> None:
+    """The bounded-memory estimate of ``‖x − Q(x)‖²/‖x‖²`` agrees with the error computed on every row:
+    a sink token stretching the range (most values round to 0), a clipped range, a plain Gaussian; and it
+    ranks inputs as the rows do."""
+    from qcompiler.quant.w8a8 import static_qparams
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for sink, heavy in ((0.0, 1.0), (300.0, 1.0), (3000.0, 1.0), (0.0, 8.0), (800.0, 4.0)):
+        x = rng.standard_normal((2048, 96)).astype(np.float32) * np.float32(0.5)
+        x[:, 3] *= np.float32(heavy)  # an outlier channel
+        if sink:
+            x[rng.choice(2048, 4, replace=False), 5] = np.float32(sink)  # massive activations on a few tokens
+        cases.append(x)
+    est, exact = [], []
+    for x in cases:
+        h = _log_hist(x)
+        assert h.count.sum() == np.count_nonzero(x)
+        np.testing.assert_allclose(h.energy, float((x.astype(np.float64) ** 2).sum()), rtol=1e-9)
+        for dtype, sym, shrink in (("uint8", False, 1.0), ("int8", True, 1.0), ("uint8", False, 0.25)):
+            lo, hi = float(x.min()) * shrink, float(x.max()) * shrink
+            scale, zp = static_qparams(lo, hi, dtype, sym)
+            qlo, qhi = (0, 255) if dtype == "uint8" else (-128, 127)
+            e, r = h.static_error(scale, zp, qlo, qhi), _exact_error(x, scale, zp, qlo, qhi)
+            assert abs(e - r) <= 0.02 * r, (dtype, shrink, e, r)
+            if dtype == "uint8" and shrink == 1.0:
+                est.append(e)
+                exact.append(r)
+    assert np.argsort(est).tolist() == np.argsort(exact).tolist()

@@ -7,7 +7,7 @@ import pytest
 from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
 from qcompiler.passes.rotate import random_orthogonal
 
-from qcompiler.errors import UnsupportedModelError
+from qcompiler.errors import QCError, UnsupportedModelError
 from qcompiler.irutil import ROTATION_MARK, load_model
 from qcompiler.pipeline import PassContext, parse_pipeline, run_passes
 from qcompiler.spec import Role, linear_info
@@ -152,3 +152,61 @@ def test_rotated_graph_is_canonicalized_again(tmp_path) -> None:
                                             "down_proj")} | {"lm_head"}
     down = summary.linears["layers.0.down_proj"]
     assert ROTATION_MARK in down.inputs[0].producer().metadata_props
+
+
+def test_inside_blocks_only_holds_for_layernorm(tmp_path) -> None:
+    """``residual=false``: the online down_proj and per-head v→o transforms alone, exact in float, on a
+    model whose LayerNorm refuses the residual rotation; norm weights and the embedding are untouched."""
+    import onnx
+    import onnx.numpy_helper
+    from qcompiler.models.synthetic import build_llama, write_model_dir
+
+    cfg = SyntheticConfig(seed=5)
+    proto, _ = build_llama(cfg)
+    g = proto.graph
+    at, pow_node = next((i, n) for i, n in enumerate(g.node) if n.op_type == "Pow")
+    x = pow_node.input[0]
+    axes = onnx.helper.make_node("Constant", [], ["ln_axes"], value=onnx.numpy_helper.from_array(np.array([-1])))
+    mean = onnx.helper.make_node("ReduceMean", [x, "ln_axes"], ["x_mean"], keepdims=1)
+    sub = onnx.helper.make_node("Sub", [x, "x_mean"], ["x_centred"])
+    for k, node in enumerate((axes, mean, sub)):
+        g.node.insert(at + k, node)
+    pow_node.input[0] = "x_centred"
+    folder = write_model_dir(proto, tmp_path / "ln", cfg)
+    ref = run_logits(folder, WINDOW)
+    before = {v.name: v.const_value.numpy().copy() for v in load_model(folder / "model.onnx").graph.initializers.values()
+              if v.const_value is not None and v.const_value.numpy().ndim == 1}
+    model, ctx = _rotate(folder, "canonicalize,rotate{residual=false,online_down=true,v_o=true,online_in=gate_up,seed=2}")
+    assert _rel(ref, run_logits(model, WINDOW, tmp_path / "out")) < 1e-4
+    rep = ctx.report["rotate"]
+    assert rep["residual"] is False and rep["online_down"] == 2 and rep["v_o"]["layers"] == 2
+    assert rep["online_in"] == {"groups": ["gate_up"], "inputs": 2}
+    after = {v.name: v.const_value.numpy() for v in model.graph.initializers.values() if v.const_value is not None}
+    for name, gamma in before.items():  # norm weights (1-D constants) unchanged
+        np.testing.assert_array_equal(after[name], gamma)
+    marked = [n for n in model.graph if ROTATION_MARK in n.metadata_props]
+    assert len(marked) == 4  # two online down_proj transforms, two on the MLP's normalized input
+    # gate and up read one rotated input, which spreads the synthetic model's massive channel
+    gate = next(n for n in model.graph if (i := linear_info(n)) is not None and i.key == "layers.1.gate_proj")
+    up = next(n for n in model.graph if (i := linear_info(n)) is not None and i.key == "layers.1.up_proj")
+    assert gate.inputs[0] is up.inputs[0] and ROTATION_MARK in gate.inputs[0].producer().metadata_props
+    with pytest.raises(QCError, match="residual=false"):
+        _rotate(folder, "canonicalize,rotate{residual=false}")
+    with pytest.raises(QCError, match="online_in"):
+        _rotate(folder, "canonicalize,rotate{residual=false,online_in=o_proj}")
+
+
+@pytest.mark.parametrize("model_type", [*_EXACT, *sorted(_REFUSED)])
+def test_inside_blocks_exact_for_every_family(model_type: str, tmp_path) -> None:
+    """``residual=false`` (w8a8-static-smooth's transforms) holds where the residual rotation is refused too:
+    LayerNorm, post-norms, mixture-of-experts."""
+    from qcompiler.families.tiny import VOCAB
+    from tests.conftest import family_export
+
+    folder = family_export(model_type) / "onnx"
+    ids = np.random.default_rng(7).integers(0, VOCAB, 24)
+    ref = run_logits(folder, ids)
+    model, ctx = _rotate(folder, "canonicalize,rotate{residual=false,online_in=gate_up:qkv,online_down=true,v_o=true}")
+    assert _rel(ref, run_logits(model, ids, tmp_path)) < 1e-4
+    rep = ctx.report["rotate"]
+    assert rep["online_in"]["inputs"] >= 2 and rep["online_down"] >= 2
