@@ -15,7 +15,10 @@ from qcompiler.irutil import load_model, op_types, save_model
 from qcompiler.pipeline import _REGISTRY, QCPass, make_config, run_passes, split_pipeline
 from qcompiler.runtime import DecoderRunner, make_session
 
-ALL_FUSIONS = "fuse-rmsnorm,fuse-skip-rmsnorm,fuse-rotary,fuse-attention,fuse-pack-linears,fuse-silu"
+#: the cpu target's fusions (fuse-rules: rmsnorm, skip-rmsnorm and silu in one sweep)
+ALL_FUSIONS = "fuse-rules,fuse-rotary,fuse-attention,fuse-pack-linears"
+#: the same fusions with each rule group as its own pass, in the order they ran before fuse-rules
+SEPARATE_FUSIONS = "fuse-rmsnorm,fuse-skip-rmsnorm,fuse-rotary,fuse-attention,fuse-pack-linears,fuse-silu"
 
 
 def synthetic(cfg: SyntheticConfig | None = None,
@@ -89,3 +92,10 @@ def add_const(proto: onnx.ModelProto, name: str, value: np.ndarray) -> str:
 
 
 WINDOW = (np.arange(40) * 37 + 11) % 256
+
+
+def graph_nodes(model: ir.Model) -> list[tuple]:
+    """Every node as (domain, op, input names, output names, attributes), in graph order (node names left out:
+    onnxscript numbers the nodes it makes in the order it makes them)."""
+    return [(n.domain, n.op_type, [v.name if v is not None else "" for v in n.inputs], [v.name for v in n.outputs],
+             sorted((k, repr(a.value)) for k, a in n.attributes.items())) for n in model.graph]
