@@ -347,16 +347,6 @@ def _propagate_main_path(graph: ir.Graph) -> None:
             node.outputs[3].shape, node.outputs[3].type = node.outputs[0].shape, node.outputs[0].type
 
 
-def is_identity_cast(node: ir.Node) -> bool:
-    """A ``Cast``/``Identity`` that changes nothing (the input already has the target type)."""
-    if node.op_type == "Identity" and node.domain == "":
-        return True
-    if node.op_type != "Cast" or node.domain != "":
-        return False
-    src = node.inputs[0].dtype if node.inputs[0] is not None else None
-    return src is not None and node.attributes.get_int("to", -1) == src.value
-
-
 def region(output: ir.Value, leaves: Iterable[ir.Value]) -> list[ir.Node] | None:
     """Nodes computing ``output`` from ``leaves`` and constants; None if it reads anything else."""
     leaf_ids = {id(v) for v in leaves}

@@ -95,7 +95,18 @@ WINDOW = (np.arange(40) * 37 + 11) % 256
 
 
 def graph_nodes(model: ir.Model) -> list[tuple]:
-    """Every node as (domain, op, input names, output names, attributes), in graph order (node names left out:
-    onnxscript numbers the nodes it makes in the order it makes them)."""
-    return [(n.domain, n.op_type, [v.name if v is not None else "" for v in n.inputs], [v.name for v in n.outputs],
-             sorted((k, repr(a.value)) for k, a in n.attributes.items())) for n in model.graph]
+    """Every node as (domain, op, input names, output names, attributes), in graph order; node names left out and
+    onnxscript's generated value names (``val_N``) renumbered in graph order: it numbers what it makes in the order
+    it makes it."""
+    auto: dict[str, str] = {}
+
+    def name(v: ir.Value | None) -> str:
+        if v is None or not v.name:
+            return ""
+        return auto.setdefault(v.name, f"val#{len(auto)}") if v.name.startswith("val_") else v.name
+
+    def value(a: ir.Attr) -> object:  # a tensor attribute by its contents (its name is the Constant's value's)
+        return a.value.numpy().tobytes() if isinstance(a.value, ir.TensorProtocol) else repr(a.value)
+
+    return [(n.domain, n.op_type, [name(v) for v in n.inputs], [name(v) for v in n.outputs],
+             sorted((k, value(a)) for k, a in n.attributes.items())) for n in model.graph]
