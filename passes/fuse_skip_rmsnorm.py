@@ -86,8 +86,7 @@ GROUP = RuleGroup("fuse-skip-rmsnorm", RULES, _candidate, "residual Add + RMSNor
 
 @register_pass
 class FuseSkipRMSNorm(RuleSweep):
-    """Residual Add + SimplifiedLayerNormalization → SkipSimplifiedLayerNormalization; ``fuse-rules`` runs it
-    with the others (at each norm as ``fuse-rmsnorm`` makes it)."""
+    """Residual Add + SimplifiedLayerNormalization → SkipSimplifiedLayerNormalization; ``fuse-rules`` runs it too."""
 
     name = "fuse-skip-rmsnorm"
     groups = (GROUP,)
