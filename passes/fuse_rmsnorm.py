@@ -145,8 +145,10 @@ RULES = (
 
 
 def _candidate(node: ir.Node) -> bool:
-    """A root worth matching: a Mul/Div with a Sqrt at most four steps up (γ → Cast → Mul → Div → Sqrt)."""
-    return node.op_type in ("Mul", "Div") and node.domain == "" and reaches(node, "Sqrt", 4)
+    """A root worth matching: a Mul/Div with a Sqrt at most four steps up (γ → Cast → Mul → Div → Sqrt), not a
+    Div of a constant (the ``1/√·`` inside a norm, where no rule roots)."""
+    return (node.op_type in ("Mul", "Div") and node.domain == ""
+            and not (node.op_type == "Div" and scalar_const(node.inputs[0]) is not None) and reaches(node, "Sqrt", 4))
 
 
 GROUP = RuleGroup("fuse-rmsnorm", RULES, _candidate, "RMSNorm subgraph(s) → SimplifiedLayerNormalization")
