@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -21,7 +23,8 @@ import onnx_ir.passes.common as common_passes
 from onnx_ir.passes.common import _c_api_utils  # pinned onnx-ir: strips weights around an ONNX API call
 from qcompiler.models.llama import Dim, dims, int_value, same_dim
 
-from qcompiler.irutil import add_initializer, remove_unused_initializers, unique_name
+from qcompiler.irutil import add_initializer, ensure_opset, remove_unused_initializers, unique_name
+from qcompiler.pipeline import QCPass
 
 __all__ = ["dims", "int_value", "same_dim"]  # re-exported for the fuse-* passes
 
@@ -344,16 +347,6 @@ def _propagate_main_path(graph: ir.Graph) -> None:
             node.outputs[3].shape, node.outputs[3].type = node.outputs[0].shape, node.outputs[0].type
 
 
-def is_identity_cast(node: ir.Node) -> bool:
-    """A ``Cast``/``Identity`` that changes nothing (the input already has the target type)."""
-    if node.op_type == "Identity" and node.domain == "":
-        return True
-    if node.op_type != "Cast" or node.domain != "":
-        return False
-    src = node.inputs[0].dtype if node.inputs[0] is not None else None
-    return src is not None and node.attributes.get_int("to", -1) == src.value
-
-
 def region(output: ir.Value, leaves: Iterable[ir.Value]) -> list[ir.Node] | None:
     """Nodes computing ``output`` from ``leaves`` and constants; None if it reads anything else."""
     leaf_ids = {id(v) for v in leaves}
@@ -463,34 +456,84 @@ def cleanup(model: ir.Model) -> int:
     return removed
 
 
-def apply_rules(model: ir.Model, rules: Sequence[object], candidate: Callable[[ir.Node], bool]) -> int:
-    """Apply onnxscript rewrite rules (``RewriteRule``: pattern, check, replacement) at the nodes
-    ``candidate`` accepts, first rule that matches wins; returns the number of rewrites.
+@dataclass(frozen=True)
+class RuleGroup:
+    """The onnxscript rewrite rules (``RewriteRule``: pattern, check, replacement) of one fusion, tried
+    at the nodes ``candidate`` accepts; ``name`` is its pass name (report key), ``shapes`` whether its
+    checks read inferred shapes, ``domain`` the opset its replacement writes (``""``: the default)."""
 
-    What ``RewriteRuleSet.apply_to_model`` does for the main graph, minus trying every rule at
-    every node: a cheap structural test of the root first (the matcher costs ~0.1 ms per try, so
-    several rules over a 5000-node decoder spent more time failing than the fusion is worth).
+    name: str
+    rules: Sequence[object]
+    candidate: Callable[[ir.Node], bool]
+    what: str = "rewrite(s)"
+    shapes: bool = True
+    domain: str = ""
+
+
+def sweep(model: ir.Model, groups: Sequence[RuleGroup]) -> dict[str, int]:
+    """Apply ``groups`` in one walk over the graph; returns the rewrites per group.
+
+    At each node, the groups whose cheap structural test (``candidate``) accepts it try their rules
+    in order, first match wins; the nodes a rewrite makes are visited at once, so a rule rooted at a
+    fused node (``SkipSimplifiedLayerNormalization`` at the ``SimplifiedLayerNormalization`` just made)
+    fires in the same walk, where a pass per fusion walked the graph again.  What
+    ``RewriteRuleSet.apply_to_model`` does for the main graph, minus trying every rule at every node
+    (the matcher costs ~0.1 ms per try: over a 5000-node decoder, more than the fusion is worth).
     """
     import onnxscript.optimizer
     from onnx_ir import convenience
 
-    graph, count = model.graph, 0
-    for node in list(graph):
-        if node.graph is not graph or not candidate(node):
-            continue
-        for rule in rules:
-            delta = rule.try_rewrite(model, graph, node)  # type: ignore[attr-defined]
-            if delta is None:
+    if any(g.shapes for g in groups):
+        infer_shapes(model)
+    graph = model.graph
+    counts = dict.fromkeys((g.name for g in groups), 0)
+
+    def visit(node: ir.Node) -> None:
+        for group in groups:
+            if not group.candidate(node):
                 continue
-            for init in delta.new_initializers:
-                if init.name not in graph.initializers:
-                    graph.register_initializer(init)
-            onnxscript.optimizer.basic_constant_propagation(delta.new_nodes)
-            convenience.replace_nodes_and_values(graph, node, delta.match.nodes if rule.remove_nodes else [],  # type: ignore[attr-defined]
-                                                 delta.new_nodes, delta.match.outputs, delta.new_outputs)
-            count += 1
-            break
-    return count
+            for rule in group.rules:
+                delta = rule.try_rewrite(model, graph, node)  # type: ignore[attr-defined]
+                if delta is None:
+                    continue
+                for init in delta.new_initializers:
+                    if init.name not in graph.initializers:
+                        graph.register_initializer(init)
+                onnxscript.optimizer.basic_constant_propagation(delta.new_nodes)
+                convenience.replace_nodes_and_values(graph, node, delta.match.nodes if rule.remove_nodes else [],  # type: ignore[attr-defined]
+                                                     delta.new_nodes, delta.match.outputs, delta.new_outputs)
+                counts[group.name] += 1
+                for made in delta.new_nodes:
+                    visit(made)
+                return
+
+    for node in list(graph):
+        if node.graph is graph:  # not removed by an earlier rewrite
+            visit(node)
+    for group in groups:
+        if counts[group.name] and group.domain:
+            ensure_opset(model, group.domain, 1)
+    if any(counts.values()):
+        cleanup(model)
+    return counts
+
+
+class RuleSweep(QCPass):
+    """A pass applying rule groups in one :func:`sweep` (``fuse-rules``, and each group's own pass name)."""
+
+    groups: ClassVar[tuple[RuleGroup, ...]] = ()
+    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
+
+    def selected(self) -> Sequence[RuleGroup]:
+        return self.groups
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        groups = self.selected()
+        counts = sweep(model, groups)
+        for group in groups:
+            record(self.context, group.name, counts[group.name])
+            log.info("%s: %d %s", group.name, counts[group.name], group.what)
+        return ir.passes.PassResult(model, modified=any(counts.values()))
 
 
 def reaches(node: ir.Node, op: str, depth: int) -> bool:

@@ -190,7 +190,7 @@ def _head_normed(b: _Builder, x: ir.Value, norm: ir.Node | None, gamma: np.ndarr
     split = b("Reshape", [x, b.const(f"heads_{heads}x{size}", np.array([0, 0, heads, size], np.int64))],
               f"{tag}_norm_heads").outputs[0]
     eps = norm.attributes.get_float("epsilon", 1e-5)
-    normed = b("SimplifiedLayerNormalization", [split, b.const(f"{tag}_norm_weight_{id(gamma)}", gamma)], f"{tag}_norm", axis=-1, epsilon=eps,
+    normed = b("SimplifiedLayerNormalization", [split, b.const(f"{tag}_norm_weight", gamma)], f"{tag}_norm", axis=-1, epsilon=eps,
                stash_type=norm.attributes.get_int("stash_type", 1)).outputs[0]
     return b("Reshape", [normed, b.const(f"flat_{heads * size}", np.array([0, 0, heads * size], np.int64))],
              f"{tag}_norm_flat").outputs[0]

@@ -8,7 +8,8 @@ Reciprocal | Div(1, ·) → Mul(x, ·) → [Cast] → Mul γ`` and ``Div(x, √�
 steps, with γ and each commutative step's operands in either order (as alternatives inside
 the pattern: ``commute`` would try 2⁴ rule variants at every node); the same without γ
 (then γ = 1).  The rules are tried only at Mul/Div nodes with a Sqrt a few steps up
-(:func:`._fusion.apply_rules`), not at every node as ``RewriteRuleSet`` would.  onnxscript's own
+(:func:`._fusion.sweep`, with the other rule fusions: ``fuse-rules``), not at every node as
+``RewriteRuleSet`` would.  onnxscript's own
 ``ort_fusions.rms_normalization`` rule covers only ``Pow`` + ``Reciprocal``, needs γ and
 does not check the reduced axis, so it is not used.  The check accepts exactly that
 function: ε added *inside* the square root, ``x`` itself the input (torch's identity Cast of
@@ -22,18 +23,14 @@ intermediate values are read outside it.  ORT computes the fused op in float32
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from qcompiler.irutil import const_array, scalar_const
-from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.pipeline import register_pass
 
-from ._fusion import apply_rules, cleanup, dims, infer_shapes, reaches, record
-
-log = logging.getLogger(__name__)
+from ._fusion import RuleGroup, RuleSweep, dims, reaches
 
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -148,22 +145,18 @@ RULES = (
 
 
 def _candidate(node: ir.Node) -> bool:
-    """A root worth matching: a Mul/Div with a Sqrt at most four steps up (γ → Cast → Mul → Div → Sqrt)."""
-    return node.op_type in ("Mul", "Div") and node.domain == "" and reaches(node, "Sqrt", 4)
+    """A root worth matching: a Mul/Div with a Sqrt at most four steps up (γ → Cast → Mul → Div → Sqrt), not a
+    Div of a constant (the ``1/√·`` inside a norm, where no rule roots)."""
+    return (node.op_type in ("Mul", "Div") and node.domain == ""
+            and not (node.op_type == "Div" and scalar_const(node.inputs[0]) is not None) and reaches(node, "Sqrt", 4))
+
+
+GROUP = RuleGroup("fuse-rmsnorm", RULES, _candidate, "RMSNorm subgraph(s) → SimplifiedLayerNormalization")
 
 
 @register_pass
-class FuseRMSNorm(QCPass):
-    """RMSNorm subgraphs → SimplifiedLayerNormalization (see module docstring)."""
+class FuseRMSNorm(RuleSweep):
+    """RMSNorm subgraphs → SimplifiedLayerNormalization (see module docstring); ``fuse-rules`` runs it with the others."""
 
     name = "fuse-rmsnorm"
-    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        infer_shapes(model)
-        count = apply_rules(model, RULES, _candidate)
-        if count:
-            cleanup(model)
-        record(self.context, self.name, count)
-        log.info("fuse-rmsnorm: %d RMSNorm subgraph(s) → SimplifiedLayerNormalization", count)
-        return ir.passes.PassResult(model, modified=count > 0)
+    groups = (GROUP,)

@@ -8,22 +8,18 @@ by the same vectorized logistic (bit-identical on ONNX Runtime CPU).  Written as
 onnxscript rewrite rule (pattern ``Mul(x, Sigmoid(x))`` in both operand orders; the
 rewriter removes the Sigmoid only when nothing else reads it, so a Sigmoid with other
 readers is left alone by the check), tried only at Mul nodes reading a Sigmoid
-(:func:`._fusion.apply_rules`).  onnxscript's ``ort_fusions`` has no SiLU rule.
+(:func:`._fusion.sweep`, with the other rule fusions: ``fuse-rules``).  onnxscript's ``ort_fusions`` has no SiLU rule.
 """
 
 from __future__ import annotations
 
-import logging
-
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from qcompiler.irutil import MS_DOMAIN, ensure_opset
-from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.irutil import MS_DOMAIN
+from qcompiler.pipeline import register_pass
 
-from ._fusion import apply_rules, cleanup, reaches, record
-
-log = logging.getLogger(__name__)
+from ._fusion import RuleGroup, RuleSweep, reaches
 
 
 class SiLU(pattern.RewriteRuleClassBase):
@@ -49,18 +45,12 @@ def _candidate(node: ir.Node) -> bool:
     return node.op_type == "Mul" and node.domain == "" and reaches(node, "Sigmoid", 1)
 
 
+GROUP = RuleGroup("fuse-silu", RULES, _candidate, "x·sigmoid(x) → QuickGelu", shapes=False, domain=MS_DOMAIN)
+
+
 @register_pass
-class FuseSiLU(QCPass):
-    """x·sigmoid(x) → com.microsoft.QuickGelu(alpha=1) (see module docstring)."""
+class FuseSiLU(RuleSweep):
+    """x·sigmoid(x) → com.microsoft.QuickGelu(alpha=1) (see module docstring); ``fuse-rules`` runs it with the others."""
 
     name = "fuse-silu"
-    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = apply_rules(model, RULES, _candidate)
-        if count:
-            ensure_opset(model, MS_DOMAIN, 1)
-            cleanup(model)
-        record(self.context, self.name, count)
-        log.info("fuse-silu: %d x·sigmoid(x) → QuickGelu", count)
-        return ir.passes.PassResult(model, modified=count > 0)
+    groups = (GROUP,)

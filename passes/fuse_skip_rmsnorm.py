@@ -3,9 +3,10 @@
     s = a + b,   y = RMSNorm_γ,ε(s)   ≡   (y, s) = SkipSimplifiedLayerNormalization(a, b, γ; ε)
 
 with ``s`` taken from the fused op's fourth output (``input_skip_bias_sum``) for every
-other reader of the residual stream (the next residual Add).  Run after
-``fuse-rmsnorm``.  Written as one onnxscript rewrite rule (pattern, check, replacement):
-an identity ``Cast`` between the Add and the norm (torch's export casts the residual to
+other reader of the residual stream (the next residual Add).  Rooted at the norm that
+``fuse-rmsnorm`` makes (in ``fuse-rules``' sweep, as soon as it makes it).  Written as
+onnxscript rewrite rules (pattern, check, replacement), tried only at
+``SimplifiedLayerNormalization`` nodes: an identity ``Cast`` between the Add and the norm (torch's export casts the residual to
 float32 inside each norm, a no-op for float32 models) is part of the pattern, which
 onnxscript's own ``ort_fusions.skip_normalization`` rule lacks (it also insists on rank 3
 and on γ's dims, which this check covers in the same way).  The check requires ``a``
@@ -16,17 +17,13 @@ type.
 
 from __future__ import annotations
 
-import logging
-
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from qcompiler.irutil import MS_DOMAIN, ensure_opset
-from qcompiler.pipeline import QCPass, register_pass
+from qcompiler.irutil import MS_DOMAIN
+from qcompiler.pipeline import register_pass
 
-from ._fusion import cleanup, dims, infer_shapes, record, same_dim
-
-log = logging.getLogger(__name__)
+from ._fusion import RuleGroup, RuleSweep, dims, same_dim
 
 
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
@@ -76,23 +73,20 @@ class SkipRMSNorm(pattern.RewriteRuleClassBase):
         return (normed, total, total) if self._cast else (normed, total)
 
 
-RULES = pattern.RewriteRuleSet([SkipRMSNorm.rule("skip-rmsnorm-cast", cast=True),
-                                SkipRMSNorm.rule("skip-rmsnorm", cast=False)])
+RULES = (SkipRMSNorm.rule("skip-rmsnorm-cast", cast=True), SkipRMSNorm.rule("skip-rmsnorm", cast=False))
+
+
+def _candidate(node: ir.Node) -> bool:
+    return node.op_type == "SimplifiedLayerNormalization" and node.domain == ""
+
+
+GROUP = RuleGroup("fuse-skip-rmsnorm", RULES, _candidate, "residual Add + RMSNorm → SkipSimplifiedLayerNormalization",
+                  domain=MS_DOMAIN)
 
 
 @register_pass
-class FuseSkipRMSNorm(QCPass):
-    """Residual Add + SimplifiedLayerNormalization → SkipSimplifiedLayerNormalization."""
+class FuseSkipRMSNorm(RuleSweep):
+    """Residual Add + SimplifiedLayerNormalization → SkipSimplifiedLayerNormalization; ``fuse-rules`` runs it too."""
 
     name = "fuse-skip-rmsnorm"
-    needs_canonical = True  # canonicalize must see the unfused decoder (QCPass.needs_canonical)
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        infer_shapes(model)
-        count = RULES.apply_to_model(model)
-        if count:
-            ensure_opset(model, MS_DOMAIN, 1)
-            cleanup(model)
-        record(self.context, self.name, count)
-        log.info("fuse-skip-rmsnorm: %d residual Add + RMSNorm → SkipSimplifiedLayerNormalization", count)
-        return ir.passes.PassResult(model, modified=count > 0)
+    groups = (GROUP,)

@@ -52,11 +52,12 @@ register_lowering("npu", 50, lambda o: f"lower-npu{{cpu_isa={o.cpu_isa}"
 # Each fusion also works (and is exact) on already-lowered graphs — MatMulNBits,
 # GatherBlockQuantized, MatMulIntegerToFloat (tests/passes/test_fuse_after_lowering.py) —, so a
 # recipe that lowers in its own text (w4a16-genai) gets them from here as well.
-# fuse-silu writes com.microsoft.QuickGelu, which ONNX Runtime's CUDA provider has no kernel
+# fuse-rules applies the rewrite-rule fusions (rmsnorm, skip-rmsnorm, silu) in one sweep.
+# Its silu group writes com.microsoft.QuickGelu, which ONNX Runtime's CUDA provider has no kernel
 # for (OperatorKernels.md; `qc check --target cuda` flagged 30 CPU fallbacks): Sigmoid·Mul
 # stays as it is on cuda, where both ops have kernels.
-FUSION_PASSES = "fuse-rmsnorm,fuse-skip-rmsnorm,fuse-rotary,fuse-attention,fuse-pack-linears,fuse-silu"
-CUDA_FUSION_PASSES = FUSION_PASSES.replace(",fuse-silu", "")
+FUSION_PASSES = "fuse-rules,fuse-rotary,fuse-attention,fuse-pack-linears"
+CUDA_FUSION_PASSES = FUSION_PASSES.replace("fuse-rules", "fuse-rules{rules=rmsnorm:skip-rmsnorm}")
 register_lowering("cpu", 30, lambda o: FUSION_PASSES if o.fuse else "")
 register_lowering("cuda", 30, lambda o: CUDA_FUSION_PASSES if o.fuse else "")
 for _target in ("cpu", "cuda"):

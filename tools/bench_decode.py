@@ -221,7 +221,7 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
             quantize(export_dir, out, passes=f"{weights},quantize-embeddings{{bits=8,group_size={g},sym=False}}",
                      options=opts, force=True)
         else:
-            unpacked = FUSION_PASSES.replace("fuse-pack-linears,", "")
+            unpacked = ",".join(p for p in FUSION_PASSES.split(",") if p != "fuse-pack-linears")
             quantize(export_dir, out, passes=f"{weights},{unpacked}",
                      options=QuantizeOptions(group_size=g, accuracy_level=acc, fuse=False), force=True)
     elif name.startswith("qc-w4"):

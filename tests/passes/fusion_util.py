@@ -15,7 +15,10 @@ from qcompiler.irutil import load_model, op_types, save_model
 from qcompiler.pipeline import _REGISTRY, QCPass, make_config, run_passes, split_pipeline
 from qcompiler.runtime import DecoderRunner, make_session
 
-ALL_FUSIONS = "fuse-rmsnorm,fuse-skip-rmsnorm,fuse-rotary,fuse-attention,fuse-pack-linears,fuse-silu"
+#: the cpu target's fusions (fuse-rules: rmsnorm, skip-rmsnorm and silu in one sweep)
+ALL_FUSIONS = "fuse-rules,fuse-rotary,fuse-attention,fuse-pack-linears"
+#: the same fusions with each rule group as its own pass, in the order they ran before fuse-rules
+SEPARATE_FUSIONS = "fuse-rmsnorm,fuse-skip-rmsnorm,fuse-rotary,fuse-attention,fuse-pack-linears,fuse-silu"
 
 
 def synthetic(cfg: SyntheticConfig | None = None,
@@ -89,3 +92,21 @@ def add_const(proto: onnx.ModelProto, name: str, value: np.ndarray) -> str:
 
 
 WINDOW = (np.arange(40) * 37 + 11) % 256
+
+
+def graph_nodes(model: ir.Model) -> list[tuple]:
+    """Every node as (domain, op, input names, output names, attributes), in graph order; node names left out and
+    onnxscript's generated value names (``val_N``) renumbered in graph order: it numbers what it makes in the order
+    it makes it."""
+    auto: dict[str, str] = {}
+
+    def name(v: ir.Value | None) -> str:
+        if v is None or not v.name:
+            return ""
+        return auto.setdefault(v.name, f"val#{len(auto)}") if v.name.startswith("val_") else v.name
+
+    def value(a: ir.Attr) -> object:  # a tensor attribute by its contents (its name is the Constant's value's)
+        return a.value.numpy().tobytes() if isinstance(a.value, ir.TensorProtocol) else repr(a.value)
+
+    return [(n.domain, n.op_type, [name(v) for v in n.inputs], [name(v) for v in n.outputs],
+             sorted((k, value(a)) for k, a in n.attributes.items())) for n in model.graph]
