@@ -332,3 +332,18 @@ def test_gptq_init_in_the_pass(synthetic_dir, synthetic_text) -> None:
     err = {k: np.mean([np.mean((r[0] - q[0]) ** 2) for r, q in zip(ref, got)])
            for k, got in (("gptq", got_gptq), ("learned", got_learned))}
     assert err["learned"] <= err["gptq"], err
+
+
+def test_interpreter_computes_only_what_the_wanted_values_need(synthetic_dir, synthetic_text) -> None:
+    """outputs=[an inner value]: the same value as the full run, without evaluating the nodes after it."""
+    folder, _ = synthetic_dir
+    model, runner = _runner(folder, synthetic_text, n=1)
+    layer = runner.layers[0]
+    x = next(n.inputs[0].name for n in layer.linears.values() if linear_info(n).role == Role.O)
+    proto, inputs = runner.layer_graph(0, [layer.output.name])
+    graph = TorchGraph.from_model(proto, model)
+    feeds = {k: to_torch(v) for k, v in runner.layer_feeds(0, 0, inputs).items()}
+    full = graph(feeds, outputs=[x, layer.output.name])
+    (part,) = graph(feeds, outputs=[x])
+    np.testing.assert_array_equal(part.numpy(), full[0].numpy())
+    assert len(graph._not_needed((x,))) >= 15  # o_proj, the residual adds, the norm and the MLP are skipped
