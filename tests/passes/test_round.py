@@ -233,6 +233,9 @@ def test_rotate_round_recipe_and_its_options(synthetic_nokv_dir, synthetic_text,
 
     report = json.loads((tmp_path / "rr" / "quantization.json").read_text())["report"]
     assert "rotate" in report and report["round"]["calibration_windows"] == 3
+    assert get_recipe("w4a16-rotate-gptq-round").build(opts).startswith("canonicalize,rotate,round{")
+    assert ",init=gptq," in get_recipe("w4a16-gptq-round").build(opts)
+    check_options("w4a16-gptq-round", opts, {"round_iters", "round_samples"})
     with pytest.raises(OptionError, match="--round-iters is not used by recipe 'w4a16-gptq'"):
         check_options("w4a16-gptq", opts, {"round_iters"})
     with pytest.raises(OptionError, match="--clip is not used by recipe 'w4a16-round'"):
