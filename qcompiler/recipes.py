@@ -381,7 +381,8 @@ register_recipe(Recipe(
 def _round(o: QuantizeOptions, init: str = "rtn") -> str:
     knobs = "".join(f",{k}={v}" for k, v in (("iters", o.round_iters), ("lr", o.round_lr),
                                               ("samples", o.round_samples)) if v is not None)
-    start = "" if init == "rtn" else f",init={init}"
+    # around GPTQ: the offsets alone, small steps (passes/round.py)
+    start = "" if init == "rtn" else f",init={init},learn_range=False" + ("" if o.round_lr is not None else ",lr=0.005")
     return f"round{{bits=4,group_size={o.group_size},sym={o.sym}{start}{knobs}}}"
 
 

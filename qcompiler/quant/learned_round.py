@@ -107,11 +107,13 @@ class LearnedRounding:
         return (q if z is None else q - z) * s
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
-        """One signed-gradient step on every parameter, then projection onto its box."""
+    def step(self, lr: float, learn_range: bool = True) -> None:
+        """One signed-gradient step on every parameter (on ``V`` alone without ``learn_range``), then
+        projection onto its box."""
         for p in self.params:
             if p.grad is not None:
-                p -= lr * torch.sign(p.grad)
+                if learn_range or p is self.v:
+                    p -= lr * torch.sign(p.grad)
                 p.grad = None
         self.v.clamp_(-0.5, 0.5)
         self.alpha.clamp_(self.min_clip, 1.0)
