@@ -291,6 +291,7 @@ class TorchGraph:
             raise UnsupportedModelError(f"onnx→torch: op(s) {', '.join(unknown)} not supported by the interpreter "
                                         "(qcompiler/onnx_torch.py OPS)")
         self._folded: set[str] = set()
+        self._pruned: dict[tuple[str, ...], set[str]] = {}
         self.inputs = [i.name for i in graph.input]
         self.outputs = [o.name for o in graph.output]
         self.constants: dict[str, torch.Tensor] = {n: to_torch(a) for n, a in initializers.items()}
@@ -336,8 +337,22 @@ class TorchGraph:
     def __call__(self, feeds: Mapping[str, torch.Tensor], overrides: Mapping[str, torch.Tensor] | None = None,
                  outputs: Sequence[str] | None = None,
                  static: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        env = self._run({**(static or {}), **feeds}, overrides, skip=self._folded if static is not None else set())
+        skip = self._folded if static is not None else set()
+        if outputs is not None and list(outputs) != self.outputs:  # only the nodes the wanted values need
+            skip = skip | self._not_needed(tuple(outputs))
+        env = self._run({**(static or {}), **feeds}, overrides, skip=skip)
         return [env[o] for o in (outputs or self.outputs)]
+
+    def _not_needed(self, outputs: tuple[str, ...]) -> set[str]:
+        """First outputs of the nodes that none of ``outputs`` depends on (cached per ``outputs``)."""
+        cache = self._pruned
+        if outputs not in cache:
+            live = set(outputs)
+            for _, ins, outs, _ in reversed(self.nodes):
+                if any(o in live for o in outs):
+                    live.update(i for i in ins if i)
+            cache[outputs] = {outs[0] for _, _, outs, _ in self.nodes if outs and not any(o in live for o in outs)}
+        return cache[outputs]
 
     def _run(self, feeds: dict[str, torch.Tensor], overrides: Mapping[str, torch.Tensor] | None,
              skip: set[str]) -> dict[str, Any]:

@@ -395,10 +395,12 @@ register_recipe(Recipe(
 
 # issue 22: learned rounding (passes/round.py): per decoder layer, rounding offsets and group ranges learned by
 # signed gradient descent against the whole layer's output, from RTN; after rotation in w4a16-rotate-round.
-def _round(o: QuantizeOptions) -> str:
+def _round(o: QuantizeOptions, init: str = "rtn") -> str:
     knobs = "".join(f",{k}={v}" for k, v in (("iters", o.round_iters), ("lr", o.round_lr),
                                               ("samples", o.round_samples)) if v is not None)
-    return f"round{{bits=4,group_size={o.group_size},sym={o.sym}{knobs}}}"
+    # around GPTQ: the offsets alone, small steps (passes/round.py)
+    start = "" if init == "rtn" else f",init={init},learn_range=False" + ("" if o.round_lr is not None else ",lr=0.005")
+    return f"round{{bits=4,group_size={o.group_size},sym={o.sym}{start}{knobs}}}"
 
 
 register_recipe(
@@ -418,6 +420,28 @@ register_recipe(
         "int4 weights: residual stream rotated by a randomized Hadamard (norms folded), then learned rounding "
         "(--calib data)",
         _calibrated(lambda o: f"rotate,{_round(o)}"),
+        needs_calibration=True,
+        options=(WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS,
+        bits=4,
+    )
+)
+# ... and from GPTQ's solution (round{init=gptq}: GPTQ on each layer, then the offsets learned around its codes).
+register_recipe(
+    Recipe(
+        "w4a16-gptq-round",
+        "int4 weights: GPTQ per decoder layer, then learned rounding around GPTQ's codes (--calib data)",
+        _calibrated(lambda o: _round(o, "gptq")),
+        needs_calibration=True,
+        options=(WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS,
+        bits=4,
+    )
+)
+register_recipe(
+    Recipe(
+        "w4a16-rotate-gptq-round",
+        "int4 weights: residual stream rotated by a randomized Hadamard (norms folded), then GPTQ and learned "
+        "rounding around its codes per decoder layer (--calib data)",
+        _calibrated(lambda o: f"rotate,{_round(o, 'gptq')}"),
         needs_calibration=True,
         options=(WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS,
         bits=4,

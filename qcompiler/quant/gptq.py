@@ -104,7 +104,28 @@ def gptq_quantize(
     more so on a busy machine).
     """
     with threadpool_limits(1, user_api="blas"):
-        return _gptq(w, xtx, spec, act_order=act_order, damp=damp, block=block, clip=clip, ratios=ratios)
+        return _gptq(w, xtx, spec, act_order=act_order, damp=damp, block=block, clip=clip, ratios=ratios)[0]
+
+
+def gptq_with_start(
+    w: np.ndarray,
+    xtx: np.ndarray,
+    spec: QuantSpec,
+    *,
+    act_order: bool = True,
+    damp: float = 0.01,
+    block: int = 128,
+) -> tuple[QuantizedWeight, np.ndarray]:
+    """GPTQ with static groups (minmax ranges of ``W``, with or without act-order) and the weights it rounded.
+
+    The second result ``W̃[K, N]`` holds each row ``w̃_k`` as it was when GPTQ rounded it (the
+    original row plus the error feedback of the rows before it), so
+    ``q = clamp(⌊W̃/s⌉ + z)`` on the returned grid: the starting point of learned rounding
+    around GPTQ's solution (``round{init=gptq}``).
+    """
+    with threadpool_limits(1, user_api="blas"):
+        return _gptq(w, xtx, spec, act_order=act_order, damp=damp, block=block, clip="minmax", ratios=None,
+                     static_groups=True)
 
 
 def _gptq(
@@ -117,7 +138,8 @@ def _gptq(
     block: int = 128,
     clip: str = "minmax",
     ratios: np.ndarray | None = None,
-) -> QuantizedWeight:
+    static_groups: bool = False,
+) -> tuple[QuantizedWeight, np.ndarray]:
     wk = np.array(w, dtype=np.float32)  # [K, N]: row k = input channel k (GPTQ's column k)
     k, n = wk.shape
     if xtx.shape != (k, k):
@@ -131,7 +153,7 @@ def _gptq(
     lo, hi = _grid(spec)
     scales = np.zeros((n_groups, n), dtype=np.float32)
     zps = None if spec.symmetric else np.zeros((n_groups, n), dtype=np.float32)
-    static = act_order or group >= k or ratios is not None
+    static = static_groups or act_order or group >= k or ratios is not None
     if static:
         for g in range(n_groups):
             s, z = _group_params(wk[g * group : (g + 1) * group], spec, clip, None if ratios is None else ratios[g])
@@ -144,6 +166,7 @@ def _gptq(
     u, _ = inverse_hessian_factor(h, damp)
     u = u.astype(np.float32)
     q = np.zeros((k, n), dtype=np.float32)
+    rounded = np.zeros((k, n), dtype=np.float32)  # each row as it was rounded (after the feedback before it)
     block = max(1, block)
     if not static and block % group and group % block:
         block = group  # group starts must fall on block starts or inside a block
@@ -163,6 +186,7 @@ def _gptq(
                     zps[g] = z
             s = scales[g]
             x = w1[i]
+            rounded[row] = x
             if zps is None:
                 qi = np.clip(np.rint(x / s), lo, hi)
                 deq = qi * s
@@ -174,10 +198,11 @@ def _gptq(
             w1[i:] -= np.outer(u1[i, i:], e)
             err1[i] = e
         wk[i2:] -= u[i1:i2, i2:].T @ err1
-    q_kn = q[np.argsort(perm)]
+    inverse = np.argsort(perm)
+    q_kn = q[inverse]
     q_kn = q_kn.astype(np.int8) if spec.symmetric else q_kn.astype(np.uint8)
     zp = None if zps is None else zps.astype(np.uint8)
-    return QuantizedWeight(np.ascontiguousarray(q_kn), scales, zp, spec, group)
+    return QuantizedWeight(np.ascontiguousarray(q_kn), scales, zp, spec, group), np.ascontiguousarray(rounded[inverse])
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:

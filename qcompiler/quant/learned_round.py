@@ -13,6 +13,12 @@ the exact group range (:func:`qcompiler.quant.numerics.quantize_rtn`), and whate
 end at, :meth:`LearnedRounding.quantized` is an ordinary group-wise weight (q, s, z) in the
 format every other method writes.  A short last group (K not a multiple of g) takes its range
 from its own rows.
+
+**Starting point.**  The rounded quantity may be another weight ``W̃`` than the one whose
+range makes the grid: ``q = clamp(⌊W̃/s + V⌉ + z)`` with ``s, z`` from ``W``'s group ranges.
+With ``W̃`` = the rows GPTQ rounded (each after the error feedback of the rows before it,
+:func:`qcompiler.quant.gptq.gptq_with_start`), ``V = 0, α = β = 1`` is exactly GPTQ's solution
+and the offsets are learned around it (``round{init=gptq}``).
 """
 
 from __future__ import annotations
@@ -33,15 +39,19 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 class LearnedRounding:
     """Parameters ``V, α, β`` of one weight and its fake-quantized value ``Ŵ(V, α, β)`` (module docstring)."""
 
-    def __init__(self, w: np.ndarray, spec: QuantSpec, min_clip: float = 0.5) -> None:
+    def __init__(self, w: np.ndarray, spec: QuantSpec, min_clip: float = 0.5,
+                 start: np.ndarray | None = None) -> None:
         self.spec = spec
         self.min_clip = float(min_clip)
-        self.w = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        w_range = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        self.w = w_range if start is None else torch.from_numpy(np.ascontiguousarray(start, dtype=np.float32))
+        if self.w.shape != w_range.shape:
+            raise ValueError(f"start has shape {tuple(self.w.shape)}, the weight {tuple(w_range.shape)}")
         k, n = self.w.shape
         self.group = group_size_for(spec, k)
         groups = -(-k // self.group)
         pad = groups * self.group - k
-        wp = torch.cat([self.w, self.w[-1:].expand(pad, n)]) if pad else self.w
+        wp = torch.cat([w_range, w_range[-1:].expand(pad, n)]) if pad else w_range
         wg = wp.reshape(groups, self.group, n)
         self.wmin = wg.amin(1).clamp(max=0.0)
         self.wmax = wg.amax(1).clamp(min=0.0)
@@ -97,11 +107,13 @@ class LearnedRounding:
         return (q if z is None else q - z) * s
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
-        """One signed-gradient step on every parameter, then projection onto its box."""
+    def step(self, lr: float, learn_range: bool = True) -> None:
+        """One signed-gradient step on every parameter (on ``V`` alone without ``learn_range``), then
+        projection onto its box."""
         for p in self.params:
             if p.grad is not None:
-                p -= lr * torch.sign(p.grad)
+                if learn_range or p is self.v:
+                    p -= lr * torch.sign(p.grad)
                 p.grad = None
         self.v.clamp_(-0.5, 0.5)
         self.alpha.clamp_(self.min_clip, 1.0)
@@ -109,7 +121,7 @@ class LearnedRounding:
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Back to round-to-nearest (``V = 0, α = β = 1``)."""
+        """Back to the starting point (``V = 0, α = β = 1``: round to nearest of ``W̃``)."""
         self.v.zero_()
         self.alpha.fill_(1.0)
         self.beta.fill_(1.0)

@@ -233,6 +233,9 @@ def test_rotate_round_recipe_and_its_options(synthetic_nokv_dir, synthetic_text,
 
     report = json.loads((tmp_path / "rr" / "quantization.json").read_text())["report"]
     assert "rotate" in report and report["round"]["calibration_windows"] == 3
+    assert get_recipe("w4a16-rotate-gptq-round").build(opts).startswith("canonicalize,rotate,round{")
+    assert ",init=gptq," in get_recipe("w4a16-gptq-round").build(opts)
+    check_options("w4a16-gptq-round", opts, {"round_iters", "round_samples"})
     with pytest.raises(OptionError, match="--round-iters is not used by recipe 'w4a16-gptq'"):
         check_options("w4a16-gptq", opts, {"round_iters"})
     with pytest.raises(OptionError, match="--clip is not used by recipe 'w4a16-round'"):
@@ -259,3 +262,92 @@ def test_a_layer_left_float_still_moves_the_float_stream(synthetic_dir, syntheti
     a, b = ctx.report["round"]["layers"]["layers.1"], ctx2.report["round"]["layers"]["layers.1"]
     assert a["loss_rtn"] == pytest.approx(b["loss_rtn"], rel=1e-4)  # (torch's vs ONNX Runtime's float rounding)
     assert a["first_step_loss"] == pytest.approx(b["first_step_loss"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- init=gptq: learned rounding around GPTQ's solution
+
+@pytest.mark.parametrize("act_order,sym", [(True, False), (False, False), (True, True)])
+def test_gptq_start_is_exactly_gptqs_solution(act_order: bool, sym: bool) -> None:
+    """From ``W̃`` (the rows as GPTQ rounded them) the learned grid at V = 0 is GPTQ's (q, s, z) exactly, with
+    GPTQ's lower output error than RTN's; reset() comes back to it."""
+    from qcompiler.quant.gptq import gptq_quantize, gptq_with_start
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((512, 96)).astype(np.float32) @ (np.eye(96) + 0.3 * rng.standard_normal((96, 96))).astype(np.float32)
+    x[:, 5] *= 3  # correlated inputs, one larger channel
+    w = rng.standard_normal((96, 32)).astype(np.float32)
+    h = (x.T @ x).astype(np.float64)
+    spec = _spec(32, sym)
+    qw, start = gptq_with_start(w, h, spec, act_order=act_order)
+    if act_order:  # static groups either way: with act-order the same result as the gptq pass's
+        np.testing.assert_array_equal(qw.q, gptq_quantize(w, h, spec, act_order=True).q)
+    lr = LearnedRounding(w, spec, start=start)
+    got = lr.quantized()
+    np.testing.assert_array_equal(got.q, qw.q)
+    np.testing.assert_array_equal(got.scale, qw.scale)
+    if not sym:
+        np.testing.assert_array_equal(got.zero_point, qw.zero_point)
+    np.testing.assert_array_equal(lr.fake().detach().numpy(), qw.dequantize())
+    loss_gptq = float(np.mean((x @ (w - qw.dequantize())) ** 2))
+    loss_rtn = float(np.mean((x @ (w - quantize_rtn(w, spec).dequantize())) ** 2))
+    assert loss_gptq < 0.6 * loss_rtn, (loss_gptq, loss_rtn)
+    lr.fake().sum().backward()  # move away from the start (the offsets alone), then back
+    lr.step(0.3, learn_range=False)
+    assert not np.array_equal(lr.quantized().q, qw.q)
+    assert float(lr.alpha.min()) == float(lr.beta.min()) == 1.0 and lr.alpha.grad is None
+    lr.reset()
+    np.testing.assert_array_equal(lr.quantized().q, qw.q)
+
+
+def test_gptq_init_in_the_pass(synthetic_dir, synthetic_text) -> None:
+    """round{init=gptq}: at iters = 0 it writes GPTQ's codes (Hessians from the same windows, in torch: all
+    but a few codes equal the gptq pass's); each layer starts below RTN's loss and learning ends at or below
+    its start; on held-out text (ONNX Runtime) the logits are at least as close to float as GPTQ's."""
+    from qcompiler.passes.gptq import GPTQ
+
+    folder, _ = synthetic_dir
+
+    def run(p, opts):
+        ctx = calib_context(folder, synthetic_text, samples=6, seq_len=64)
+        model, _ = run_passes(load_model(folder / "model.onnx"), [Canonicalize(), p(make_config(p, opts), ctx)])
+        return model, ctx
+
+    gptq, _ = run(GPTQ, {"group_size": 32})
+    start, ctx0 = run(Round, {"group_size": 32, "init": "gptq", "iters": 0, "tokens": 0})
+    learned, ctx1 = run(Round, {"group_size": 32, "init": "gptq", "iters": 40, "lr": 0.01, "tokens": 0})
+
+    def codes(model):
+        return {linear_info(n).key: read_dq_weight(n.inputs[1]).q for n in model.graph
+                if linear_info(n) is not None and linear_info(n).role != Role.LM_HEAD}
+
+    a, b = codes(gptq), codes(start)
+    assert a.keys() == b.keys() and len(a) == 14
+    same = sum(int(np.sum(a[k] == b[k])) for k in a) / sum(a[k].size for k in a)
+    assert same > 0.99, same
+    for r in ctx0.report["round"]["layers"].values():
+        assert r["loss"] == r["loss_init"] < r["loss_rtn"], r
+    for r in ctx1.report["round"]["layers"].values():
+        assert r["loss"] <= r["loss_init"], r
+    assert ctx1.report["round"]["init"] == "gptq"
+    tokens = tokenize(folder, read_text(synthetic_text))
+    windows = make_windows(tokens[len(tokens) // 2 :], 64, 64 * 4).ids
+    ref_model = load_model(folder / "model.onnx")
+    ref, got_gptq, got_learned = (values_of(m, ["logits"], windows) for m in (ref_model, gptq, learned))
+    err = {k: np.mean([np.mean((r[0] - q[0]) ** 2) for r, q in zip(ref, got)])
+           for k, got in (("gptq", got_gptq), ("learned", got_learned))}
+    assert err["learned"] <= err["gptq"], err
+
+
+def test_interpreter_computes_only_what_the_wanted_values_need(synthetic_dir, synthetic_text) -> None:
+    """outputs=[an inner value]: the same value as the full run, without evaluating the nodes after it."""
+    folder, _ = synthetic_dir
+    model, runner = _runner(folder, synthetic_text, n=1)
+    layer = runner.layers[0]
+    x = next(n.inputs[0].name for n in layer.linears.values() if linear_info(n).role == Role.O)
+    proto, inputs = runner.layer_graph(0, [layer.output.name])
+    graph = TorchGraph.from_model(proto, model)
+    feeds = {k: to_torch(v) for k, v in runner.layer_feeds(0, 0, inputs).items()}
+    full = graph(feeds, outputs=[x, layer.output.name])
+    (part,) = graph(feeds, outputs=[x])
+    np.testing.assert_array_equal(part.numpy(), full[0].numpy())
+    assert len(graph._not_needed((x,))) >= 15  # o_proj, the residual adds, the norm and the MLP are skipped
