@@ -38,6 +38,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,11 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RELNOTES = Path("/usr/share/doc/git/RelNotes")
 ALL_ROWS = ("optimum-fp32", "ort-rtn-int4", "genai-int4", "qc-fp32-fused", "qc-w4-unfused", "qc-w4-fused",
             "qc-w4-fused-acc4", "qc-w4-lmhead-acc4", "qc-w4-emb-acc4", "qc-w4-genai-size",
-            "qc-w8a8-fused", "qc-w4-acc1", "qc-w4-emb8-acc1", "qc-w4-emb8-acc4", "qc-w4-unpacked-acc4")
+            "qc-w8a8-fused", "qc-w4-acc1", "qc-w4-emb8-acc1", "qc-w4-emb8-acc4", "qc-w4-unpacked-acc4",
+            "qc-w4-headgptq-acc4", "qc-w4g64-headgptq-acc4", "qc-w4g32-headgptq-acc4")
+#: ``qc-w4[gG]-headgptq-accA``: RTN int4 body (group G, default --group-size), the tied table int4 g128 with
+#: the lm_head's codes by GPTQ on --calib (quantize-embeddings method=gptq), MatMulNBits accuracy_level A
+HEAD_ROW = re.compile(r"qc-w4(?:g(\d+))?-headgptq-acc(\d)")
 #: perplexity pairs (reference row, fused row): fusion must leave perplexity unchanged
 PPL_PAIRS = (("optimum-fp32", "qc-fp32-fused"), ("qc-w4-unfused", "qc-w4-fused"))
 #: greedy tokens of a row compared with those of its reference
@@ -198,6 +203,10 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         "qc-w4-emb8-acc4": f"w4a16-rtn g{g} accuracy_level=4, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-unpacked-acc4": f"w4a16-rtn g{g} accuracy_level=4, q/k/v and gate/up not packed",
     }
+    head = HEAD_ROW.fullmatch(name)
+    if head:
+        notes[name] = (f"w4a16-rtn g{head[1] or g} accuracy_level={head[2]}, tied table int4 g128, "
+                       "lm_head codes by GPTQ on --calib")
     if name == "optimum-fp32":
         return export_dir, notes[name]
     if (out / "model.onnx").is_file() and not args.rebuild:
@@ -213,6 +222,13 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         opts = QuantizeOptions(group_size=32, accuracy_level=4, quantize_embeddings=True, calib=args.calib,
                                calib_samples=args.calib_samples)
         quantize(export_dir, out, recipe="w4a16-awq-gptq", options=opts, force=True)
+    elif head:
+        body = int(head[1] or g)
+        opts = QuantizeOptions(group_size=body, accuracy_level=int(head[2]), calib=args.calib,
+                               calib_samples=args.calib_samples)
+        quantize(export_dir, out, passes=(f"canonicalize,quantize-weights{{bits=4,group_size={body},sym=False,"
+                                          "method=rtn,clip=minmax},quantize-embeddings{bits=4,group_size=128,"
+                                          "sym=False,method=gptq}"), options=opts, force=True)
     elif "emb8" in name or name == "qc-w4-unpacked-acc4":
         acc = int(name[-1])
         weights = f"canonicalize,quantize-weights{{bits=4,group_size={g},sym=False,method=rtn,clip=minmax}}"
@@ -367,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
-        if name not in ALL_ROWS:
+        if name not in ALL_ROWS and not HEAD_ROW.fullmatch(name):
             raise SystemExit(f"unknown row {name}; choices: {', '.join(ALL_ROWS)}")
         try:
             path, note = build(name, args, export_dir)
