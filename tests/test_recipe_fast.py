@@ -26,7 +26,7 @@ def test_pipeline_text() -> None:
     assert r.needs_calibration and r.bits == 4
     cpu = r.build(QuantizeOptions(group_size=64))
     assert "quantize-weights{bits=4,group_size=64" in cpu
-    assert "quantize-embeddings{bits=4,group_size=128,sym=False,method=gptq,share=False}" in cpu
+    assert "quantize-embeddings{bits=4,group_size=32,sym=False,method=gptq,share=False}" in cpu
     assert cpu.endswith("lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}")
     assert "lower-" not in r.build(QuantizeOptions(target="npu"))  # npu: the portable form
 
@@ -41,7 +41,7 @@ def test_quantizes_and_runs_at_level4(tied_dir: Path, synthetic_text: Path, tmp_
     assert levels == {4}
     assert sum(n.op_type == "GatherBlockQuantized" for n in proto.graph.node) == 1
     head = next(n for n in nbits if n.output[0] == "logits")
-    assert next(a.i for a in head.attribute if a.name == "block_size") == 128
+    assert next(a.i for a in head.attribute if a.name == "block_size") == 32
     report = json.loads((out / "quantization.json").read_text())
     text = json.dumps(report)
     assert "own codes, untied from" in text and "lm_head_output_error" in text

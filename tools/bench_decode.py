@@ -57,10 +57,11 @@ ALL_ROWS = ("optimum-fp32", "ort-rtn-int4", "genai-int4", "qc-fp32-fused", "qc-w
             "qc-w4-fused-acc4", "qc-w4-lmhead-acc4", "qc-w4-emb-acc4", "qc-w4-genai-size",
             "qc-w8a8-fused", "qc-w4-acc1", "qc-w4-emb8-acc1", "qc-w4-emb8-acc4", "qc-w4-unpacked-acc4",
             "qc-w4-headgptq-acc4", "qc-w4g64-headgptq-acc4", "qc-w4g32-headgptq-acc4", "qc-w4-fast")
-#: ``qc-w4[gG]-headgptq-accA``: RTN int4 body (group G, default --group-size), the tied table int4 g128 with
+#: ``qc-w4[gG]-headgptq[H]-accA``: RTN int4 body (group G, default --group-size), the tied table int4 (group H,
+#: default 128) with
 #: the lm_head's codes by GPTQ on --calib (quantize-embeddings method=gptq), MatMulNBits accuracy_level A;
 #: ``headsplit``: the same with share=false (the lookup keeps RTN codes in a tensor of its own)
-HEAD_ROW = re.compile(r"qc-w4(?:g(\d+))?-head(gptq|split)-acc(\d)")
+HEAD_ROW = re.compile(r"qc-w4(?:g(\d+))?-head(gptq|split)(\d+)?-acc(\d)")
 #: perplexity pairs (reference row, fused row): fusion must leave perplexity unchanged
 PPL_PAIRS = (("optimum-fp32", "qc-fp32-fused"), ("qc-w4-unfused", "qc-w4-fused"))
 #: greedy tokens of a row compared with those of its reference
@@ -205,11 +206,11 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         "qc-w4-emb8-acc1": f"w4a16-rtn g{g} accuracy_level=1, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-emb8-acc4": f"w4a16-rtn g{g} accuracy_level=4, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-unpacked-acc4": f"w4a16-rtn g{g} accuracy_level=4, q/k/v and gate/up not packed",
-        "qc-w4-fast": f"w4a16-fast g{g} (RTN body, int4 lm_head by GPTQ on --calib, lookup RTN int4, level 4)",
+        "qc-w4-fast": f"w4a16-fast g{g} (RTN body, int4 g32 lm_head by GPTQ on --calib, lookup RTN int4, level 4)",
     }
     head = HEAD_ROW.fullmatch(name)
     if head:
-        notes[name] = (f"w4a16-rtn g{head[1] or g} accuracy_level={head[3]}, tied table int4 g128, "
+        notes[name] = (f"w4a16-rtn g{head[1] or g} accuracy_level={head[4]}, tied table int4 g{head[3] or 128}, "
                        "lm_head codes by GPTQ on --calib" + (" (own tensor; lookup RTN)" if head[2] == "split" else ""))
     if name == "optimum-fp32":
         return export_dir, notes[name]
@@ -231,10 +232,10 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         quantize(export_dir, out, recipe="w4a16-awq-gptq", options=opts, force=True)
     elif head:
         body = int(head[1] or g)
-        opts = QuantizeOptions(group_size=body, accuracy_level=int(head[3]), calib=args.calib,
+        opts = QuantizeOptions(group_size=body, accuracy_level=int(head[4]), calib=args.calib,
                                calib_samples=args.calib_samples)
         quantize(export_dir, out, passes=(f"canonicalize,quantize-weights{{bits=4,group_size={body},sym=False,"
-                                          "method=rtn,clip=minmax},quantize-embeddings{bits=4,group_size=128,"
+                                          f"method=rtn,clip=minmax}},quantize-embeddings{{bits=4,group_size={head[3] or 128},"
                                           f"sym=False,method=gptq,share={head[2] != 'split'}}}"), options=opts,
                  force=True)
     elif "emb8" in name or name == "qc-w4-unpacked-acc4":
