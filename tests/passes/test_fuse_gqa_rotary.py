@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from qcompiler.models.synthetic import SyntheticConfig
 
@@ -50,3 +51,26 @@ def test_non_positional_tables_left_alone(tmp_path: Path) -> None:
     after = run(model, "fuse-gqa-rotary")
     assert count(after, "com.microsoft.RotaryEmbedding") == 2 * CFG.layers
     assert all(n.attributes.get_int("do_rotary", 0) == 0 for n in after.graph if n.op_type == "GroupQueryAttention")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_smollm2_w4_folded_same_tokens(dtype: str, smollm2_kv: Path, smollm2_kv_fp16: Path, tmp_path: Path) -> None:
+    """SmolLM2 w4a16-rtn on the cpu target (fp32 and fp16 exports): all 30 attentions folded, the same logits
+    and 16 greedy tokens through the cache as the same pipeline without the fold."""
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions, get_recipe
+    from qcompiler.targets import lowering_pipeline
+
+    src = smollm2_kv if dtype == "fp32" else smollm2_kv_fp16
+    opts = QuantizeOptions(group_size=128)
+    summary = quantize(src, tmp_path / "folded", recipe="w4a16-rtn", options=opts)
+    assert summary["report"]["fusion"]["fuse-gqa-rotary"] == 30
+    text = f"{get_recipe('w4a16-rtn').build(opts)},{lowering_pipeline('cpu', opts)}".replace(",fuse-gqa-rotary", "")
+    quantize(src, tmp_path / "unfolded", passes=text, options=opts.with_overrides(fuse=False))
+    folded = tmp_path / "folded"
+    assert count(run(folded, "fuse-gqa-rotary"), "com.microsoft.RotaryEmbedding") == 0
+    ids = (np.arange(40) * 997 + 13) % 20000 + 100
+    tol = 1e-4 if dtype == "fp32" else 2e-3
+    assert_same_decoder(runner(tmp_path / "unfolded", tmp_path, threads=2), runner(folded, tmp_path, threads=2),
+                        ids, steps=16, tol=tol)
