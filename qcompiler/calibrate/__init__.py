@@ -29,7 +29,7 @@ ONNX Runtime's ``quantize_static`` calibration.
 from __future__ import annotations
 
 from qcompiler.calibrate.config import CalibConfig, StatRequest
-from qcompiler.calibrate.engine import Calibrator, RunInfo, make_calibrator
+from qcompiler.calibrate.engine import Calibrator, RunInfo, fewer_windows, make_calibrator
 from qcompiler.calibrate.histogram import Histogram
 from qcompiler.calibrate.observers import OBSERVERS, ObserverConfig
 from qcompiler.calibrate.plan import parse_memory
@@ -50,6 +50,7 @@ __all__ = [
     "RunInfo",
     "Sample",
     "StatRequest",
+    "fewer_windows",
     "linear_inputs",
     "linear_requests",
     "make_calibrator",

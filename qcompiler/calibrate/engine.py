@@ -430,6 +430,14 @@ class Calibrator:
         return observers, sum(r.used for r in results), [w for r in results for w in r.dropped]
 
 
+def fewer_windows(calibrate: Any, samples: int) -> Any:
+    """``calibrate`` (a pass context's calibrator) drawing at most ``samples`` windows (the same text and seed);
+    ``calibrate`` itself when it draws no more, ``samples <= 0``, or it is not a :class:`Calibrator`."""
+    if samples <= 0 or not isinstance(calibrate, Calibrator) or calibrate.config.samples <= samples:
+        return calibrate
+    return Calibrator(calibrate.model_dir, dataclasses.replace(calibrate.config, samples=samples), calibrate.executor)
+
+
 def make_calibrator(model_dir: Path, options: Any, executor: Executor | None = None) -> Calibrator:
     """The calibrator ``qc quantize`` hands to passes (``options``: ``QuantizeOptions``)."""
     return Calibrator(model_dir, CalibConfig.from_options(options), executor)

@@ -147,3 +147,45 @@ def test_column_chunks_equal_whole_table(method: str, sym: bool, group: int) -> 
         assert parts.zero_point is None and whole.zero_point is None
     else:
         np.testing.assert_array_equal(parts.zero_point, whole.zero_point)
+
+
+def test_gptq_head_lowers_the_logit_error_below_rtn(tied_dir: Path, synthetic_text: Path, tmp_path: Path) -> None:
+    """method=gptq, share=false: the lm_head's codes weighed by its input's XᵀX (calibration text) in a tensor of
+    their own, the lookup keeping RTN's; on held-out windows the logits (ORT) are closer to the float model's
+    than with the RTN table, in the same format.  (Shared, the lookup reads the GPTQ codes too: on this 2-layer
+    model the embedding's larger error costs more than the head gains.)"""
+    from qcompiler.data import make_windows, read_text, tokenize
+    from tests.passes.calib_helpers import calib_context
+
+    ctx = calib_context(tied_dir, synthetic_text)
+    opts = {"group_size": 32, "method": "gptq", "share": False}
+    gptq, _ = run_passes(load_model(tied_dir / "model.onnx"),
+                         [Canonicalize(), QuantizeEmbeddings(make_config(QuantizeEmbeddings, opts), ctx)])
+    rtn, _ = _quantize(tied_dir, group_size=32)
+    rtn_rows = read_row_blocked(next(n for n in rtn.graph if n.op_type == "DequantizeLinear"))
+    dqs = {u.op_type: n for n in gptq.graph if n.op_type == "DequantizeLinear" for u in n.outputs[0].consumers()}
+    assert set(dqs) == {"Gather", "Transpose"} and dqs["Gather"] is not dqs["Transpose"]
+    lookup, head = read_row_blocked(dqs["Gather"]), read_row_blocked(dqs["Transpose"])
+    np.testing.assert_array_equal(lookup.q, rtn_rows.q)  # the lookup: RTN codes
+    np.testing.assert_array_equal(head.scale, rtn_rows.scale)  # static groups: RTN's grid, other codes
+    assert head.q.max() <= 15 and (head.q != rtn_rows.q).mean() > 0.05
+    errors = ctx.report["embeddings"]["lm_head_output_error"]
+    assert errors["gptq"] < 0.8 * errors["rtn"]
+    assert "own codes" in ctx.report["embeddings"]["lm_head"]
+    tokens = tokenize(tied_dir, read_text(synthetic_text))
+    windows = make_windows(tokens[len(tokens) // 2 :], 48, 48 * 4).ids  # held-out half of the text
+    ref = np.concatenate([run_logits(tied_dir, w) for w in windows])
+    err = {name: float(np.mean((np.concatenate([run_logits(m, w, tmp_path / name, optimize=False) for w in windows])
+                                - ref) ** 2)) for name, m in (("gptq", gptq), ("rtn", rtn))}
+    assert err["gptq"] < err["rtn"], err
+    # lowered: two MatMulNBits-packed tensors (lookup, head), the same logits as the portable form
+    portable = run_logits(gptq, WINDOW, tmp_path / "dq", optimize=False)
+    lowered, _ = run_passes(gptq, [LowerEmbeddings()])
+    ops = op_types(lowered)
+    assert ops.get("com.microsoft.GatherBlockQuantized") == 1 and ops.get("com.microsoft.MatMulNBits") == 1
+    assert rel_err(portable, run_logits(lowered, WINDOW, tmp_path / "nbits")) < 1e-3
+
+
+def test_gptq_head_needs_calibration(tied_dir: Path) -> None:
+    with pytest.raises(Exception, match="needs calibration data"):
+        _quantize(tied_dir, method="gptq")

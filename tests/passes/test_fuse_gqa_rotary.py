@@ -1,0 +1,76 @@
+"""fuse-gqa-rotary: GroupQueryAttention reads the packed q|k|v and applies the rotary itself (do_rotary=1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qcompiler.models.synthetic import SyntheticConfig
+
+from tests.passes.fusion_util import ALL_FUSIONS, WINDOW, assert_same_decoder, count, run, runner, synthetic
+
+CFG = SyntheticConfig(layers=2, hidden=576, heads=9, kv_heads=3, intermediate=256, vocab=256, kv_cache=True)
+BASE = {
+    "float": f"canonicalize,{ALL_FUSIONS}",
+    "w4a16-rtn": f"canonicalize,quantize-weights{{bits=4,group_size=32}},{ALL_FUSIONS},lower-matmulnbits,fuse-bias",
+}
+
+
+@pytest.mark.parametrize("form", sorted(BASE))
+def test_same_decoder_fewer_nodes(form: str, tmp_path: Path) -> None:
+    before = run(synthetic(CFG), BASE[form])
+    after = run(synthetic(CFG), f"{BASE[form]},fuse-gqa-rotary")
+    assert count(before, "com.microsoft.RotaryEmbedding") == 2 * CFG.layers
+    assert count(after, "com.microsoft.RotaryEmbedding") == 0
+    gqas = [n for n in after.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqas) == CFG.layers
+    for g in gqas:
+        assert g.attributes.get_int("do_rotary", 0) == 1 and g.inputs[1] is None and g.inputs[2] is None
+        assert g.inputs[9] is not None and g.inputs[9].name == "position_ids"
+        assert g.inputs[0].producer().op_type in ("MatMul", "MatMulNBits")  # the packed q|k|v linear itself
+    assert count(after, "Split") == count(before, "Split") - CFG.layers  # the q|k|v Splits (gate|up stays)
+    # real numerics (ORT): prefill logits and 24 greedy steps through the KV cache, rotary from the kernel
+    # (positions past the prompt: the caches are indexed by position up to total_sequence_length)
+    assert_same_decoder(runner(before, tmp_path / "a"), runner(after, tmp_path / "b"), WINDOW, steps=24)
+
+
+def test_non_positional_tables_left_alone(tmp_path: Path) -> None:
+    """A graph whose rotary tables read another input than position_ids keeps its RotaryEmbedding nodes."""
+    import onnx_ir as ir
+
+    model = run(synthetic(CFG), BASE["float"])
+    rot = next(n for n in model.graph if n.op_type == "RotaryEmbedding")
+    cos = rot.inputs[2]
+    extra = ir.Value(name="cos_scale", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.FLOAT))
+    model.graph.inputs.append(extra)
+    mul = ir.node("Mul", [cos, extra], name="scale_cos")
+    model.graph.insert_after(cos.producer(), mul)
+    for node in [n for n in model.graph if n.op_type == "RotaryEmbedding"]:
+        node.replace_input_with(2, mul.outputs[0])
+    after = run(model, "fuse-gqa-rotary")
+    assert count(after, "com.microsoft.RotaryEmbedding") == 2 * CFG.layers
+    assert all(n.attributes.get_int("do_rotary", 0) == 0 for n in after.graph if n.op_type == "GroupQueryAttention")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_smollm2_w4_folded_same_tokens(dtype: str, smollm2_kv: Path, smollm2_kv_fp16: Path, tmp_path: Path) -> None:
+    """SmolLM2 w4a16-rtn on the cpu target (fp32 and fp16 exports): all 30 attentions folded, the same logits
+    and 16 greedy tokens through the cache as the same pipeline without the fold."""
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions, get_recipe
+    from qcompiler.targets import lowering_pipeline
+
+    src = smollm2_kv if dtype == "fp32" else smollm2_kv_fp16
+    opts = QuantizeOptions(group_size=128)
+    summary = quantize(src, tmp_path / "folded", recipe="w4a16-rtn", options=opts)
+    assert summary["report"]["fusion"]["fuse-gqa-rotary"] == 30
+    text = f"{get_recipe('w4a16-rtn').build(opts)},{lowering_pipeline('cpu', opts)}".replace(",fuse-gqa-rotary", "")
+    quantize(src, tmp_path / "unfolded", passes=text, options=opts.with_overrides(fuse=False))
+    folded = tmp_path / "folded"
+    assert count(run(folded, "fuse-gqa-rotary"), "com.microsoft.RotaryEmbedding") == 0
+    ids = (np.arange(40) * 997 + 13) % 20000 + 100
+    tol = 1e-4 if dtype == "fp32" else 2e-3
+    assert_same_decoder(runner(tmp_path / "unfolded", tmp_path, threads=2), runner(folded, tmp_path, threads=2),
+                        ids, steps=16, tol=tol)
