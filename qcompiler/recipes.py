@@ -191,12 +191,11 @@ register_recipe(
 )
 def _fast(o: QuantizeOptions) -> str:
     """The accurate-and-fast int4 for ONNX Runtime CPU (issue 24, docs/fusion.md): the decoder RTN int4
-    (``--group-size``, default 128; a linear whose K it does not divide gets the largest power of two that does,
-    ``fit_k``, so MatMulNBits reads no padding), the tied embedding / lm_head table int4 g32 with the lm_head's codes
+    (``--group-size``, default 128), the tied embedding / lm_head table int4 g32 with the lm_head's codes
     chosen by GPTQ on the final norm's output (``--calib``), the lookup keeping RTN codes; on cpu, MatMulNBits
     at accuracy level 4 (int8 activations in the kernel)."""
     text = (f"canonicalize,quantize-weights{{bits=4,group_size={o.group_size},sym={o.sym},method=rtn,"
-            f"clip={o.clip},fit_k=True}},quantize-embeddings{{bits=4,group_size=32,sym={o.sym},method=gptq,share=False}}")
+            f"clip={o.clip}}},quantize-embeddings{{bits=4,group_size=32,sym={o.sym},method=gptq,share=False}}")
     if o.target == "cpu":  # lowered here at level 4 (like w4a16-genai); the target's fusions follow
         text += ",lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}"
     return text
