@@ -19,10 +19,14 @@ on its own (``lm_head=true``, the default) in the usual ``DequantizeLinear`` + M
 input (the final norm's output, from the model as it is now, i.e. after the decoder's own
 quantization) and ``H = Σ xᵀx`` over the calibration windows, GPTQ
 (:mod:`qcompiler.quant.gptq`) minimizes ``‖x·(W − Ŵ)‖²`` = the logits' error instead of
-``‖W − Ŵ‖²``: one quadratic form per vocabulary column, all sharing ``H[H, H]``.  Tied, the
-same codes serve the row lookup (whose error GPTQ does not weigh).  On SmolLM2-135M, int4
-g128 tied table: perplexity of the float-head model 39.39 → 46.77 (RTN, +18.7 %) vs 40.51
-(GPTQ, +2.8 %) on git's release notes, ``H`` from the GPL-3 (docs/fusion.md).
+``‖W − Ŵ‖²``: one quadratic form per vocabulary column, all sharing ``H[H, H]``; static groups
+(act-order), so the scales are RTN's and only the codes differ.  A tied table is either kept as
+one tensor whose GPTQ codes the row lookup reads too (``share=true``; GPTQ does not weigh the
+lookup's error) or split in two (``share=false``): the lookup keeps data-free codes, the lm_head
+gets its own GPTQ-coded tensor (``lm_head.weight_*``, lowered to its own MatMulNBits).  On
+SmolLM2-135M (hidden states of the w4a16-rtn g128 body, git's release notes, ``H`` from the
+GPL-3): perplexity with the fp32 head 54.86, int4 RTN g128 66.56, GPTQ g128 57.05, GPTQ g32
+55.41 (docs/fusion.md, recipe ``w4a16-fast``).
 """
 
 from __future__ import annotations

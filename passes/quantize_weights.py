@@ -23,6 +23,7 @@ form the lowerings read) and reported.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +54,9 @@ class QuantizeWeightsConfig:
     lm_head: bool = False  # also quantize an untied lm_head
     skip: str = ""  # ':'-separated linear keys to leave in float, e.g. layers.0.down_proj
     nonfinite: str = "error"  # a weight with NaN/Inf: error | skip (leave that linear in float)
+    # a linear whose K is no multiple of group_size gets the largest power of two >= 32 below it that divides K
+    # (MatMulNBits pads K to whole blocks: SmolLM2's K = 576 at g128 stores and reads 640 rows; g64 none)
+    fit_k: bool = False
 
     def __post_init__(self) -> None:
         if self.nonfinite not in ("error", "skip"):
@@ -123,7 +127,10 @@ class QuantizeWeights(QCPass):
         summary: dict[str, str] = {}
         _report_shared(nodes, self.context.report)
         def spec_of(n: ir.Node) -> QuantSpec:  # the node's spec, its scales in the type the graph stores them
-            return stored_spec(weight_spec(n) or default, model.graph, n)
+            spec = weight_spec(n)
+            if spec is None:
+                spec = _fit_k(default, linear_weight(n)[0].shape[0]) if cfg.fit_k else default  # type: ignore[index]
+            return stored_spec(spec, model.graph, n)
 
         ahead = _rounded_ahead(nodes, spec_of, method) if cfg.method in RANGE_CHECKED else None
         for node in tqdm(nodes, desc="quantize-weights", unit="linear", leave=False):
@@ -169,6 +176,17 @@ class QuantizeWeights(QCPass):
         if missed:
             raise ir.passes.PostconditionError(
                 f"{len(missed)} linear(s) neither quantized nor kept float with a reason: {', '.join(missed[:5])}")
+
+
+def _fit_k(spec: QuantSpec, k: int | None) -> QuantSpec:
+    """``spec`` with the largest group ``g`` (a power of two, 32 <= g <= the spec's) dividing ``k``; as is when
+    none does, for per-channel specs, or when the group already divides ``k``."""
+    if spec.granularity != Granularity.GROUP or not isinstance(k, int) or k % spec.group_size == 0:
+        return spec
+    g = spec.group_size // 2
+    while g >= 32 and k % g:
+        g //= 2
+    return dataclasses.replace(spec, group_size=g) if g >= 32 else spec
 
 
 def _reads_dq(node: ir.Node) -> bool:

@@ -62,10 +62,6 @@ register_lowering("cpu", 30, lambda o: FUSION_PASSES if o.fuse else "")
 register_lowering("cuda", 30, lambda o: CUDA_FUSION_PASSES if o.fuse else "")
 for _target in ("cpu", "cuda"):
     register_lowering(_target, 60, lambda o: "fuse-bias" if o.fuse else "")
-# issue 24 (decode speed): after packing, lowering and bias folding, GroupQueryAttention reads the packed
-# q|k|v linear and applies the rotary itself (do_rotary=1, the form onnxruntime-genai writes): 3 nodes fewer
-# per layer (docs/fusion.md); checked on ONNX Runtime CPU only
-register_lowering("cpu", 62, lambda o: "fuse-gqa-rotary" if o.fuse else "")
 
 # issue 9 (weight-only, --quantize-embeddings): row-blocked embedding DequantizeLinear →
 # GatherBlockQuantized + MatMulNBits sharing one packed tensor.

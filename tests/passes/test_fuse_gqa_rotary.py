@@ -56,18 +56,18 @@ def test_non_positional_tables_left_alone(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_smollm2_w4_folded_same_tokens(dtype: str, smollm2_kv: Path, smollm2_kv_fp16: Path, tmp_path: Path) -> None:
-    """SmolLM2 w4a16-rtn on the cpu target (fp32 and fp16 exports): all 30 attentions folded, the same logits
-    and 16 greedy tokens through the cache as the same pipeline without the fold."""
+    """SmolLM2 w4a16-rtn's cpu pipeline + fuse-gqa-rotary (fp32 and fp16 exports): all 30 attentions folded,
+    the same logits and 16 greedy tokens through the cache as the pipeline without it."""
     from qcompiler.quantize import quantize
     from qcompiler.recipes import QuantizeOptions, get_recipe
     from qcompiler.targets import lowering_pipeline
 
     src = smollm2_kv if dtype == "fp32" else smollm2_kv_fp16
     opts = QuantizeOptions(group_size=128)
-    summary = quantize(src, tmp_path / "folded", recipe="w4a16-rtn", options=opts)
-    assert summary["report"]["fusion"]["fuse-gqa-rotary"] == 30
-    text = f"{get_recipe('w4a16-rtn').build(opts)},{lowering_pipeline('cpu', opts)}".replace(",fuse-gqa-rotary", "")
+    text = f"{get_recipe('w4a16-rtn').build(opts)},{lowering_pipeline('cpu', opts)}"
     quantize(src, tmp_path / "unfolded", passes=text, options=opts.with_overrides(fuse=False))
+    summary = quantize(src, tmp_path / "folded", passes=f"{text},fuse-gqa-rotary", options=opts.with_overrides(fuse=False))
+    assert summary["report"]["fusion"]["fuse-gqa-rotary"] == 30
     folded = tmp_path / "folded"
     assert count(run(folded, "fuse-gqa-rotary"), "com.microsoft.RotaryEmbedding") == 0
     ids = (np.arange(40) * 997 + 13) % 20000 + 100
