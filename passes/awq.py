@@ -81,6 +81,7 @@ class AWQConfig:
     pow2: bool = True  # scales rounded to powers of two: folding them is exact in float
     fold_only: bool = False  # apply the scales, keep float weights
     gptq: bool = False  # round the scaled weights with GPTQ (same Hessians) instead of RTN
+    damp: float = 0.01  # gptq=true: GPTQ's damping (λ = damp·mean diag H)
     skip: str = ""
 
     def __post_init__(self) -> None:
@@ -89,6 +90,8 @@ class AWQConfig:
             raise ValueError(f"grid must be at least 1, got {self.grid}")
         if not 0 <= self.max_shrink < 1:
             raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
 
     def spec(self) -> QuantSpec:
         qw = QuantizeWeightsConfig(bits=self.bits, group_size=self.group_size, sym=self.sym)
@@ -252,7 +255,7 @@ class AWQ(QCPass):
         if cfg.clip and (cfg.clip_qk or info.role not in (Role.Q, Role.K, Role.QKV)):
             ratios = clip_ratios(w, h, spec, cfg.grid, cfg.max_shrink)
         if cfg.gptq:
-            qw = gptq_quantize(w, h, spec, ratios=ratios)
+            qw = gptq_quantize(w, h, spec, ratios=ratios, damp=cfg.damp)
         elif ratios is not None:
             qw = quantize_rtn(w, spec, ratios)
         else:

@@ -53,3 +53,20 @@ def test_w4a16_rotate_runs_and_is_close(synthetic_nokv_dir, synthetic_text, tmp_
     # rotation before GPTQ (the same GPTQ on the rotated weights) does better than GPTQ alone here; on this
     # tiny random model with 256 calibration tokens neither beats RTN (SmolLM2's figures: docs/rotation.md)
     assert errs["w4a16-rotate"] < errs["w4a16-gptq"], errs
+
+
+def test_w4a16_rotate_awq_gptq_runs_and_is_close(synthetic_nokv_dir, synthetic_text, tmp_path, monkeypatch) -> None:
+    """Rotation, then AWQ + GPTQ: the AWQ scales fold into the (γ = 1) norms of the rotated graph; closer to
+    float than AWQ + GPTQ without rotation on the synthetic model's outlier channels."""
+    monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "calib"))
+    folder, _ = synthetic_nokv_dir
+    opts = QuantizeOptions(calib=str(synthetic_text), calib_samples=4, seq_len=64, group_size=32)
+    ref = run_logits(folder, WINDOW)
+    errs = {}
+    for recipe in ("w4a16-awq-gptq", "w4a16-rotate-awq-gptq"):
+        quantize(folder, tmp_path / recipe, recipe=recipe, options=opts)
+        errs[recipe] = l2_rel(ref, run_logits(tmp_path / recipe, WINDOW))
+    q = json.loads((tmp_path / "w4a16-rotate-awq-gptq" / "quantization.json").read_text())
+    assert q["pipeline"].startswith("canonicalize,rotate,awq") and {"rotate", "awq"} <= set(q["report"])
+    assert op_types(load_model(tmp_path / "w4a16-rotate-awq-gptq" / "model.onnx"))["com.microsoft.MatMulNBits"] >= 8
+    assert errs["w4a16-rotate-awq-gptq"] < errs["w4a16-awq-gptq"], errs

@@ -124,3 +124,19 @@ def test_every_linear_output_error_below_rtn(models, synthetic_dir, synthetic_te
 def test_awq_scales_formula() -> None:
     s = awq_scales(np.array([1.0, 4.0, 16.0]), 0.5)
     np.testing.assert_allclose(s, [0.5, 1.0, 2.0], rtol=1e-6)
+
+
+def test_gptq_damping_reaches_the_rounding(synthetic_dir, synthetic_text: Path) -> None:
+    """awq{gptq=true,damp=...}: GPTQ's damping is the option's (a large one moves the codes towards RTN's)."""
+    from qcompiler.passes.awq import AWQConfig
+
+    with pytest.raises(ValueError, match="damp must be in"):
+        AWQConfig(damp=0.0)
+    folder, _ = synthetic_dir
+    codes = {}
+    for damp in (0.01, 0.9):
+        model, _ = run_passes(load_model(folder / "model.onnx"), [Canonicalize(), AWQ(make_config(
+            AWQ, {"group_size": 32, "grid": 4, "gptq": True, "damp": damp}), calib_context(folder, synthetic_text))])
+        codes[damp] = {linear_info(n).key: read_dq_weight(n.inputs[1]).q for n in model.graph
+                       if linear_info(n) is not None and linear_info(n).role != Role.LM_HEAD}
+    assert any(not np.array_equal(codes[0.01][k], codes[0.9][k]) for k in codes[0.01])
