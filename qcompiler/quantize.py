@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -34,7 +35,7 @@ from qcompiler.artifact import (
     write_json,
 )
 from qcompiler.distributed import Executor
-from qcompiler.errors import QCError, UnsupportedModelError
+from qcompiler.errors import OptionError, QCError, UnsupportedModelError
 from qcompiler.finite import check_model_weights
 from qcompiler.floattype import file_float_type
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
@@ -58,6 +59,14 @@ SCOPE_NOTE = (
 #: The fp16 overflow guard every recipe runs on an fp16 graph with ``--calib`` (passes/keep_fp32.py),
 #: right after ``canonicalize``: before any pass quantizes, so a kept linear is quantized in float32.
 HALF_GUARD = "keep-fp32"
+#: ``--rotate``: the residual-stream rotation (passes/rotate.py) put in front of any recipe that has none.
+ROTATE_STEP = "rotate"
+
+
+def _after_canonicalize(text: str, step: str) -> str:
+    """``step`` right after the pipeline's ``canonicalize`` (or first, if it has none)."""
+    head, sep, tail = text.partition("canonicalize")
+    return f"{head}canonicalize,{step}{tail}" if sep else f"{step},{text}"
 
 
 def build_pipeline_text(recipe: str | None, passes: str | None, options: QuantizeOptions, lower: bool = True,
@@ -69,8 +78,13 @@ def build_pipeline_text(recipe: str | None, passes: str | None, options: Quantiz
     check_target(options.target)
     text = get_recipe(recipe).build(options) if recipe else str(passes)
     if recipe and fp16 and options.calib and HALF_GUARD not in text:
-        head, sep, tail = text.partition("canonicalize")
-        text = f"{head}canonicalize,{HALF_GUARD}{tail}" if sep else f"{HALF_GUARD},{text}"
+        text = _after_canonicalize(text, HALF_GUARD)
+    if options.rotate:
+        if not recipe:
+            raise OptionError("--rotate goes with --recipe; with --passes, write rotate{...} in the pipeline")
+        if re.search(r"(^|,)\s*rotate\b", text):
+            raise OptionError(f"--rotate: recipe '{recipe}' rotates already (its pipeline: {text})")
+        text = _after_canonicalize(text, ROTATE_STEP)  # before keep-fp32: the guard sees the rotated values
     if lower:
         tail = lowering_pipeline(options.target, options)
         if tail:

@@ -46,6 +46,7 @@ class QuantizeOptions:
     round_lr: float | None = None
     round_samples: int | None = None
     fuse: bool = True  # cpu/cuda: fuse norms, rotary, attention, packed linears (issue 11)
+    rotate: bool = False  # --rotate: the rotate pass (residual stream) after the recipe's canonicalize (issue 22)
     allow_partial: bool = False  # write a model whose unsupported decoder linears stay float (issue 23)
     # CPUs the model must be exact on: "any" (u8×u8 integer GEMMs) or "vnni" (u8×s8, VNNI/AMX/ARM only);
     # see qcompiler/quant/intgemm.py

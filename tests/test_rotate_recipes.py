@@ -70,3 +70,39 @@ def test_w4a16_rotate_awq_gptq_runs_and_is_close(synthetic_nokv_dir, synthetic_t
     assert q["pipeline"].startswith("canonicalize,rotate,awq") and {"rotate", "awq"} <= set(q["report"])
     assert op_types(load_model(tmp_path / "w4a16-rotate-awq-gptq" / "model.onnx"))["com.microsoft.MatMulNBits"] >= 8
     assert errs["w4a16-rotate-awq-gptq"] < errs["w4a16-awq-gptq"], errs
+
+
+def test_rotate_option_pipeline() -> None:
+    """``--rotate`` puts the rotation right after the recipe's canonicalize (before the fp16 guard, which then
+    observes the rotated values) and refuses where it cannot mean anything."""
+    from qcompiler.errors import OptionError
+    from qcompiler.quantize import build_pipeline_text
+
+    rot = QuantizeOptions(rotate=True)
+    assert build_pipeline_text("w4a16-rtn", None, rot, lower=False).startswith("canonicalize,rotate,quantize-weights")
+    half = build_pipeline_text("w4a16-rtn", None, QuantizeOptions(rotate=True, calib="t.txt"), lower=False, fp16=True)
+    assert half.startswith("canonicalize,rotate,keep-fp32,quantize-weights")
+    assert "rotate" not in build_pipeline_text("w4a16-rtn", None, QuantizeOptions(), lower=False)
+    for recipe in ("w4a16-rotate", "w8a8-static-rotate", "w8a8-static-smooth"):  # these rotate already
+        with pytest.raises(OptionError, match="rotates already"):
+            build_pipeline_text(recipe, None, QuantizeOptions(rotate=True, calib="t.txt"))
+    with pytest.raises(OptionError, match="--passes"):
+        build_pipeline_text(None, "canonicalize,quantize-weights", rot)
+
+
+def test_rotate_option_on_other_recipes(synthetic_nokv_dir, synthetic_text, tmp_path, monkeypatch) -> None:
+    """``--rotate`` with w8a8-dynamic and w4a16-awq-gptq: the rotation is in the written pipeline and report,
+    and on the synthetic model's outlier channels it brings both closer to the float logits."""
+    monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "calib"))
+    folder, _ = synthetic_nokv_dir
+    ref = run_logits(folder, WINDOW)
+    base = QuantizeOptions(calib=str(synthetic_text), calib_samples=4, seq_len=64, group_size=32)
+    for recipe in ("w8a8-dynamic", "w4a16-awq-gptq"):
+        errs = {}
+        for rotate in (False, True):
+            out = tmp_path / f"{recipe}-{rotate}"
+            quantize(folder, out, recipe=recipe, options=base.with_overrides(rotate=rotate))
+            errs[rotate] = l2_rel(ref, run_logits(out, WINDOW))
+        q = json.loads((tmp_path / f"{recipe}-True" / "quantization.json").read_text())
+        assert q["pipeline"].startswith("canonicalize,rotate,") and q["report"]["rotate"]["writers"] == 4
+        assert errs[True] < errs[False], (recipe, errs)
