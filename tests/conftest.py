@@ -12,10 +12,17 @@ import fcntl
 import hashlib
 import importlib.util
 import os
+import signal
 from pathlib import Path
 
 import pytest
 from qcompiler.models.synthetic import GroundTruth, SyntheticConfig, build_model_dir
+
+# A suite started in the background by a non-interactive shell (``cmd &``, nohup, some CI runners) inherits
+# SIGINT ignored, and so would every child the interrupt tests start: Python keeps an ignored SIGINT, so
+# Ctrl-C could not be tested.  A Python-level handler here is reset to the default at exec in the children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: English text on every Debian machine: calibrate on one, evaluate on the other.
