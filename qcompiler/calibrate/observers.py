@@ -293,24 +293,16 @@ class WindowAbsMax:
     absmax: np.ndarray  # float32 [W, C]
 
 
-@_register
-class MeanAbsChannelObserver(Observer):
-    """Σ_t |x[t, c]| in float64: per shard (``shard``), shard sums added into ``acc`` in shard order."""
+class _ShardSum(Observer):
+    """Float64 sums kept per shard (``shard``) and added into ``acc`` when the shard ends, in shard order, so
+    merging shard-aligned splits equals one pass.  Subclasses add into ``shard`` and set ``open``."""
 
-    name = "mean_abs_channel"
     exact_merge = False
 
-    def __init__(self, cfg: ObserverConfig, channels: int) -> None:
-        super().__init__(cfg, channels)
-        self.acc = np.zeros(channels, dtype=np.float64)
-        self.shard = np.zeros(channels, dtype=np.float64)
+    def _init_sums(self, shape: int | tuple[int, ...]) -> None:
+        self.acc = np.zeros(shape, dtype=np.float64)
+        self.shard = np.zeros(shape, dtype=np.float64)
         self.open = False
-        self.rows = 0
-
-    def update(self, b: BatchView) -> None:
-        self.shard += b.absx.sum(axis=0, dtype=np.float64)
-        self.open = True
-        self.rows += b.rows
 
     def end_shard(self) -> None:
         if self.open:
@@ -318,12 +310,33 @@ class MeanAbsChannelObserver(Observer):
             self.shard[:] = 0.0
             self.open = False
 
-    def merge(self, other: Observer) -> None:
-        self._check(other)
-        assert isinstance(other, MeanAbsChannelObserver)
+    def _merge_sums(self, other: _ShardSum) -> None:
+        """Close both shards and add ``other``'s total (the caller has checked ``other``'s type)."""
         self.end_shard()
         other.end_shard()
         self.acc += other.acc
+
+
+@_register
+class MeanAbsChannelObserver(_ShardSum):
+    """Σ_t |x[t, c]| in float64: per shard (``shard``), shard sums added into ``acc`` in shard order."""
+
+    name = "mean_abs_channel"
+
+    def __init__(self, cfg: ObserverConfig, channels: int) -> None:
+        super().__init__(cfg, channels)
+        self._init_sums(channels)
+        self.rows = 0
+
+    def update(self, b: BatchView) -> None:
+        self.shard += b.absx.sum(axis=0, dtype=np.float64)
+        self.open = True
+        self.rows += b.rows
+
+    def merge(self, other: Observer) -> None:
+        self._check(other)
+        assert isinstance(other, MeanAbsChannelObserver)
+        self._merge_sums(other)
         self.rows += other.rows
 
     def state(self) -> dict[str, np.ndarray]:
@@ -411,19 +424,16 @@ class HistogramObserver(Observer):
 
 
 @_register
-class LogHistogramObserver(Observer):
+class LogHistogramObserver(_ShardSum):
     """Per sign and geometric bin of ``|x|``: count (int64, order-free) and ``Σ|x|``, ``Σx²`` (float64, per
     shard, shard sums added in shard order), for :meth:`LogHistogram.static_error` after calibration."""
 
     name = "log_histogram"
-    exact_merge = False
 
     def __init__(self, cfg: ObserverConfig, channels: int) -> None:
         super().__init__(cfg, channels)
         self.count = np.zeros(2 * LOG_BINS, dtype=np.int64)
-        self.acc = np.zeros((2, 2 * LOG_BINS), dtype=np.float64)
-        self.shard = np.zeros((2, 2 * LOG_BINS), dtype=np.float64)
-        self.open = False
+        self._init_sums((2, 2 * LOG_BINS))
 
     def update(self, b: BatchView) -> None:
         x = b.x2.ravel()
@@ -437,19 +447,11 @@ class LogHistogramObserver(Observer):
         self.shard[1] += np.bincount(k, weights=ax * ax, minlength=2 * LOG_BINS)
         self.open = True
 
-    def end_shard(self) -> None:
-        if self.open:
-            self.acc += self.shard
-            self.shard[:] = 0.0
-            self.open = False
-
     def merge(self, other: Observer) -> None:
         self._check(other)
         assert isinstance(other, LogHistogramObserver)
-        self.end_shard()
-        other.end_shard()
+        self._merge_sums(other)
         self.count += other.count
-        self.acc += other.acc
 
     def state(self) -> dict[str, np.ndarray]:
         self.end_shard()
