@@ -106,6 +106,9 @@ WEIGHT_ONLY_OPTIONS = frozenset({"group_size", "sym", "clip", "lm_head", "quanti
 W8A8_OPTIONS = frozenset({"clip", "lm_head"})
 #: Options of the learned-rounding recipes (``round`` pass: iters, lr, samples).
 ROUND_OPTIONS = frozenset({"round_iters", "round_lr", "round_samples"})
+#: What the learned-rounding recipes read: the weight-only options but clip (round learns its own clipping)
+#: and lm_head (their pipelines do not read it), and ROUND_OPTIONS.
+ROUND_RECIPE_OPTIONS = (WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -444,7 +447,7 @@ register_recipe(
         "layer against the layer's float output, signed gradient descent on --calib data), from RTN",
         _calibrated(_round),
         needs_calibration=True,
-        options=(WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS,  # round learns its own clipping
+        options=ROUND_RECIPE_OPTIONS,
         bits=4,
     )
 )
@@ -455,7 +458,7 @@ register_recipe(
         "(--calib data)",
         _calibrated(lambda o: f"rotate,{_round(o)}"),
         needs_calibration=True,
-        options=(WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS,
+        options=ROUND_RECIPE_OPTIONS,
         bits=4,
     )
 )
@@ -466,7 +469,7 @@ register_recipe(
         "int4 weights: GPTQ per decoder layer, then learned rounding around GPTQ's codes (--calib data)",
         _calibrated(lambda o: _round(o, "gptq")),
         needs_calibration=True,
-        options=(WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS,
+        options=ROUND_RECIPE_OPTIONS,
         bits=4,
     )
 )
@@ -477,7 +480,7 @@ register_recipe(
         "rounding around its codes per decoder layer (--calib data)",
         _calibrated(lambda o: f"rotate,{_round(o, 'gptq')}"),
         needs_calibration=True,
-        options=(WEIGHT_ONLY_OPTIONS - {"clip", "lm_head"}) | ROUND_OPTIONS,
+        options=ROUND_RECIPE_OPTIONS,
         bits=4,
     )
 )
