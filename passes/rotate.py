@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -374,6 +375,30 @@ def _weight64(node: ir.Node) -> tuple[np.ndarray, bool]:
     return (arr.T if transposed else arr), transposed
 
 
+def _insert_online(graph: ir.Graph, nodes: list[ir.Node], make_h: Callable[[int], np.ndarray],
+                   shared: dict[tuple[int, Any], ir.Value], kind: str) -> None:
+    """An online transform in front of ``nodes`` (linears reading the same ``x``): ``x·H`` as a constant MatMul
+    marked :data:`ROTATION_MARK`, and ``Hᵀ`` folded into each weight, ``(x·H)·(Hᵀ·W) = x·W``.  ``H =
+    make_h(K)``; one initializer ``rotate_{kind}_hadamard_{K}`` per size and dtype, kept in ``shared``."""
+    first = _weight64(nodes[0])
+    d = first[0].shape[0]
+    h = make_h(d)
+    x = nodes[0].inputs[0]
+    dtype = linear_weight(nodes[0])[0].const_value.numpy().dtype  # type: ignore[index,union-attr]
+    key = (d, np.dtype(dtype).str)
+    if key not in shared:
+        shared[key] = add_initializer(graph, f"rotate_{kind}_hadamard_{d}", h.astype(dtype))
+    mm = ir.node("MatMul", [x, shared[key]], name=f"{nodes[0].name}_{kind}_rotation")
+    mm.metadata_props[ROTATION_MARK] = "online"
+    mm.outputs[0].name = f"{nodes[0].name}_rotated_input"
+    mm.outputs[0].shape, mm.outputs[0].type = x.shape, x.type  # type: ignore[union-attr]
+    graph.insert_before(nodes[0], mm)
+    for i, node in enumerate(nodes):
+        w, transposed = first if i == 0 else _weight64(node)  # each read after the previous reader's fold
+        node.replace_input_with(0, mm.outputs[0])
+        _set_linear(graph, node, h.T @ w, transposed, f"rotate_{kind}_{_where(node).replace('.', '_')}")
+
+
 def _set_linear(graph: ir.Graph, node: ir.Node, w: np.ndarray, transposed: bool, tag: str) -> None:
     """``node``'s weight ← ``w`` [K, N]; a transposed (tied) weight is untied into its own initializer."""
     old, _ = linear_weight(node)  # type: ignore[misc]
@@ -509,23 +534,7 @@ class Rotate(QCPass):
                 readers.setdefault(id(n.inputs[0]), []).append(n)
         shared: dict[tuple[int, Any], ir.Value] = {}
         for nodes in readers.values():
-            x = nodes[0].inputs[0]
-            w0, _ = _weight64(nodes[0])
-            d = w0.shape[0]
-            dtype = linear_weight(nodes[0])[0].const_value.numpy().dtype  # type: ignore[index,union-attr]
-            h = random_orthogonal(d, cfg.seed + 3, cfg.random)
-            key = (d, np.dtype(dtype).str)
-            if key not in shared:
-                shared[key] = add_initializer(graph, f"rotate_online_in_hadamard_{d}", h.astype(dtype))
-            mm = ir.node("MatMul", [x, shared[key]], name=f"{nodes[0].name}_online_in_rotation")
-            mm.metadata_props[ROTATION_MARK] = "online"
-            mm.outputs[0].name = f"{nodes[0].name}_rotated_input"
-            mm.outputs[0].shape, mm.outputs[0].type = x.shape, x.type  # type: ignore[union-attr]
-            graph.insert_before(nodes[0], mm)
-            for node in nodes:
-                w, transposed = _weight64(node)
-                node.replace_input_with(0, mm.outputs[0])
-                _set_linear(graph, node, h.T @ w, transposed, f"rotate_online_in_{_where(node).replace('.', '_')}")
+            _insert_online(graph, nodes, lambda d: random_orthogonal(d, cfg.seed + 3, cfg.random), shared, "online_in")
         return len(readers)
 
     def _v_o(self, model: ir.Model, cfg: RotateConfig) -> dict[str, Any]:
@@ -576,19 +585,5 @@ class Rotate(QCPass):
                  and linear_weight(n) is not None]
         shared: dict[tuple[int, Any], ir.Value] = {}
         for node in downs:
-            w, transposed = _weight64(node)
-            f = w.shape[0]
-            x = node.inputs[0]
-            dtype = linear_weight(node)[0].const_value.numpy().dtype  # type: ignore[index,union-attr]
-            h = random_orthogonal(f, cfg.seed + 1, cfg.random)
-            key = (f, np.dtype(dtype).str)
-            if key not in shared:
-                shared[key] = add_initializer(graph, f"rotate_online_hadamard_{f}", h.astype(dtype))
-            mm = ir.node("MatMul", [x, shared[key]], name=f"{node.name}_online_rotation")
-            mm.metadata_props[ROTATION_MARK] = "online"
-            mm.outputs[0].name = f"{node.name}_rotated_input"
-            mm.outputs[0].shape, mm.outputs[0].type = x.shape, x.type  # type: ignore[union-attr]
-            graph.insert_before(node, mm)
-            node.replace_input_with(0, mm.outputs[0])
-            _set_linear(graph, node, h.T @ w, transposed, f"rotate_online_{_where(node).replace('.', '_')}")
+            _insert_online(graph, [node], lambda f: random_orthogonal(f, cfg.seed + 1, cfg.random), shared, "online")
         return len(downs)
