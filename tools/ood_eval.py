@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -75,6 +74,17 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _run_child(cmd: list[str], label: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run one compile in a child process: the row's status and command, and on success its wall and CPU seconds."""
+    t0, cpu0 = time.perf_counter(), _children_cpu()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
+    if proc.returncode != 0:
+        return proc, {"status": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
+                      "command": label}
+    return proc, {"status": "ok", "command": label, "compile_s": round(wall, 1), "compile_cpu_s": round(cpu, 1)}
+
+
 #: ``--recipes ort-rtn``: ONNX Runtime's own ``MatMulNBitsQuantizer`` (RTN int4, g128 asymmetric, no calibration)
 #: on the same float graph, for a baseline row next to qcompiler's recipes; it reports its own peak RSS.
 ORT_RTN = "ort-rtn"
@@ -90,19 +100,14 @@ def compile_ort_rtn(model: Path, out: Path, group_size: int = 128) -> dict[str, 
     shutil.rmtree(out, ignore_errors=True)
     child = ORT_CHILD + "\nimport resource\nprint('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     cmd = [sys.executable, "-c", child, str(model), str(out), str(group_size), "0"]
-    t0, cpu0 = time.perf_counter(), _children_cpu()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
-    if proc.returncode != 0:
-        return {"status": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
-                "command": "MatMulNBitsQuantizer"}
+    proc, row = _run_child(cmd, f"MatMulNBitsQuantizer(block_size={group_size}, is_symmetric=False)")
+    if row["status"] != "ok":
+        return row
     for f in model.iterdir():
         if f.is_file() and not f.name.startswith("model.onnx"):
             shutil.copy2(f, out / f.name)
     peak = next((float(x.split()[1]) for x in proc.stdout.splitlines() if x.startswith("PEAK_RSS_MB")), None)
-    return {"status": "ok", "command": f"MatMulNBitsQuantizer(block_size={group_size}, is_symmetric=False)",
-            "compile_s": round(wall, 1), "compile_cpu_s": round(cpu, 1),
-            "peak_rss_mb": round(peak) if peak else None, "kept_float": []}
+    return {**row, "peak_rss_mb": round(peak) if peak else None, "kept_float": []}
 
 
 def compile_row(model: Path, out: Path, recipe: str, target: str, calib: str, extra: list[str],
@@ -116,15 +121,11 @@ def compile_row(model: Path, out: Path, recipe: str, target: str, calib: str, ex
     data = ["--calib", calib] if passes or get_recipe(recipe).needs_calibration else []  # (refused by the others)
     cmd = [sys.executable, "-m", "qcompiler", "quantize", str(model), str(out), *how,
            "--target", target, *data, "--force", *extra]
-    t0, cpu0 = time.perf_counter(), _children_cpu()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
-    if proc.returncode != 0:
-        return {"status": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
-                "command": " ".join(cmd)}
+    _, row = _run_child(cmd, " ".join(cmd))
+    if row["status"] != "ok":
+        return row
     q = json.loads((out / "quantization.json").read_text())
-    return {"status": "ok", "command": " ".join(cmd), "compile_s": round(wall, 1), "compile_cpu_s": round(cpu, 1),
-            "peak_rss_mb": q.get("peak_rss_mb"), "kept_float": q.get("kept_float", [])}
+    return {**row, "peak_rss_mb": q.get("peak_rss_mb"), "kept_float": q.get("kept_float", [])}
 
 
 def main(argv: list[str] | None = None) -> int:
