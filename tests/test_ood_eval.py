@@ -43,3 +43,22 @@ def test_tool_end_to_end(synthetic_nokv_dir, synthetic_text, tmp_path, monkeypat
     assert math.isclose(t["perplexity"], res.perplexity, rel_tol=1e-6)
     assert math.isclose(t["delta_pct"], 100 * (res.perplexity / res.reference_perplexity - 1), rel_tol=1e-6)
     assert "| w8a8-static | cpu |" in (out / "table.md").read_text()
+
+
+def test_ort_rtn_row(synthetic_nokv_dir, tmp_path) -> None:
+    """``--recipes ort-rtn``: ONNX Runtime's MatMulNBitsQuantizer in a child that reports its own peak RSS; the
+    row's model is the quantizer's (MatMulNBits), evaluated like the others."""
+    from qcompiler.irutil import load_model, op_types
+
+    folder, _ = synthetic_nokv_dir
+    other = tmp_path / "other.txt"
+    other.write_bytes(bytes(np.random.default_rng(3).integers(32, 127, 3000).astype(np.uint8)))
+    out = tmp_path / "ood"
+    assert ood_eval.main([str(folder), "--out", str(out), "--recipes", "ort-rtn", "--targets", "cpu",
+                          "--text", f"bytes={other}", "--tokens", "128", "--seq-len", "64"]) == 0
+    row = json.loads((out / "rows.json").read_text())["rows"][0]
+    assert row["status"] == "ok" and row["command"].startswith("MatMulNBitsQuantizer(block_size=128")
+    assert row["compile_s"] > 0 and row["peak_rss_mb"] > 0 and row["texts"]["bytes"]["perplexity"] > 0
+    model_dir = out / "models" / "ort-rtn-cpu"
+    assert op_types(load_model(model_dir / "model.onnx"))["com.microsoft.MatMulNBits"] > 0
+    assert (model_dir / "config.json").is_file()  # the model's other files come along
