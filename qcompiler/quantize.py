@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections import Counter
@@ -41,7 +40,14 @@ from qcompiler.floattype import file_float_type
 from qcompiler.irutil import SpillStore, attach_spill, load_model, save_model, unknown_ops
 from qcompiler.memory import peak_rss_mb
 from qcompiler.option_use import applied_options
-from qcompiler.pipeline import PassContext, get_pass, parse_pipeline, pipeline_text, run_passes
+from qcompiler.pipeline import (
+    PassContext,
+    get_pass,
+    parse_pipeline,
+    pipeline_text,
+    run_passes,
+    split_pipeline,
+)
 from qcompiler.quant.intgemm import integer_gemms, saturation_problem
 from qcompiler.recipes import QuantizeOptions, get_recipe
 from qcompiler.targets import check_target, lowering_pipeline
@@ -82,7 +88,7 @@ def build_pipeline_text(recipe: str | None, passes: str | None, options: Quantiz
     if options.rotate:
         if not recipe:
             raise OptionError("--rotate goes with --recipe; with --passes, write rotate{...} in the pipeline")
-        if re.search(r"(^|,)\s*rotate\b", text):
+        if any(name == ROTATE_STEP for name, _ in split_pipeline(text)):
             raise OptionError(f"--rotate: recipe '{recipe}' rotates already (its pipeline: {text})")
         text = _after_canonicalize(text, ROTATE_STEP)  # before keep-fp32: the guard sees the rotated values
     if lower:
