@@ -9,6 +9,17 @@ o_proj ``o[B, S, N·H]``::
     P  = softmax(α_q q₄ · (α_k repeat(k₄))ᵀ · α_s + bias)      [NaN → 0 optional]
     o  = Reshape(Transpose₀₂₁₃(P · repeat(v₄)), [B, S, N·H])
 
+Soft-capped scores (Gemma 2's ``attn_logit_softcapping``), before the mask::
+
+    P  = softmax(c · tanh(α_t · α_q q₄ · (α_k repeat(k₄))ᵀ) + bias)
+
+in whatever order the scalars are written (eager attention: ``Mul(Tanh(Div(Mul(q·kᵀ, α), c)), c)``)
+is GroupQueryAttention's ``softcap·tanh(scale·q·kᵀ/softcap)`` with ``softcap = c`` (the
+product of the scalars outside the ``tanh``, > 0) and ``scale = c·α_t·α_q·α_k`` (those inside,
+times ``c``): any ``c`` outside and ``α`` inside are this form, equal or not.  ONNX Runtime
+1.32's CPU kernel caps before it adds ``attention_bias``, as the graph does.  A ``tanh`` of
+anything but scalars times ``q·kᵀ`` (an offset, the mask, a tensor factor inside) is no match.
+
 q/k norms (Qwen3, OLMo2's per-projection norm is outside the block, Gemma3) — an RMSNorm
 over ``H`` on ``q₄``/``k₄`` before or after the transpose, identity casts around it —
 are part of the match (``q_norm``/``k_norm``): the fused form applies them to
@@ -46,6 +57,7 @@ class AttentionMatch:
     head_size: int
     scale: float
     bias: ir.Value | None  # additive mask, broadcast to [B, N, S, T]
+    softcap: float = 0.0  # c of c·tanh(scale·q·kᵀ/c) before the mask; 0: none
     past_k: ir.Value | None = None
     past_v: ir.Value | None = None
     present_k: ir.Value | None = None
@@ -145,6 +157,23 @@ def _peel_scale(v: ir.Value, m: AttentionMatch) -> tuple[ir.Value, float]:
             break
         m.nodes.append(node)
     return v, factor
+
+
+def _peel_scores(v: ir.Value, m: AttentionMatch) -> tuple[ir.Value, float]:
+    """Strip the scalars and an optional soft-cap ``c·tanh(α·x)`` from the scores: (x, scale);
+    a soft-cap sets ``m.softcap = c`` and its scale is ``c·α`` (GQA's ``softcap``/``scale``)."""
+    v, outer = _peel_scale(v, m)
+    tanh = v.producer()
+    if tanh is None or tanh.op_type != "Tanh" or tanh.domain != "":
+        return v, outer
+    _need(outer > 0, "soft-cap factor outside tanh is positive")
+    m.nodes.append(tanh)
+    m.tags[id(v)] = ("B", "N", "S", "T")
+    inner, alpha = _peel_scale(tanh.inputs[0], m)  # type: ignore[arg-type]
+    p = inner.producer()
+    _need(p is not None and p.op_type == "MatMul" and p.domain == "", "soft-cap: tanh of scalars times q·kᵀ")
+    m.softcap = outer
+    return inner, outer * alpha
 
 
 def _last_dim(v: ir.Value) -> int | None:
@@ -382,6 +411,11 @@ def _match(softmax: ir.Node) -> AttentionMatch:
     m.nodes.append(softmax)
     probs = softmax.outputs[0]
     m.tags[id(probs)] = ("B", "N", "S", "T")
+    while len(probs.uses()) == 1 and _identity_cast(next(iter(probs.uses())).node):  # eager fp32: softmax(·, dtype)
+        cast = next(iter(probs.uses())).node
+        m.nodes.append(cast)
+        probs = cast.outputs[0]
+        m.tags[id(probs)] = ("B", "N", "S", "T")
     users = [u.node for u in probs.uses()]
     isnan = next((u for u in users if u.op_type == "IsNaN"), None)
     if isnan is not None:  # softmax of a fully masked row is NaN → 0
@@ -397,15 +431,21 @@ def _match(softmax: ir.Node) -> AttentionMatch:
     bias = None
     add = scores.producer() if scores is not None else None
     if add is not None and add.op_type == "Add" and add.domain == "":
+        why = "scores + mask"
         for i in (0, 1):
-            inner, _ = _peel_scale(add.inputs[i], AttentionMatch(softmax, probs, *(None,) * 3, 0, 0, 0, 1.0, None))  # type: ignore[arg-type]
+            scratch = AttentionMatch(softmax, probs, *(None,) * 3, 0, 0, 0, 1.0, None)  # type: ignore[arg-type]
+            try:
+                inner, _ = _peel_scores(add.inputs[i], scratch)  # type: ignore[arg-type]
+            except _NoMatch as e:  # a tanh that is no soft-cap: say so
+                why = f"scores + mask: {e}"
+                continue
             p = inner.producer()
             if p is not None and p.op_type == "MatMul" and p.domain == "":
                 bias, scores = add.inputs[1 - i], add.inputs[i]
                 m.nodes.append(add)
                 break
-        _need(bias is not None, "scores + mask")
-    scores, s_factor = _peel_scale(scores, m)  # type: ignore[arg-type]
+        _need(bias is not None, why)
+    scores, s_factor = _peel_scores(scores, m)  # type: ignore[arg-type]
     qk = _prod(scores, "MatMul")
     m.nodes.append(qk)
     m.tags[id(qk.outputs[0])] = ("B", "N", "S", "T")

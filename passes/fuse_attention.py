@@ -5,6 +5,11 @@ With the block matched by :func:`qcompiler.models.attention.match_attention`::
     o = softmax(α·q₄·repeat(k₄)ᵀ + bias)·repeat(v₄)   ≡   GroupQueryAttention(q, k, v, past_k, past_v;
                                                              scale=α, causal=0, attention_bias=bias)
 
+    softmax(c·tanh(α'·q₄·repeat(k₄)ᵀ) + bias)   ≡   the same with softcap=c, scale=c·α'   (c > 0)
+
+(soft-capped scores, Gemma 2: GQA computes ``softcap·tanh(scale·q·kᵀ/softcap)`` and adds
+``attention_bias`` after it, as the graph does — checked on ONNX Runtime 1.32's CPU kernel).
+
 GQA's head grouping (query head ``n`` reads kv head ``n // R``) is repeat-kv's; it
 appends the new k/v to the past along the sequence axis like the graph's Concat and
 returns the result as ``present_k/v``, so the model keeps its interface
@@ -255,12 +260,13 @@ class FuseAttention(QCPass):
                   num_heads=m.kv_heads, interleaved=0).outputs[0]
         bias = _finite_bias(b, m, lens, shared)
         cached = m.past_k is not None
+        capped = {"softcap": float(m.softcap)} if m.softcap else {}
         gqa = b(
             "GroupQueryAttention",
             [q, k, m.v, m.past_k, m.past_v, lens["seqlens_k"], lens["total"], None, None, None, bias],
             "GroupQueryAttention", domain=MS_DOMAIN, n_out=3,
             out_names=["attn", "present_key" if cached else None, "present_value" if cached else None],
-            num_heads=m.heads, kv_num_heads=m.kv_heads, scale=float(m.scale), causal=0,
+            num_heads=m.heads, kv_num_heads=m.kv_heads, scale=float(m.scale), causal=0, **capped,
         )
         # trailing omitted optional inputs are dropped
         while gqa.inputs and gqa.inputs[-1] is None:

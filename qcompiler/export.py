@@ -32,6 +32,12 @@ from qcompiler.irutil import load_model, save_model
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
+
+#: config fields that only transformers' *eager* attention applies: its SDPA path (the default
+#: trace at fp32) ignores them, so a model whose config sets one is exported with eager attention
+#: at every dtype.  ``attn_logit_softcapping`` (Gemma 2, and Gemma 3 / VaultGemma configs where set)
+#: is ``scores ← c·tanh(scores/c)`` before the mask, which SDPA has no argument for.
+EAGER_ONLY_CONFIG_FIELDS: tuple[str, ...] = ("attn_logit_softcapping",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -166,7 +172,7 @@ def load_hf_model(src: ModelSource, trust_remote_code: bool = False, dtype: str 
         try:
             tok = AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(src.path, local_files_only=True, **model_kwargs, **kwargs)
-            return _to_dtype(model, want), tok
+            return _eager_if_needed(_to_dtype(model, want)), tok
         except OSError:
             if not _hub_reachable():
                 raise InputError(
@@ -180,7 +186,23 @@ def load_hf_model(src: ModelSource, trust_remote_code: bool = False, dtype: str 
         what = Path(src.path) / src.gguf_file if src.gguf_file else src.path
         raise InputError(f"transformers cannot load {what}: {' '.join(str(e).split())}") from None  # one line
     model.eval()
-    return _to_dtype(model, want), tok
+    return _eager_if_needed(_to_dtype(model, want)), tok
+
+
+def needs_eager_attention(config) -> list[str]:
+    """The fields of :data:`EAGER_ONLY_CONFIG_FIELDS` that ``config`` (its text config) sets."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [f for f in EAGER_ONLY_CONFIG_FIELDS if getattr(text, f, None) is not None]
+
+
+def _eager_if_needed(model):
+    """``model`` switched to eager attention when its config sets a field SDPA would drop."""
+    fields = needs_eager_attention(model.config)
+    if fields and getattr(model.config, "_attn_implementation", "eager") != "eager":
+        log.info("exporting with eager attention: the config sets %s, which SDPA attention ignores",
+                 ", ".join(fields))
+        model.set_attn_implementation("eager")
+    return model
 
 
 def _to_dtype(model, want):

@@ -23,7 +23,9 @@ def cache_root() -> Path:
 
 
 def tiny_export(model_type: str, root: Path | None = None) -> Path:
-    """The cached tiny ``model_type`` export's base folder (``hf/`` and ``onnx/`` inside), built if missing."""
+    """The cached tiny ``model_type`` export's base folder (``hf/`` and ``onnx/`` inside), built if missing.
+
+    ``model_type`` may also name a variant (:data:`qcompiler.families.tiny.TINY_VARIANTS`)."""
     import transformers
 
     import qcompiler.export as exp

@@ -45,13 +45,32 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: variant name → (model_type, kwargs over its :data:`TINY_CONFIGS` entry): a family feature the
+#: default tiny config leaves inert.  ``gemma2-softcap``: attention and logit soft-caps small and
+#: scores large (``query_pre_attn_scalar`` 0.05 → scale √20) so that both caps change the logits,
+#: and a sliding window (4, layer 0) shorter than the test windows.
+TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma2-softcap": ("gemma2", {"attn_logit_softcapping": 1.0, "final_logit_softcapping": 2.0,
+                                  "query_pre_attn_scalar": 0.05, "sliding_window": 4}),
+}
+
+
+def tiny_config(name: str) -> tuple[str, dict[str, Any]]:
+    """(model_type, ``AutoConfig.for_model`` kwargs) of a family in :data:`TINY_CONFIGS` or a :data:`TINY_VARIANTS` name."""
+    if name in TINY_VARIANTS:
+        model_type, over = TINY_VARIANTS[name]
+        return model_type, {**TINY_CONFIGS[model_type], **over}
+    return name, TINY_CONFIGS[name]
+
+
 def build_tiny(model_type: str, folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Save a seeded random ``model_type`` model with :data:`TINY_CONFIGS` into ``folder``."""
+    """Save a seeded random ``model_type`` model (a family or a :data:`TINY_VARIANTS` name) into ``folder``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    model_type, kwargs = tiny_config(model_type)
+    cfg = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     model.eval()
     out = Path(folder)
