@@ -64,6 +64,21 @@ def test_float_graph_fused_with_softcap(tmp_path: Path) -> None:
     _assert_same(runner(_float_graph(), tmp_path / "ref"), runner(fused, tmp_path / "fused"))
 
 
+def test_fp16_graph_fused_with_softcap(tmp_path: Path) -> None:
+    """The fp16 export (eager attention as before; its ``α`` an fp16 constant) fuses the same way; the
+    fused graph's logits stay within fp16 rounding of the unfused graph's and of fp32 transformers'."""
+    from qcompiler.export import export
+
+    base = family_export(VARIANT)
+    export(str(base / "hf"), tmp_path / "fp16", dtype="fp16")
+    plain = load_model(tmp_path / "fp16" / "model.onnx")
+    fused = run(load_model(tmp_path / "fp16" / "model.onnx"), ALL_FUSIONS)
+    _check_gqa(_gqa_attrs(fused), scale=float(np.float16(SCALE)))
+    ref, test = runner(plain, tmp_path / "ref"), runner(fused, tmp_path / "fused")
+    _assert_same(ref, test, tol=2e-3)
+    assert rel_err(runner(_float_graph(), tmp_path / "fp32").logits(IDS), test.logits(IDS)) < 3e-3
+
+
 @pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8-dynamic"])
 def test_recipe_fused_with_softcap(recipe: str, tmp_path: Path) -> None:
     from qcompiler.quantize import quantize
