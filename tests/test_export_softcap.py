@@ -40,6 +40,8 @@ def test_softcapped_export_equals_eager_not_sdpa() -> None:
     # the final logit soft-cap is in the graph too: without it transformers' logits differ
     uncapped = _hf_logits(base / "hf", "eager", final_logit_softcapping=None)
     assert np.abs(uncapped - eager).max() > 1e-2
+    # the sliding window (layer 0) is shorter than the window and matters: the fused tests see it
+    assert np.abs(_hf_logits(base / "hf", "eager", sliding_window=len(IDS)) - eager).max() > 1e-3
     # and so is the attention cap of the cached (decode) path
     through = open_runner(base / "onnx", threads=1).logits_through_cache(IDS, prefill=5)
     assert np.abs(through - eager).max() < 1e-4
