@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -25,6 +25,9 @@ from qcompiler.models.llama import Dim, dims, int_value, same_dim
 
 from qcompiler.irutil import add_initializer, ensure_opset, remove_unused_initializers, unique_name
 from qcompiler.pipeline import QCPass
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["dims", "int_value", "same_dim"]  # re-exported for the fuse-* passes
 
@@ -223,9 +226,23 @@ def _merge_repeats(graph: object) -> dict[str, str]:
     return {o: r for o, r in aliases.items() if o not in small.values()}
 
 
+def _inline_external(proto: onnx.ModelProto, model: ir.Model) -> None:
+    """The small initializers ``call_onnx_api`` serializes keep their external-data reference, which the
+    symbolic tool resolves against the working directory (not the model's folder) and fails on ("should be
+    stored in model.onnx_data, but it is not regular file"): shape inference then fell back to ONNX's,
+    and a model quantized from another directory lost its attention and rotary fusions.  They are read
+    from the IR model (which knows its folder) into the proto instead."""
+    from onnx import TensorProto, numpy_helper
+
+    for t in proto.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            value = model.graph.initializers[t.name].const_value
+            if value is not None:
+                t.CopyFrom(numpy_helper.from_array(value.numpy(), t.name))
+
+
 def _ort_symbolic_inference(model: ir.Model) -> str:
     """Symbolic inference: "complete", "partial" (it stopped early; what it found is kept) or "failed"."""
-    import onnx
 
     base = _symbolic_shape_inference_class()
     if base is None:
@@ -239,6 +256,7 @@ def _ort_symbolic_inference(model: ir.Model) -> str:
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         # the tool's own infer_shapes, minus the scratch file it saves when incomplete
+        _inline_external(proto, model)
         constants.update(_constants_as_initializers(proto.graph))
         aliases = _merge_repeats(proto.graph)
         ssi = inference(2**31 - 1, True, False, 0)
