@@ -105,6 +105,8 @@ class Row:
     nodes: int = 0
     tokens: list[int] = field(default_factory=list)
     loop: tuple | None = None  # --warm: the row's session (and feeds) kept over the repeats
+    decode_runs: list[float] = field(default_factory=list)  # every repeat's decode seconds (paired ratios)
+    prefill_runs: list[float] = field(default_factory=list)
 
 
 def default_text() -> Path:
@@ -348,6 +350,8 @@ def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool =
         past_len += 1
         tokens.append(int(np.argmax(outs[0][0, -1])))
     c2, t2 = time.process_time(), time.perf_counter()
+    row.prefill_runs.append(t1 - t0)
+    row.decode_runs.append(t2 - t1)
     row.prefill_s, row.decode_s = min(row.prefill_s, t1 - t0), min(row.decode_s, t2 - t1)
     row.prefill_cpu, row.decode_cpu = min(row.prefill_cpu, c1 - c0), min(row.decode_cpu, c2 - c1)
     row.tokens = tokens
@@ -390,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild", action="store_true", help="rebuild cached models")
     ap.add_argument("--no-spin", action="store_true",
                     help="no spin-waiting threads: the CPU-time columns then measure work, not waiting")
+    ap.add_argument("--baseline", default="genai-int4", help="row the others' paired speed ratios are taken against")
     ap.add_argument("--warm", action="store_true",
                     help="one session per row over all repeats (a server's warmed memory arena), instead of a new "
                     "session per repeat")
@@ -454,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
           "| tokens | perplexity |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     by_name = {r.name: r for r in rows}
+    base = by_name.get(args.baseline)
     for r in rows:
         if r.path is None:
             print(f"| {r.name} | {r.note} | – | – | – | – | – | – | – | – |")
@@ -464,6 +470,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r.name} | {r.note} | {len(prompt) / r.prefill_s:.1f} | {args.decode / r.decode_s:.1f} | "
               f"{len(prompt) / r.prefill_cpu:.1f} | {args.decode / r.decode_cpu:.1f} | "
               f"{r.nodes} | {r.nodes / layers:.1f} | {same} | {f'{ppl[r.name]:.4f}' if r.name in ppl else ''} |")
+    if base is not None and base.decode_runs and args.repeats > 1:
+        # rows ran round-robin: repeat i of every row saw (nearly) the same machine, so the ratio of the two
+        # rows' times in the same repeat cancels slow phases of a shared or virtual machine
+        print(f"\nspeed vs {base.name}, repeat by repeat (median and range of the {args.repeats} paired ratios):\n")
+        print("| model | decode × | decode range | prefill × | prefill range |\n|---|---|---|---|---|")
+        for r in live:
+            if r is base:
+                continue
+            dec = np.array(base.decode_runs) / np.array(r.decode_runs)
+            pre = np.array(base.prefill_runs) / np.array(r.prefill_runs)
+            print(f"| {r.name} | {np.median(dec):.3f} | {dec.min():.2f}–{dec.max():.2f} | {np.median(pre):.3f} | "
+                  f"{pre.min():.2f}–{pre.max():.2f} |")
     if ppl and not args.ppl_all:
         print("\n| reference | fused | perplexity ref | perplexity fused | Δ% |\n|---|---|---|---|---|")
         for a, b in PPL_PAIRS:
@@ -473,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "threads": args.threads, "prefill_tokens": len(prompt), "decode_steps": args.decode,
             "repeats": args.repeats, "load_average": [load0, load1], "perplexity": ppl,
-            "rows": [{"name": r.name, "note": r.note, "nodes": r.nodes,
+            "rows": [{"name": r.name, "note": r.note, "nodes": r.nodes, "decode_runs_s": r.decode_runs,
+                      "prefill_runs_s": r.prefill_runs,
                       "prefill_tok_s": None if r.path is None else len(prompt) / r.prefill_s,
                       "decode_tok_s": None if r.path is None else args.decode / r.decode_s,
                       "prefill_tok_cpu_s": None if r.path is None else len(prompt) / r.prefill_cpu,
