@@ -195,22 +195,20 @@ register_recipe(
 )
 def _fast(o: QuantizeOptions) -> str:
     """The accurate-and-fast int4 for ONNX Runtime CPU (issue 24, docs/fusion.md): the decoder RTN int4
-    (``--group-size``, default 128, fitted per linear to the largest power-of-two group dividing K: ``fit_k``,
-    so MatMulNBits pads no block and K = 576 gets g64), the tied embedding / lm_head table int4 g32 with the
-    lm_head's codes chosen by GPTQ on the final norm's output (``--calib``), the lookup keeping RTN codes; on
-    cpu, MatMulNBits at accuracy level 4 (int8 activations in the kernel)."""
+    (``--group-size``, default 128), the tied embedding / lm_head table int4 g32 with the lm_head's codes
+    chosen by GPTQ on the final norm's output (``--calib``), the lookup keeping RTN codes; on cpu, MatMulNBits
+    at accuracy level 4 (int8 activations in the kernel)."""
     text = (f"canonicalize,quantize-weights{{bits=4,group_size={o.group_size},sym={o.sym},method=rtn,"
-            f"clip={o.clip},fit_k=True}},quantize-embeddings{{bits=4,group_size=32,sym={o.sym},method=gptq,"
-            "share=False}")
+            f"clip={o.clip}}},quantize-embeddings{{bits=4,group_size=32,sym={o.sym},method=gptq,share=False}}")
     if o.target == "cpu":  # lowered here at level 4 (like w4a16-genai); the target's fusions follow
         text += ",lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}"
     return text
 
 
 register_recipe(
-    Recipe("w4a16-fast", "int4 for fast CPU decode at RTN's accuracy: RTN int4 decoder (groups fitted to K), "
-           "int4 lm_head whose codes GPTQ picks on --calib (the embedding lookup RTN int4), accuracy_level=4 on cpu",
-           _fast, needs_calibration=True, options=frozenset({"group_size", "sym", "clip"}), bits=4)
+    Recipe("w4a16-fast", "int4 for fast CPU decode at RTN's accuracy: RTN int4 decoder, int4 lm_head whose codes "
+           "GPTQ picks on --calib (the embedding lookup RTN int4), accuracy_level=4 on cpu", _fast,
+           needs_calibration=True, options=frozenset({"group_size", "sym", "clip"}), bits=4)
 )
 register_recipe(
     Recipe("w8a16-rtn", "int8 weights (round to nearest), float activations", _weight_only("rtn", 8),

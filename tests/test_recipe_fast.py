@@ -1,5 +1,4 @@
-"""w4a16-fast: RTN int4 decoder (groups fitted to K), int4 lm_head by GPTQ on the calibration text, level-4
-MatMulNBits on cpu."""
+"""w4a16-fast: RTN int4 decoder, int4 lm_head by GPTQ on the calibration text, level-4 MatMulNBits on cpu."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ def test_pipeline_text() -> None:
     r = get_recipe("w4a16-fast")
     assert r.needs_calibration and r.bits == 4
     cpu = r.build(QuantizeOptions(group_size=64))
-    assert "quantize-weights{bits=4,group_size=64,sym=False,method=rtn,clip=minmax,fit_k=True}" in cpu
+    assert "quantize-weights{bits=4,group_size=64" in cpu and "fit_k" not in cpu
     assert "quantize-embeddings{bits=4,group_size=32,sym=False,method=gptq,share=False}" in cpu
     assert cpu.endswith("lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}")
     assert "lower-" not in r.build(QuantizeOptions(target="npu"))  # npu: the portable form
