@@ -40,13 +40,13 @@ WEIGHT_ONLY_TARGET_OPTIONS: dict[str, frozenset[str]] = {"cpu": frozenset({"accu
 #: Every option this table knows; an option added to QuantizeOptions later and not classified
 #: here is let through (treated as read) until it is.
 CLASSIFIED = (frozenset({"target", "bits"}) | CALIB_OPTIONS | WEIGHT_ONLY_OPTIONS
-              | frozenset({"alpha", "budget", "max_size_mb", "sensitivity", "gqa_rotary"}) | ROUND_OPTIONS
+              | frozenset({"alpha", "budget", "max_size_mb", "sensitivity"}) | ROUND_OPTIONS
               | frozenset().union(*TARGET_OPTIONS.values()))
 #: Options read by quantize-kv-cache (``--kv-cache int8|int4``, cpu/cuda lowering), which calibrates:
 #: with a quantized cache the calibration options are read whatever the recipe (issue 17).
 KV_CACHE_OPTIONS = frozenset({"kv_granularity", "kv_clip"})
 CLASSIFIED = CLASSIFIED | KV_CACHE_OPTIONS
-_FLAGS = {"max_size_mb": "--max-size", "fuse": "--no-fuse", "sym": "--sym/--asym", "gqa_rotary": "--no-gqa-rotary"}
+_FLAGS = {"max_size_mb": "--max-size", "fuse": "--no-fuse", "sym": "--sym/--asym"}
 
 
 def flag(name: str) -> str:

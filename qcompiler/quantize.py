@@ -93,8 +93,6 @@ def build_pipeline_text(recipe: str | None, passes: str | None, options: Quantiz
         text = _after_canonicalize(text, ROTATE_STEP)  # before keep-fp32: the guard sees the rotated values
     if lower:
         tail = lowering_pipeline(options.target, options)
-        if recipe and get_recipe(recipe).tail is not None:  # the recipe's rewrites of the lowered graph
-            tail = ",".join(filter(None, (tail, get_recipe(recipe).tail(options))))  # type: ignore[misc]
         if tail:
             text = f"{text},{tail}"
     return text

@@ -46,9 +46,6 @@ class QuantizeOptions:
     round_lr: float | None = None
     round_samples: int | None = None
     fuse: bool = True  # cpu/cuda: fuse norms, rotary, attention, packed linears (issue 11)
-    # w4a16-fast on cpu: GroupQueryAttention applies the rotary itself (fuse-gqa-rotary; positions contiguous
-    # within a call, docs/fusion.md); --no-gqa-rotary keeps RotaryEmbedding per token (issue 24)
-    gqa_rotary: bool = True
     rotate: bool = False  # --rotate: the rotate pass (residual stream) after the recipe's canonicalize (issue 22)
     allow_partial: bool = False  # write a model whose unsupported decoder linears stay float (issue 23)
     # CPUs the model must be exact on: "any" (u8×u8 integer GEMMs) or "vnni" (u8×s8, VNNI/AMX/ARM only);
@@ -127,8 +124,6 @@ class Recipe:
     needs_calibration: bool = False
     options: frozenset[str] | None = None  # None: not declared (every option passes)
     bits: int | None = None
-    #: passes after the target's lowering (rewrites of the lowered, fused graph); ``""`` for none
-    tail: Callable[[QuantizeOptions], str] | None = None
 
 
 _RECIPES: dict[str, Recipe] = {}
@@ -202,8 +197,7 @@ def _fast(o: QuantizeOptions) -> str:
     """The accurate-and-fast int4 for ONNX Runtime CPU (issue 24, docs/fusion.md): the decoder RTN int4
     (``--group-size``, default 128), the tied embedding / lm_head table int4 g32 with the lm_head's codes
     chosen by GPTQ on the final norm's output (``--calib``), the lookup keeping RTN codes; on cpu, MatMulNBits
-    at accuracy level 4 (int8 activations in the kernel) and, after the target's fusions, the rotary inside
-    GroupQueryAttention (:func:`_fast_tail`)."""
+    at accuracy level 4 (int8 activations in the kernel)."""
     text = (f"canonicalize,quantize-weights{{bits=4,group_size={o.group_size},sym={o.sym},method=rtn,"
             f"clip={o.clip}}},quantize-embeddings{{bits=4,group_size=32,sym={o.sym},method=gptq,share=False}}")
     if o.target == "cpu":  # lowered here at level 4 (like w4a16-genai); the target's fusions follow
@@ -211,19 +205,10 @@ def _fast(o: QuantizeOptions) -> str:
     return text
 
 
-def _fast_tail(o: QuantizeOptions) -> str:
-    """On cpu (with the fusions): q|k|v packed straight into GroupQueryAttention, which applies the rotary
-    itself (``do_rotary=1``, genai's form: 3 nodes fewer per layer).  ONNX Runtime's kernel rotates the tokens
-    of one call by ``position_ids[b, 0] + i``: exact for generation (each call's positions contiguous);
-    ``--no-gqa-rotary`` keeps one RotaryEmbedding per token position (docs/fusion.md)."""
-    return "fuse-gqa-rotary" if o.target == "cpu" and o.fuse and o.gqa_rotary else ""
-
-
 register_recipe(
     Recipe("w4a16-fast", "int4 for fast CPU decode at RTN's accuracy: RTN int4 decoder, int4 lm_head whose codes "
-           "GPTQ picks on --calib (the embedding lookup RTN int4), accuracy_level=4 and the rotary inside "
-           "GroupQueryAttention on cpu", _fast, needs_calibration=True,
-           options=frozenset({"group_size", "sym", "clip", "gqa_rotary"}), bits=4, tail=_fast_tail)
+           "GPTQ picks on --calib (the embedding lookup RTN int4), accuracy_level=4 on cpu", _fast,
+           needs_calibration=True, options=frozenset({"group_size", "sym", "clip"}), bits=4)
 )
 register_recipe(
     Recipe("w8a16-rtn", "int8 weights (round to nearest), float activations", _weight_only("rtn", 8),

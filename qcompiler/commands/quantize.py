@@ -41,9 +41,6 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-shapes", type=int, default=None, metavar="SEQ_LEN", help="npu: fix sequence length")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
                    help="cpu/cuda: skip the fusion passes (RMSNorm, rotary, attention, packed linears)")
-    p.add_argument("--no-gqa-rotary", dest="gqa_rotary", action="store_false", default=None,
-                   help="w4a16-fast on cpu: keep one RotaryEmbedding per token position instead of GroupQueryAttention's "
-                   "own rotary (which assumes each call's positions contiguous; docs/fusion.md)")
     p.add_argument("--rotate", action="store_true", default=None,
                    help="rotate the residual stream (randomized Hadamard, norms folded: exact in float) before the "
                    "recipe's passes; for recipes that do not rotate already (docs/rotation.md)")
