@@ -357,6 +357,16 @@ def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool =
     row.tokens = tokens
 
 
+def paired_speedup(base_s: list[float], row_s: list[float]) -> tuple[float, float, float]:
+    """Speed of a row against the baseline row, repeat by repeat: (median, min, max) of ``base_s[i] / row_s[i]``.
+    Rows run round-robin, so repeat ``i`` of both saw nearly the same machine; the per-repeat ratio cancels the
+    slow and fast phases of a shared or virtual machine that best-of times of each row pick independently."""
+    if len(base_s) != len(row_s) or not base_s:
+        raise ValueError(f"paired speedup needs as many repeats of both rows ({len(base_s)} vs {len(row_s)})")
+    ratios = np.asarray(base_s, np.float64) / np.asarray(row_s, np.float64)
+    return float(np.median(ratios)), float(ratios.min()), float(ratios.max())
+
+
 def perplexity(path: Path, ids: np.ndarray, window: int, threads: int) -> float:
     """Perplexity over non-overlapping ``window``-token windows (each from an empty cache), through the same
     session and feeds as the speed loop: every row, genai's folder included, is scored the same way."""
@@ -478,10 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in live:
             if r is base:
                 continue
-            dec = np.array(base.decode_runs) / np.array(r.decode_runs)
-            pre = np.array(base.prefill_runs) / np.array(r.prefill_runs)
-            print(f"| {r.name} | {np.median(dec):.3f} | {dec.min():.2f}–{dec.max():.2f} | {np.median(pre):.3f} | "
-                  f"{pre.min():.2f}–{pre.max():.2f} |")
+            dec, dlo, dhi = paired_speedup(base.decode_runs, r.decode_runs)
+            pre, plo, phi = paired_speedup(base.prefill_runs, r.prefill_runs)
+            print(f"| {r.name} | {dec:.3f} | {dlo:.2f}–{dhi:.2f} | {pre:.3f} | {plo:.2f}–{phi:.2f} |")
     if ppl and not args.ppl_all:
         print("\n| reference | fused | perplexity ref | perplexity fused | Δ% |\n|---|---|---|---|---|")
         for a, b in PPL_PAIRS:
