@@ -22,6 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qcompiler.artifact import MODEL_FILE, atomic_output_dir, check_output_dir, write_json
 from qcompiler.errors import InputError, OptionError, QCError
@@ -189,13 +190,13 @@ def load_hf_model(src: ModelSource, trust_remote_code: bool = False, dtype: str 
     return _eager_if_needed(_to_dtype(model, want)), tok
 
 
-def needs_eager_attention(config) -> list[str]:
+def needs_eager_attention(config: object) -> list[str]:
     """The fields of :data:`EAGER_ONLY_CONFIG_FIELDS` that ``config`` (its text config) sets."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return [f for f in EAGER_ONLY_CONFIG_FIELDS if getattr(text, f, None) is not None]
 
 
-def _eager_if_needed(model):
+def _eager_if_needed(model: Any) -> Any:
     """``model`` switched to eager attention when its config sets a field SDPA would drop."""
     fields = needs_eager_attention(model.config)
     if fields and getattr(model.config, "_attn_implementation", "eager") != "eager":
