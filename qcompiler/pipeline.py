@@ -231,6 +231,29 @@ def make_config(cls: type[QCPass], options: dict[str, Any]) -> Any:
         raise QCError(f"pass '{cls.name}': {e}") from None
 
 
+def format_value(v: Any) -> str:
+    """An option value as a pipeline text writes it (what :func:`split_pipeline` and ``make_config`` read back):
+    ``none``, an enum's value, a sequence joined by ``:``, anything else as ``str``."""
+    if v is None:
+        return "none"
+    if isinstance(v, enum.Enum):
+        return str(v.value)
+    if isinstance(v, (tuple, list)):
+        return ":".join(format_value(x) for x in v)
+    return str(v)
+
+
+def config_defaults(cls: type[QCPass]) -> dict[str, Any]:
+    """A pass's options with their default values (``default_factory`` ones built)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls.Config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def format_config(config: Any) -> str:
     if not dataclasses.is_dataclass(config):
         return ""
@@ -238,10 +261,7 @@ def format_config(config: Any) -> str:
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
         if v != f.default:
-            v = v.value if isinstance(v, enum.Enum) else v
-            if isinstance(v, (tuple, list)):
-                v = ":".join(str(x) for x in v)
-            items.append(f"{f.name}={v}")
+            items.append(f"{f.name}={format_value(v)}")
     return "{" + ",".join(items) + "}" if items else ""
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,13 +11,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qcompiler.pipeline import available_passes
+    from qcompiler.pipeline import available_passes, config_defaults, format_value
     from qcompiler.recipes import available_recipes
     from qcompiler.targets import TARGETS
 
     print("passes:")
     for name, cls in available_passes().items():
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
+        # written as a pipeline text writes them, so a listed default can be copied into --passes
+        opts = ",".join(f"{k}={format_value(v)}" for k, v in config_defaults(cls).items())
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         print(f"  {name}{{{opts}}}" if opts else f"  {name}")
         if doc:
