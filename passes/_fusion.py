@@ -243,7 +243,6 @@ def _inline_external(proto: onnx.ModelProto, model: ir.Model) -> None:
 
 def _ort_symbolic_inference(model: ir.Model) -> str:
     """Symbolic inference: "complete", "partial" (it stopped early; what it found is kept) or "failed"."""
-
     base = _symbolic_shape_inference_class()
     if base is None:
         return "failed"
