@@ -124,8 +124,10 @@ def gptq_with_start(
     around GPTQ's solution (``round{init=gptq}``).
     """
     with threadpool_limits(1, user_api="blas"):
-        return _gptq(w, xtx, spec, act_order=act_order, damp=damp, block=block, clip="minmax", ratios=None,
-                     static_groups=True)
+        qw, start = _gptq(w, xtx, spec, act_order=act_order, damp=damp, block=block, clip="minmax", ratios=None,
+                          static_groups=True, keep_start=True)
+        assert start is not None
+        return qw, start
 
 
 def _gptq(
@@ -139,7 +141,8 @@ def _gptq(
     clip: str = "minmax",
     ratios: np.ndarray | None = None,
     static_groups: bool = False,
-) -> tuple[QuantizedWeight, np.ndarray]:
+    keep_start: bool = False,
+) -> tuple[QuantizedWeight, np.ndarray | None]:
     wk = np.array(w, dtype=np.float32)  # [K, N]: row k = input channel k (GPTQ's column k)
     k, n = wk.shape
     if xtx.shape != (k, k):
@@ -166,7 +169,8 @@ def _gptq(
     u, _ = inverse_hessian_factor(h, damp)
     u = u.astype(np.float32)
     q = np.zeros((k, n), dtype=np.float32)
-    rounded = np.zeros((k, n), dtype=np.float32)  # each row as it was rounded (after the feedback before it)
+    # each row as it was rounded (after the feedback before it): a second K×N array, kept only when asked for
+    rounded = np.zeros((k, n), dtype=np.float32) if keep_start else None
     block = max(1, block)
     if not static and block % group and group % block:
         block = group  # group starts must fall on block starts or inside a block
@@ -186,7 +190,8 @@ def _gptq(
                     zps[g] = z
             s = scales[g]
             x = w1[i]
-            rounded[row] = x
+            if rounded is not None:
+                rounded[row] = x
             if zps is None:
                 qi = np.clip(np.rint(x / s), lo, hi)
                 deq = qi * s
@@ -202,7 +207,8 @@ def _gptq(
     q_kn = q[inverse]
     q_kn = q_kn.astype(np.int8) if spec.symmetric else q_kn.astype(np.uint8)
     zp = None if zps is None else zps.astype(np.uint8)
-    return QuantizedWeight(np.ascontiguousarray(q_kn), scales, zp, spec, group), np.ascontiguousarray(rounded[inverse])
+    start = None if rounded is None else np.ascontiguousarray(rounded[inverse])
+    return QuantizedWeight(np.ascontiguousarray(q_kn), scales, zp, spec, group), start
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:
