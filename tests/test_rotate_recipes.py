@@ -13,6 +13,17 @@ from tests.helpers import WINDOW, run_logits
 from tests.passes.w8a8_util import l2_rel
 
 
+def _logit_errors(folder, recipes, opts, tmp_path) -> dict[str, float]:
+    """Each recipe compiled into ``tmp_path/<recipe>``; its logits' relative L2 error against the float model's
+    (ORT, one window)."""
+    ref = run_logits(folder, WINDOW)
+    errs = {}
+    for recipe in recipes:
+        quantize(folder, tmp_path / recipe, recipe=recipe, options=opts)
+        errs[recipe] = l2_rel(ref, run_logits(tmp_path / recipe, WINDOW))
+    return errs
+
+
 @pytest.mark.parametrize("target", ["cpu", "npu"])
 def test_static_rotate_beats_static(target, synthetic_nokv_dir, synthetic_text, tmp_path, monkeypatch) -> None:
     """Rotation spreads the synthetic model's massive activation (800 on one channel) and its outlier
@@ -20,11 +31,7 @@ def test_static_rotate_beats_static(target, synthetic_nokv_dir, synthetic_text, 
     monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "calib"))
     folder, _ = synthetic_nokv_dir
     opts = QuantizeOptions(calib=str(synthetic_text), calib_samples=4, seq_len=64, target=target)
-    ref = run_logits(folder, WINDOW)
-    errs = {}
-    for recipe in ("w8a8-static", "w8a8-static-rotate"):
-        quantize(folder, tmp_path / recipe, recipe=recipe, options=opts)
-        errs[recipe] = l2_rel(ref, run_logits(tmp_path / recipe, WINDOW))
+    errs = _logit_errors(folder, ("w8a8-static", "w8a8-static-rotate"), opts, tmp_path)
     q = json.loads((tmp_path / "w8a8-static-rotate" / "quantization.json").read_text())
     assert q["report"]["rotate"]["online_down"] == 2 and q["report"]["rotate"]["writers"] == 4
     assert [k["role"] for k in q["kept_float"]] == ["lm_head"]
@@ -42,11 +49,7 @@ def test_w4a16_rotate_runs_and_is_close(synthetic_nokv_dir, synthetic_text, tmp_
     monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "calib"))
     folder, _ = synthetic_nokv_dir
     opts = QuantizeOptions(calib=str(synthetic_text), calib_samples=4, seq_len=64, group_size=32)
-    ref = run_logits(folder, WINDOW)
-    errs = {}
-    for recipe in ("w4a16-rtn", "w4a16-gptq", "w4a16-rotate"):
-        quantize(folder, tmp_path / recipe, recipe=recipe, options=opts)
-        errs[recipe] = l2_rel(ref, run_logits(tmp_path / recipe, WINDOW))
+    errs = _logit_errors(folder, ("w4a16-rtn", "w4a16-gptq", "w4a16-rotate"), opts, tmp_path)
     q = json.loads((tmp_path / "w4a16-rotate" / "quantization.json").read_text())
     assert q["pipeline"].startswith("canonicalize,rotate") and "gptq" in q["report"]
     assert op_types(load_model(tmp_path / "w4a16-rotate" / "model.onnx"))["com.microsoft.MatMulNBits"] >= 8
@@ -61,11 +64,7 @@ def test_w4a16_rotate_awq_gptq_runs_and_is_close(synthetic_nokv_dir, synthetic_t
     monkeypatch.setenv("QC_CALIB_CACHE", str(tmp_path / "calib"))
     folder, _ = synthetic_nokv_dir
     opts = QuantizeOptions(calib=str(synthetic_text), calib_samples=4, seq_len=64, group_size=32)
-    ref = run_logits(folder, WINDOW)
-    errs = {}
-    for recipe in ("w4a16-awq-gptq", "w4a16-rotate-awq-gptq"):
-        quantize(folder, tmp_path / recipe, recipe=recipe, options=opts)
-        errs[recipe] = l2_rel(ref, run_logits(tmp_path / recipe, WINDOW))
+    errs = _logit_errors(folder, ("w4a16-awq-gptq", "w4a16-rotate-awq-gptq"), opts, tmp_path)
     q = json.loads((tmp_path / "w4a16-rotate-awq-gptq" / "quantization.json").read_text())
     assert q["pipeline"].startswith("canonicalize,rotate,awq") and {"rotate", "awq"} <= set(q["report"])
     assert op_types(load_model(tmp_path / "w4a16-rotate-awq-gptq" / "model.onnx"))["com.microsoft.MatMulNBits"] >= 8
