@@ -29,6 +29,7 @@ from qcompiler.errors import InputError, OptionError, QCError
 from qcompiler.floattype import DTYPE_NAMES
 from qcompiler.gguf_check import check_gguf
 from qcompiler.irutil import load_model, save_model
+from qcompiler.shapes import record_shapes
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ def export(
                                     accuracy_level=accuracy_level)
         if getattr(model_config, "tie_word_embeddings", False):
             retie_lm_head(graph)  # after transcoding: a GGUF head already shares the embedding's blocks
+        record_shapes(graph)  # saved as value_info: the passes that read shapes need no inference
         save_model(graph, tmp / MODEL_FILE)
         del graph
         for f in raw.iterdir():

@@ -44,6 +44,7 @@ from onnx import TensorProto
 from qcompiler.decoder_graph import GraphBuilder, LlamaShape, build_decoder
 from qcompiler.errors import InputError, QCError, UnsupportedModelError
 from qcompiler.floattype import DTYPE_NAMES, bf16_bits
+from qcompiler.shapes import record_shapes_proto
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,7 @@ def export_streaming(
     if unused:
         raise UnsupportedModelError(f"the checkpoint holds tensors the streaming export does not write "
                                     f"({', '.join(unused[:4])}{' …' if len(unused) > 4 else ''}); {_NORMAL_EXPORT}")
+    record_shapes_proto(model, tmp)  # saved as value_info: the passes that read shapes need no inference
     onnx.save_model(model, str(tmp / "model.onnx"))
     for name in _SIDE_FILES:
         if (folder / name).is_file():

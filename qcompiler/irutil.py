@@ -68,6 +68,12 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
                 f"missing external-data file '{location}' (needed by initializer '{tensor.name}') "
                 f"next to the model in {base_dir}"
             )
+        if location not in extents and path.stat().st_nlink > 1:  # onnx_ir refuses it at the first read
+            raise InputError(
+                f"external-data file '{location}' in {base_dir} has {path.stat().st_nlink} hard links; "
+                "onnx_ir refuses to read external data through a hard link (a guard against linked-in files): "
+                "give the model folder its own copy (cp, not cp -l or ln)"
+            )
         offset = _external_int(tensor.name, info, "offset", 0)
         length = _external_int(tensor.name, info, "length", None)
         needed = _tensor_nbytes(tensor)

@@ -50,6 +50,7 @@ from qcompiler.pipeline import (
 )
 from qcompiler.quant.intgemm import integer_gemms, saturation_problem
 from qcompiler.recipes import QuantizeOptions, get_recipe
+from qcompiler.shapes import record_shapes
 from qcompiler.targets import check_target, lowering_pipeline
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,7 @@ def keep_fp32_in_place(folder: str | os.PathLike, calib: str, samples: int = 32,
         write_json(info_path, info)
         return report
     # the rewritten model (model.onnx and its data together) replaces the folder in one rename
+    record_shapes(result.model)  # the export's shapes, for the Casts keep-fp32 added too
     with atomic_output_dir(src.path, force=True) as tmp:
         save_model(result.model, tmp / MODEL_FILE)
         del model, result

@@ -46,10 +46,12 @@ def _cache_root() -> Path:
 
 def _export_key(gguf: Path) -> str:
     import qcompiler.export as exp
+    import qcompiler.shapes as shapes
 
     h = hashlib.sha256()
     h.update(f"{gguf.stat().st_size}:{gguf.name}".encode())
     h.update(Path(exp.__file__).read_bytes())
+    h.update(Path(shapes.__file__).read_bytes())  # the shapes the export records
     return h.hexdigest()[:12]
 
 

@@ -448,7 +448,7 @@ def test_no_stray_files_in_the_working_folder(synthetic_dir, tmp_path: Path, mon
     """ONNX Runtime's symbolic shape inference (used by the fusions) saves ``sym_shape_infer_temp.onnx``
     into the working folder when it cannot infer everything; the fusions run its inference loop
     without that step, and an incomplete inference must leave nothing there either."""
-    from qcompiler.passes._fusion import _symbolic_shape_inference_class
+    from qcompiler.shapes import _symbolic_shape_inference_class
 
     SymbolicShapeInference = _symbolic_shape_inference_class()  # the copy the fusions use
     assert SymbolicShapeInference is not None

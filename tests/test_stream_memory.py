@@ -31,7 +31,7 @@ from qcompiler.memory import peak_rss_mb
 import numpy, onnx, onnx_ir, onnxruntime, qcompiler.export, qcompiler.export_stream, qcompiler.quantize
 if sys.argv[1] == "quantize":  # the modules every run loads whatever the model (passes, ORT's shape inference)
     from qcompiler.pipeline import get_pass
-    from qcompiler.passes._fusion import _symbolic_shape_inference_class
+    from qcompiler.shapes import _symbolic_shape_inference_class
     _symbolic_shape_inference_class()
     get_pass("quantize-weights"), get_pass("fuse-rmsnorm")
 base = peak_rss_mb()

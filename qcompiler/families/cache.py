@@ -30,9 +30,10 @@ def tiny_export(model_type: str, root: Path | None = None) -> Path:
 
     import qcompiler.export as exp
     import qcompiler.families.tiny as tiny
+    import qcompiler.shapes as shapes
 
     root = root or cache_root()
-    h = hashlib.sha256(Path(exp.__file__).read_bytes() + Path(tiny.__file__).read_bytes())
+    h = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (exp, tiny, shapes)))
     h.update(transformers.__version__.encode())
     base = root / f"family-{model_type}-{h.hexdigest()[:12]}"
     with open(root / ".lock", "w") as lock:

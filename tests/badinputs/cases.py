@@ -87,6 +87,12 @@ def poison_weight(folder: Path, name_part: str, index: tuple[int, int], value: f
     return t.name
 
 
+def _hard_link(folder: Path, name: str) -> Path:
+    """A second hard link to ``folder / name`` (beside the folder): onnx_ir refuses such external data."""
+    os.link(folder / name, folder.parent / f"{folder.name}-{name}.link")
+    return folder
+
+
 def quantize(model: Path, work: Path, *extra: str) -> list[str]:
     return ["quantize", str(model), str(work / OUT), *extra] if extra else [
         "quantize", str(model), str(work / OUT), "--recipe", "w4a16-rtn"]
@@ -292,6 +298,8 @@ EXTERNAL_DATA: list[Case] = [
          3, "missing external-data file 'model.onnx_data'"),
     Case("external-data-truncated", lambda w, m: quantize(_trunc(copy_model(m, w), "model.onnx_data", frac=0.5), w),
          3, "external-data file 'model.onnx_data' is truncated"),
+    Case("external-data-hard-linked", lambda w, m: quantize(_hard_link(copy_model(m, w), "model.onnx_data"), w),
+         3, "external-data file 'model.onnx_data' in"),
     Case("external-data-truncated-no-length",
          lambda w, m: quantize(_trunc(edit_proto(copy_model(m, w), set_external_field("length", None, every=True)),
                                       "model.onnx_data", size=1000), w),
