@@ -141,6 +141,11 @@ class LowerEmbeddings(QCPass):
             first = gathers[0]
             reshaped = [ir.node("Reshape", [v, rows], name=f"{base}_Reshape_{i}") for i, v in
                         enumerate([b_val, s_val] + ([z_val] if z_val is not None else []))]
+            for r in reshaped:  # [N, blocks, bytes] → [N, blocks·bytes], shaped as made (no shape inference later)
+                v = r.inputs[0]
+                if v is not None and v.shape is not None and all(isinstance(d, int) for d in v.shape):
+                    r.outputs[0].shape = ir.Shape([n, int(np.prod(list(v.shape))) // n])
+                    r.outputs[0].type = v.type
             graph.insert_before(first, reshaped)
             for g in gathers:
                 ins = [reshaped[0].outputs[0], g.inputs[1], reshaped[1].outputs[0]]

@@ -220,6 +220,11 @@ def _float_split(graph: ir.Graph, node: ir.Node, w: np.ndarray, idx: np.ndarray,
     name, y.name = y.name, None
     add.outputs[0].name = name
     add.outputs[0].shape, add.outputs[0].type = y.shape, y.type
+    if x.shape is not None and len(x.shape):  # shaped as made: the fusions after need no shape inference
+        mask.outputs[0].shape, mask.outputs[0].type = x.shape, x.type
+        gather.outputs[0].shape, gather.outputs[0].type = ir.Shape([*list(x.shape)[:-1], len(idx)]), x.type
+        for mm in (side, main):
+            mm.outputs[0].shape, mm.outputs[0].type = y.shape, y.type
     old_w = node.inputs[1]
     graph.remove(node, safe=False)
     if old_w is not None and not old_w.uses() and old_w.name in graph.initializers:

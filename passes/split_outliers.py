@@ -212,6 +212,11 @@ class SplitOutliers(QCPass):
         cat = ir.node("Concat", [x, gather.outputs[0]], {"axis": -1}, name=f"{tag}_Concat")
         cat.outputs[0].name = f"{tag}_input"
         cat.outputs[0].type = x.type
+        if x.shape is not None and len(x.shape):  # shaped as made: no shape inference for the fusions later
+            lead, last = list(x.shape)[:-1], x.shape[-1]
+            gather.outputs[0].type = x.type
+            gather.outputs[0].shape = ir.Shape([*lead, len(idx)])
+            cat.outputs[0].shape = ir.Shape([*lead, last + len(idx) if isinstance(last, int) else None])
         graph.insert_before(g.linears[0], [gather, cat])
         for node, w in zip(g.linears, weights):
             w = w.astype(np.float64)

@@ -26,6 +26,10 @@ _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BF
 _BLOCK = 1 << 22
 
 
+#: the exponent bits of the 16-bit float types (all set: NaN or ±Inf)
+_HALF_EXPONENT = {"float16": np.uint16(0x7C00), "bfloat16": np.uint16(0x7F80)}
+
+
 def nonfinite_summary(a: np.ndarray) -> str:
     """``""`` if every value is finite, else e.g. ``"2 NaN/Inf value(s), the first at [3, 4]"``.
 
@@ -33,12 +37,14 @@ def nonfinite_summary(a: np.ndarray) -> str:
     """
     arr = np.asarray(a)
     flat = arr.reshape(-1)
+    mask = _HALF_EXPONENT.get(arr.dtype.name)
     bad, first = 0, None
     for i in range(0, flat.size, _BLOCK):
         block = flat[i:i + _BLOCK]
-        if block.dtype.kind not in "fc":
-            block = block.astype(np.float32)  # bfloat16 and friends
-        finite = np.isfinite(block)
+        if mask is not None:  # NaN/Inf: every exponent bit set (numpy's isfinite widens fp16 value by value)
+            finite = (block.view(np.uint16) & mask) != mask
+        else:
+            finite = np.isfinite(block if block.dtype.kind in "fc" else block.astype(np.float32))
         if finite.all():
             continue
         idx = np.flatnonzero(~finite)

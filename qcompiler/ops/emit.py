@@ -138,6 +138,10 @@ def emit_outlier_split(
                                   add_initializer(graph, f"{base}_w_outlier", float_array(w_outlier, ft))],
                        name=f"{base}_outlier_MatMul")
         mark_kept_float(side, OUTLIER_SIDE)  # the coverage contract: float by design, not unsupported
+        if x.shape is not None and len(x.shape):  # shaped as made: the fusions after need no shape inference
+            mask.outputs[0].shape, mask.outputs[0].type = x.shape, x.type
+            gather.outputs[0].shape, gather.outputs[0].type = ir.Shape([*list(x.shape)[:-1], len(idx)]), x.type
+            side.outputs[0].shape, side.outputs[0].type = y.shape, y.type
         graph.insert_before(matmul, [mask, gather, side])
         matmul.replace_input_with(0, mask.outputs[0])
         per_token = emit_per_token_activation(graph, matmul, base)

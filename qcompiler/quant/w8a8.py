@@ -127,6 +127,11 @@ def emit_per_token_activation(graph: ir.Graph, matmul: ir.Node, base: str) -> li
     n_clip = _node(graph, "Clip", [n_round.outputs[0], lo, hi], f"{base}_pt_Clip")
     n_mul = _node(graph, "Mul", [n_clip.outputs[0], n_scale.outputs[0]], f"{base}_pt_Mul")
     nodes = [n_abs, n_max, n_clamp, n_scale, n_div, n_round, n_clip, n_mul]
+    if x.shape is not None:  # shaped as made: the fusions after the lowering need no shape inference
+        row = ir.Shape([*list(x.shape)[:-1], 1]) if len(x.shape) else None
+        for n in nodes:
+            n.outputs[0].type = ir.TensorType(ft)
+            n.outputs[0].shape = row if n in (n_max, n_clamp, n_scale) else x.shape
     graph.insert_before(matmul, nodes)
     matmul.replace_input_with(0, n_mul.outputs[0])
     matmul.metadata_props[QUANT_KEY] = "w8a8-per-token"
