@@ -51,16 +51,17 @@ def test_export_records_every_shape(family: str) -> None:
     assert not missing, missing[:5]
 
 
+@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8-dynamic"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_recorded_shapes_skip_inference_and_compile_alike(family: str, tmp_path: Path,
+def test_recorded_shapes_skip_inference_and_compile_alike(family: str, recipe: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     src = family_export(family) / "onnx"
     bare = _strip_shapes(src, tmp_path / "bare")
     calls = _count_inferences(monkeypatch)
     opts = QuantizeOptions(group_size=32)
-    got = quantize(src, tmp_path / "recorded", recipe="w4a16-rtn", options=opts)
+    got = quantize(src, tmp_path / "recorded", recipe=recipe, options=opts)
     assert calls == [], "an export with recorded shapes was inferred again"
-    ref = quantize(bare, tmp_path / "inferred", recipe="w4a16-rtn", options=opts)
+    ref = quantize(bare, tmp_path / "inferred", recipe=recipe, options=opts)
     assert calls, "the copy without value_info was not inferred (the test proves nothing)"
     assert got["report"]["fusion"] == ref["report"]["fusion"]
     assert got["report"]["fusion"]["fuse-attention"] > 0
