@@ -30,9 +30,10 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import onnxruntime as ort
+if TYPE_CHECKING:  # imported where a run is made: a compile that runs no session does not load ONNX Runtime
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def install() -> bool:
 
 def run_options() -> ort.RunOptions:
     """``RunOptions`` for one run: ONNX Runtime's own log of a failed run off (the exception says it)."""
+    import onnxruntime as ort
+
     opts = ort.RunOptions()
     opts.log_severity_level = 4
     return opts

@@ -515,11 +515,12 @@ def unknown_ops(model: ir.Model) -> dict[str, int]:
     pass and reported; the model still runs wherever the op is available (a function
     the model carries, or a custom-op library registered with the session).
     """
-    known = _known_schemas()
     counts: dict[str, int] = {}
     for node in model.graph.all_nodes():
         domain = "" if node.domain == "ai.onnx" else node.domain
-        if domain == QC_DOMAIN or (domain, node.op_type) in known:
+        if domain == QC_DOMAIN or onnx.defs.has(node.op_type, domain):  # ONNX's own: no ONNX Runtime import
+            continue
+        if (domain, node.op_type) in _known_schemas():
             continue
         key = f"{domain}.{node.op_type}" if domain else node.op_type
         counts[key] = counts.get(key, 0) + 1
