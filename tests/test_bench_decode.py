@@ -19,3 +19,25 @@ def test_paired_speedup_cancels_machine_phases() -> None:
 def test_paired_speedup_needs_pairs() -> None:
     with pytest.raises(ValueError, match="as many repeats"):
         paired_speedup([1.0, 2.0], [1.0])
+
+
+def test_interleaved_steps_give_each_row_its_own_decode(tmp_path) -> None:
+    """--interleave: two rows decoded step by step in turn give the tokens each gives alone, and a time each."""
+    import numpy as np
+
+    from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
+    from tools.bench_decode import Row, measure, measure_interleaved
+
+    cfg = SyntheticConfig(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96, kv_cache=True)
+    a = build_model_dir(tmp_path / "a", cfg)[0]
+    b = build_model_dir(tmp_path / "b", SyntheticConfig(**{**cfg.__dict__, "seed": cfg.seed + 1}))[0]
+    prompt = np.arange(3, 19)
+    alone = [Row("a", a), Row("b", b)]
+    for r in alone:
+        measure(r, prompt, 6, threads=1)
+    together = [Row("a", a), Row("b", b)]
+    for _ in range(2):
+        measure_interleaved(together, prompt, 6, threads=1)
+    for r, ref in zip(together, alone):
+        assert r.tokens == ref.tokens and len(r.tokens) == 7
+        assert len(r.decode_runs) == len(r.prefill_runs) == 2 and min(r.decode_runs) > 0

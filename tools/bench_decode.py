@@ -34,6 +34,12 @@ other processes sharing the machine (report the load average with the numbers). 
 of each graph (total and per decoder layer), the tokens each row generated compared with its reference,
 and perplexity on git's release notes of fused vs unfused models (fusion must not change it).
 Built models are cached under ``--work``.
+
+Modes: a new session per repeat (default: a one-shot run), ``--warm`` (one session per row over the
+repeats: a server) and ``--interleave`` (warm sessions, and the rows' decode steps taken in turn, so the
+second-long slow phases of a virtual machine fall on every row alike: the steadiest ratio, ranges of
+±5 % where the other modes give ±30 %).  Use ``--interleave`` with ``--no-spin``: spinning thread pools of
+the other rows' sessions would take the cores from the row running (every row slows 2×).
 """
 
 from __future__ import annotations
@@ -357,6 +363,41 @@ def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool =
     row.tokens = tokens
 
 
+def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads: int, spin: bool = True) -> None:
+    """One repeat of every row, step by step in turn (``--interleave``): each row's prefill, then decode step ``i``
+    of every row before step ``i + 1`` of any, in an order that alternates from step to step.  The machine's
+    slow and fast phases (seconds long on this VM) then fall on all rows alike, inside one repeat; a row's
+    decode time is the sum of its own steps.  Sessions are kept over the repeats (as ``--warm``)."""
+    state = []
+    for row in rows:
+        if row.loop is None:
+            row.loop = _session_loop(row.path, threads, spin)  # type: ignore[arg-type]
+        sess, feeds, past_names, present_names = row.loop
+        names = ["logits", *present_names]
+        c0, t0 = time.process_time(), time.perf_counter()
+        outs = sess.run(names, feeds(prompt, None, 0))
+        c1, t1 = time.process_time(), time.perf_counter()
+        row.prefill_runs.append(t1 - t0)
+        row.prefill_s, row.prefill_cpu = min(row.prefill_s, t1 - t0), min(row.prefill_cpu, c1 - c0)
+        state.append([outs, len(prompt), [int(np.argmax(outs[0][0, -1]))], 0.0, 0.0])
+    for i in range(steps):
+        order = range(len(rows)) if i % 2 == 0 else range(len(rows) - 1, -1, -1)
+        for k in order:
+            sess, feeds, past_names, present_names = rows[k].loop  # type: ignore[misc]
+            outs, past_len, tokens, _, _ = st = state[k]
+            c0, t0 = time.process_time(), time.perf_counter()
+            outs = sess.run(["logits", *present_names],
+                            feeds(np.array([tokens[-1]]), dict(zip(past_names, outs[1:])), past_len))
+            st[3] += time.perf_counter() - t0
+            st[4] += time.process_time() - c0
+            st[0], st[1] = outs, past_len + 1
+            tokens.append(int(np.argmax(outs[0][0, -1])))
+    for row, (_, _, tokens, wall, cpu) in zip(rows, state):
+        row.decode_runs.append(wall)
+        row.decode_s, row.decode_cpu = min(row.decode_s, wall), min(row.decode_cpu, cpu)
+        row.tokens = tokens
+
+
 def paired_speedup(base_s: list[float], row_s: list[float]) -> tuple[float, float, float]:
     """Speed of a row against the baseline row, repeat by repeat: (median, min, max) of ``base_s[i] / row_s[i]``.
     Rows run round-robin, so repeat ``i`` of both saw nearly the same machine; the per-repeat ratio cancels the
@@ -408,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm", action="store_true",
                     help="one session per row over all repeats (a server's warmed memory arena), instead of a new "
                     "session per repeat")
+    ap.add_argument("--interleave", action="store_true",
+                    help="warm sessions, and the rows' decode steps taken in turn (step i of every row before step "
+                    "i+1 of any): the machine's slow phases fall on every row alike")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -439,10 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     live = [r for r in rows if r.path is not None]
     load0 = os.getloadavg()[0]
     for rep in range(args.repeats):
-        for r in live:
+        if args.interleave:
+            measure_interleaved(live, prompt, args.decode, args.threads, spin=not args.no_spin)
+        for r in live if not args.interleave else ():
             measure(r, prompt, args.decode, args.threads, spin=not args.no_spin, warm=args.warm)
+        for r in live:
             log.info("repeat %d %-18s prefill %.1f tok/s  decode %.1f tok/s", rep + 1, r.name,
-                     len(prompt) / r.prefill_s, args.decode / r.decode_s)
+                     len(prompt) / r.prefill_runs[-1], args.decode / r.decode_runs[-1])
     load1 = os.getloadavg()[0]
 
     ppl: dict[str, float] = {}
@@ -463,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nprefill {len(prompt)} tokens + {args.decode} greedy decode steps, ONNX Runtime CPU, "
           f"{args.threads} threads{'' if args.no_spin else ' (spinning)'}, best of {args.repeats}"
-          f"{' in one warmed session per row' if args.warm else ', a new session each'}; "
+          f"{' in one warmed session per row' if args.warm or args.interleave else ', a new session each'}"
+          f"{', decode steps of the rows interleaved' if args.interleave else ''}; "
           f"load average {load0:.1f} → {load1:.1f}\n")
     print("| model | what | prefill tok/s | decode tok/s | prefill tok/CPU-s | decode tok/CPU-s | nodes | nodes/layer "
           "| tokens | perplexity |")
