@@ -24,8 +24,8 @@ def test_paired_speedup_needs_pairs() -> None:
 def test_interleaved_steps_give_each_row_its_own_decode(tmp_path) -> None:
     """--interleave: two rows decoded step by step in turn give the tokens each gives alone, and a time each."""
     import numpy as np
-
     from qcompiler.models.synthetic import SyntheticConfig, build_model_dir
+
     from tools.bench_decode import Row, measure, measure_interleaved
 
     cfg = SyntheticConfig(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96, kv_cache=True)
