@@ -28,7 +28,7 @@ from qcompiler.artifact import MODEL_FILE, atomic_output_dir, check_output_dir, 
 from qcompiler.errors import InputError, OptionError, QCError
 from qcompiler.floattype import DTYPE_NAMES
 from qcompiler.gguf_check import check_gguf
-from qcompiler.irutil import load_model, save_model
+from qcompiler.irutil import constants_to_initializers, load_model, save_model
 from qcompiler.shapes import record_shapes
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,7 @@ def export(
                                     accuracy_level=accuracy_level)
         if getattr(model_config, "tie_word_embeddings", False):
             retie_lm_head(graph)  # after transcoding: a GGUF head already shares the embedding's blocks
+        constants_to_initializers(graph.graph)  # a third of the nodes: none to load, match or run
         record_shapes(graph)  # saved as value_info: the passes that read shapes need no inference
         save_model(graph, tmp / MODEL_FILE)
         del graph

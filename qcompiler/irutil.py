@@ -476,6 +476,30 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorPro
     return value
 
 
+def constants_to_initializers(graph: ir.Graph) -> int:
+    """Replace every ``Constant(value=t)`` node of ``graph`` (not its subgraphs) by an initializer of the same name
+    and tensor; returns how many.  Exporters write a third of a decoder's nodes as Constants (shape
+    arithmetic, scalars); as initializers they cost no node to load, match or run.  Same values, same
+    names: every pass reads a constant input alike either way (``const_value``/``get_const_tensor``)."""
+    count = 0
+    for node in list(graph):
+        if (node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attributes) != 1
+                or "value" not in node.attributes or node.attributes["value"].type != ir.AttributeType.TENSOR):
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output() or not out.name or out.name in graph.initializers:
+            continue
+        tensor = node.attributes["value"].value
+        init = ir.Value(shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        out.replace_all_uses_with(init)
+        graph.remove(node, safe=True)
+        init.name, out.name = out.name, None
+        tensor.name = init.name
+        graph.register_initializer(init)
+        count += 1
+    return count
+
+
 def remove_unused_initializers(graph: ir.Graph) -> int:
     unused = [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]
     for n in unused:

@@ -97,3 +97,12 @@ def test_streaming_export_records_every_shape(tmp_path: Path) -> None:
     named = {o for n in proto.graph.node for o in n.output if o}
     assert named <= {v.name for v in proto.graph.value_info} | {o.name for o in proto.graph.output}
     assert shapes.shapes_known(load_model(streamed / "model.onnx").graph)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_writes_constants_as_initializers(family: str) -> None:
+    """The export keeps no ``Constant(value=…)`` node: each became an initializer of the same name
+    (logits against transformers are checked by the family export tests)."""
+    proto = onnx.load(str(family_export(family) / "onnx" / "model.onnx"), load_external_data=False)
+    assert not [n.output[0] for n in proto.graph.node if n.op_type == "Constant"
+                and [a.name for a in n.attribute] == ["value"]]
