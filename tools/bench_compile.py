@@ -16,10 +16,11 @@ earlier qcompiler checkout as a third row (e.g. ``git archive REV | tar -x -C ru
 whether its ``model.onnx_data`` is byte for byte the current one's.
 
 A ``qc export`` records every value's shape in ``model.onnx`` (``value_info``), which spares
-qcompiler's fusions their shape inference; ORT's quantizer is *slower* on that file (about 1 s on
-SmolLM2).  When the model carries ``value_info``, two more rows run on a copy without it
-(``-noshapes``: the same graph and weights, as another exporter would write it): ORT's row there
-is its best case, and the ratio is taken against the faster of ORT's two rows.
+qcompiler's fusions their shape inference, and writes the exporter's ``Constant`` nodes as
+initializers; ORT's quantizer is *slower* on such a file (about 1 s on SmolLM2).  When the model
+carries ``value_info``, two more rows run on a copy without it and with its small inline initializers
+back as ``Constant`` nodes (``-noshapes``: the same graph and weights as optimum writes them): ORT's row
+there is its best case, and the ratio is taken against the faster of ORT's two rows.
 """
 
 from __future__ import annotations
@@ -129,6 +130,14 @@ def _without_shapes(src: Path, dst: Path) -> Path | None:
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     del model.graph.value_info[:]
+    inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    if inline:  # back to Constant nodes, as optimum writes them (ORT's quantizer is slower on many initializers)
+        keep = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        nodes = [onnx.helper.make_node("Constant", [], [t.name], name=f"{t.name}_Constant", value=t) for t in inline]
+        nodes += list(model.graph.node)
+        del model.graph.initializer[:], model.graph.node[:]
+        model.graph.initializer.extend(keep)
+        model.graph.node.extend(nodes)
     onnx.save(model, str(dst / "model.onnx"))
     for f in src.iterdir():
         if f.is_file() and f.name != "model.onnx":
