@@ -338,29 +338,42 @@ def _session_loop(path: Path, threads: int, spin: bool = True):
     return sess, feeds, past_names, [n.replace("past_key_values", "present") for n in past_names]
 
 
+def _prefill(row: Row, prompt: np.ndarray, threads: int, spin: bool, fresh: bool) -> list:
+    """The row's prompt run (a new session first when ``fresh`` or none yet); records its time, returns the outputs."""
+    if row.loop is None or fresh:
+        row.loop = _session_loop(row.path, threads, spin)  # type: ignore[arg-type]
+    sess, feeds, _, present_names = row.loop
+    c0, t0 = time.process_time(), time.perf_counter()
+    outs = sess.run(["logits", *present_names], feeds(prompt, None, 0))
+    c1, t1 = time.process_time(), time.perf_counter()
+    row.prefill_runs.append(t1 - t0)
+    row.prefill_s, row.prefill_cpu = min(row.prefill_s, t1 - t0), min(row.prefill_cpu, c1 - c0)
+    return outs
+
+
+def _step(row: Row, outs: list, token: int, past_len: int) -> list:
+    """One greedy decode step of ``token`` after ``past_len`` cached positions (``outs``: the previous run's)."""
+    sess, feeds, past_names, present_names = row.loop  # type: ignore[misc]
+    return sess.run(["logits", *present_names], feeds(np.array([token]), dict(zip(past_names, outs[1:])), past_len))
+
+
+def _decoded(row: Row, wall: float, cpu: float, tokens: list[int]) -> None:
+    row.decode_runs.append(wall)
+    row.decode_s, row.decode_cpu = min(row.decode_s, wall), min(row.decode_cpu, cpu)
+    row.tokens = tokens
+
+
 def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool = True, warm: bool = False) -> None:
     """One prefill + ``steps`` greedy decode steps; keeps the best times seen.  Each repeat opens a new session
     (its memory arena empty: every step's grown cache and mask are new allocations), or with ``warm`` the row
     keeps one session over the repeats, as a server generating one reply after another does."""
-    if row.loop is None or not warm:
-        row.loop = _session_loop(row.path, threads, spin)  # type: ignore[arg-type]
-    sess, feeds, past_names, present_names = row.loop
-    names = ["logits", *present_names]
-    c0, t0 = time.process_time(), time.perf_counter()
-    outs = sess.run(names, feeds(prompt, None, 0))
-    c1, t1 = time.process_time(), time.perf_counter()
-    past_len = len(prompt)
+    outs = _prefill(row, prompt, threads, spin, fresh=not warm)
     tokens = [int(np.argmax(outs[0][0, -1]))]
-    for _ in range(steps):
-        outs = sess.run(names, feeds(np.array([tokens[-1]]), dict(zip(past_names, outs[1:])), past_len))
-        past_len += 1
+    c0, t0 = time.process_time(), time.perf_counter()
+    for i in range(steps):
+        outs = _step(row, outs, tokens[-1], len(prompt) + i)
         tokens.append(int(np.argmax(outs[0][0, -1])))
-    c2, t2 = time.process_time(), time.perf_counter()
-    row.prefill_runs.append(t1 - t0)
-    row.decode_runs.append(t2 - t1)
-    row.prefill_s, row.decode_s = min(row.prefill_s, t1 - t0), min(row.decode_s, t2 - t1)
-    row.prefill_cpu, row.decode_cpu = min(row.prefill_cpu, c1 - c0), min(row.decode_cpu, c2 - c1)
-    row.tokens = tokens
+    _decoded(row, time.perf_counter() - t0, time.process_time() - c0, tokens)
 
 
 def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads: int, spin: bool = True) -> None:
@@ -368,34 +381,18 @@ def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads
     of every row before step ``i + 1`` of any, in an order that alternates from step to step.  The machine's
     slow and fast phases (seconds long on this VM) then fall on all rows alike, inside one repeat; a row's
     decode time is the sum of its own steps.  Sessions are kept over the repeats (as ``--warm``)."""
-    state = []
-    for row in rows:
-        if row.loop is None:
-            row.loop = _session_loop(row.path, threads, spin)  # type: ignore[arg-type]
-        sess, feeds, past_names, present_names = row.loop
-        names = ["logits", *present_names]
-        c0, t0 = time.process_time(), time.perf_counter()
-        outs = sess.run(names, feeds(prompt, None, 0))
-        c1, t1 = time.process_time(), time.perf_counter()
-        row.prefill_runs.append(t1 - t0)
-        row.prefill_s, row.prefill_cpu = min(row.prefill_s, t1 - t0), min(row.prefill_cpu, c1 - c0)
-        state.append([outs, len(prompt), [int(np.argmax(outs[0][0, -1]))], 0.0, 0.0])
+    outs = [_prefill(row, prompt, threads, spin, fresh=False) for row in rows]
+    tokens = [[int(np.argmax(o[0][0, -1]))] for o in outs]
+    wall, cpu = [0.0] * len(rows), [0.0] * len(rows)
     for i in range(steps):
-        order = range(len(rows)) if i % 2 == 0 else range(len(rows) - 1, -1, -1)
-        for k in order:
-            sess, feeds, past_names, present_names = rows[k].loop  # type: ignore[misc]
-            outs, past_len, tokens, _, _ = st = state[k]
+        for k in range(len(rows)) if i % 2 == 0 else range(len(rows) - 1, -1, -1):
             c0, t0 = time.process_time(), time.perf_counter()
-            outs = sess.run(["logits", *present_names],
-                            feeds(np.array([tokens[-1]]), dict(zip(past_names, outs[1:])), past_len))
-            st[3] += time.perf_counter() - t0
-            st[4] += time.process_time() - c0
-            st[0], st[1] = outs, past_len + 1
-            tokens.append(int(np.argmax(outs[0][0, -1])))
-    for row, (_, _, tokens, wall, cpu) in zip(rows, state):
-        row.decode_runs.append(wall)
-        row.decode_s, row.decode_cpu = min(row.decode_s, wall), min(row.decode_cpu, cpu)
-        row.tokens = tokens
+            outs[k] = _step(rows[k], outs[k], tokens[k][-1], len(prompt) + i)
+            wall[k] += time.perf_counter() - t0
+            cpu[k] += time.process_time() - c0
+            tokens[k].append(int(np.argmax(outs[k][0][0, -1])))
+    for k, row in enumerate(rows):
+        _decoded(row, wall[k], cpu[k], tokens[k])
 
 
 def paired_speedup(base_s: list[float], row_s: list[float]) -> tuple[float, float, float]:
