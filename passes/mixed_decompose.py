@@ -35,11 +35,10 @@ from qcompiler.passes._channels import LinearGroup, linear_groups
 from tqdm import tqdm
 
 from qcompiler.calibrate import StatRequest
-from qcompiler.coverage import OUTLIER_SIDE, mark_kept_float
 from qcompiler.errors import CalibrationError
 from qcompiler.floattype import float_array, float_type, graph_float_type
 from qcompiler.irutil import QUANT_OPSET, add_initializer, ensure_opset
-from qcompiler.ops.emit import emit_outlier_split
+from qcompiler.ops.emit import emit_outlier_split, outlier_side
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.quant.emit import stored_spec
 from qcompiler.quant.numerics import quantize_weight
@@ -200,19 +199,13 @@ def _float_split(graph: ir.Graph, node: ir.Node, w: np.ndarray, idx: np.ndarray,
     """``MatMul(X, W)`` → ``MatMul(X ⊙ keep, W ⊙ keep) + MatMul(Gather(X, O), W[O])`` in float."""
     x, y = node.inputs[0], node.outputs[0]
     ft = float_type(node.inputs[1], x, y, default=graph_float_type(graph))  # the weight's float type
-    keep = np.ones(w.shape[0], np.float32)
-    keep[idx] = 0.0
     wz = w.copy()
     wz[idx] = 0.0
-    keep, wz = float_array(keep, ft), float_array(wz, ft)
-    mask = ir.node("Mul", [x, add_initializer(graph, f"{base}_keep", keep)], name=f"{base}_keep_Mul")
-    gather = ir.node("Gather", [x, add_initializer(graph, f"{base}_outlier_idx", idx)], {"axis": -1},
-                     name=f"{base}_outlier_Gather")
-    side = ir.node("MatMul", [gather.outputs[0], add_initializer(graph, f"{base}_w_outlier", float_array(w[idx], ft))],
-                   name=f"{base}_outlier_MatMul")
-    main = ir.node("MatMul", [mask.outputs[0], add_initializer(graph, f"{base}_w_inlier", wz)], name=f"{base}_MatMul")
+    mask, gather, side = outlier_side(graph, x, y, idx, w.shape[0], w[idx], base, ft)
+    main = ir.node("MatMul", [mask.outputs[0], add_initializer(graph, f"{base}_w_inlier", float_array(wz, ft))],
+                   name=f"{base}_MatMul")
+    main.outputs[0].shape, main.outputs[0].type = y.shape, y.type
     add = ir.node("Add", [main.outputs[0], side.outputs[0]], name=f"{base}_outlier_Add")
-    mark_kept_float(side, OUTLIER_SIDE)
     main.meta.update(node.meta)
     main.metadata_props.update(node.metadata_props)
     graph.insert_before(node, [mask, gather, side, main, add])
@@ -220,11 +213,6 @@ def _float_split(graph: ir.Graph, node: ir.Node, w: np.ndarray, idx: np.ndarray,
     name, y.name = y.name, None
     add.outputs[0].name = name
     add.outputs[0].shape, add.outputs[0].type = y.shape, y.type
-    if x.shape is not None and len(x.shape):  # shaped as made: the fusions after need no shape inference
-        mask.outputs[0].shape, mask.outputs[0].type = x.shape, x.type
-        gather.outputs[0].shape, gather.outputs[0].type = ir.Shape([*list(x.shape)[:-1], len(idx)]), x.type
-        for mm in (side, main):
-            mm.outputs[0].shape, mm.outputs[0].type = y.shape, y.type
     old_w = node.inputs[1]
     graph.remove(node, safe=False)
     if old_w is not None and not old_w.uses() and old_w.name in graph.initializers:

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from qcompiler.calibrate import StatRequest
 from qcompiler.errors import CalibrationError
-from qcompiler.irutil import add_initializer
+from qcompiler.irutil import gather_channels
 from qcompiler.pipeline import QCPass, register_pass
 from qcompiler.spec import linear_info
 
@@ -208,15 +208,13 @@ class SplitOutliers(QCPass):
             apply_input_scale(graph, g, up, d, tag)
         idx = np.concatenate([act, wrows]).astype(np.int64)
         x = g.x
-        gather = ir.node("Gather", [x, add_initializer(graph, f"{tag}_idx", idx)], {"axis": -1}, name=f"{tag}_Gather")
+        gather = gather_channels(graph, x, idx, f"{tag}_Gather", f"{tag}_idx")
         cat = ir.node("Concat", [x, gather.outputs[0]], {"axis": -1}, name=f"{tag}_Concat")
         cat.outputs[0].name = f"{tag}_input"
         cat.outputs[0].type = x.type
         if x.shape is not None and len(x.shape):  # shaped as made: no shape inference for the fusions later
-            lead, last = list(x.shape)[:-1], x.shape[-1]
-            gather.outputs[0].type = x.type
-            gather.outputs[0].shape = ir.Shape([*lead, len(idx)])
-            cat.outputs[0].shape = ir.Shape([*lead, last + len(idx) if isinstance(last, int) else None])
+            last = x.shape[-1]
+            cat.outputs[0].shape = ir.Shape([*list(x.shape)[:-1], last + len(idx) if isinstance(last, int) else None])
         graph.insert_before(g.linears[0], [gather, cat])
         for node, w in zip(g.linears, weights):
             w = w.astype(np.float64)

@@ -68,9 +68,10 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
                 f"missing external-data file '{location}' (needed by initializer '{tensor.name}') "
                 f"next to the model in {base_dir}"
             )
-        if location not in extents and path.stat().st_nlink > 1:  # onnx_ir refuses it at the first read
+        links = path.stat().st_nlink if location not in extents else 1  # (one look per file)
+        if links > 1:  # onnx_ir refuses it at the first read
             raise InputError(
-                f"external-data file '{location}' in {base_dir} has {path.stat().st_nlink} hard links; "
+                f"external-data file '{location}' in {base_dir} has {links} hard links; "
                 "onnx_ir refuses to read external data through a hard link (a guard against linked-in files): "
                 "give the model folder its own copy (cp, not cp -l or ln)"
             )
@@ -474,6 +475,15 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorPro
     value.const_value = tensor
     graph.register_initializer(value)
     return value
+
+
+def gather_channels(graph: ir.Graph, x: ir.Value, idx: np.ndarray, name: str, idx_name: str) -> ir.Node:
+    """``Gather(x, idx, axis=-1)`` (not inserted): channels ``idx`` of ``x``'s last axis, the indices an initializer
+    named from ``idx_name``; its output typed and shaped ``[..., len(idx)]`` when ``x``'s shape is known."""
+    node = ir.node("Gather", [x, add_initializer(graph, idx_name, np.asarray(idx, np.int64))], {"axis": -1}, name=name)
+    if x.shape is not None and len(x.shape):
+        node.outputs[0].type, node.outputs[0].shape = x.type, ir.Shape([*list(x.shape)[:-1], len(idx)])
+    return node
 
 
 def constants_to_initializers(graph: ir.Graph) -> int:

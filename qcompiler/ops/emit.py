@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from qcompiler.coverage import OUTLIER_SIDE, mark_kept_float
 from qcompiler.floattype import float_array, float_type, graph_float_type
-from qcompiler.irutil import QC_DOMAIN, add_initializer, const_array, linear_weight
+from qcompiler.irutil import QC_DOMAIN, add_initializer, const_array, gather_channels, linear_weight
 from qcompiler.quant.w8a8 import QUANT_KEY, W8A8Match, emit_int8_weight, emit_per_token_activation, match_w8a8
 
 W8A8_OP = "W8A8MatMul"
@@ -129,19 +129,7 @@ def emit_outlier_split(
         nodes = [node]
     else:
         ft = float_type(old_w, x, y, default=graph_float_type(graph))  # the graph's float type
-        keep = np.ones(k, np.float32)
-        keep[idx] = 0
-        mask = ir.node("Mul", [x, add_initializer(graph, f"{base}_keep", float_array(keep, ft))], name=f"{base}_keep_Mul")
-        gather = ir.node("Gather", [x, add_initializer(graph, f"{base}_outlier_idx", idx)], {"axis": -1},
-                         name=f"{base}_outlier_Gather")
-        side = ir.node("MatMul", [gather.outputs[0],
-                                  add_initializer(graph, f"{base}_w_outlier", float_array(w_outlier, ft))],
-                       name=f"{base}_outlier_MatMul")
-        mark_kept_float(side, OUTLIER_SIDE)  # the coverage contract: float by design, not unsupported
-        if x.shape is not None and len(x.shape):  # shaped as made: the fusions after need no shape inference
-            mask.outputs[0].shape, mask.outputs[0].type = x.shape, x.type
-            gather.outputs[0].shape, gather.outputs[0].type = ir.Shape([*list(x.shape)[:-1], len(idx)]), x.type
-            side.outputs[0].shape, side.outputs[0].type = y.shape, y.type
+        mask, gather, side = outlier_side(graph, x, y, idx, k, w_outlier, base, ft)
         graph.insert_before(matmul, [mask, gather, side])
         matmul.replace_input_with(0, mask.outputs[0])
         per_token = emit_per_token_activation(graph, matmul, base)
@@ -161,6 +149,25 @@ def emit_outlier_split(
     if old_w is not None and not old_w.uses() and old_w.name in graph.initializers:
         del graph.initializers[old_w.name]
     return nodes
+
+
+def outlier_side(graph: ir.Graph, x: ir.Value, y: ir.Value, idx: np.ndarray, k: int, w_outlier: np.ndarray, base: str,
+                 ft: ir.DataType) -> tuple[ir.Node, ir.Node, ir.Node]:
+    """The nodes (not inserted) both forms of an outlier split share, for ``Y = X·W`` with ``K = k`` input channels:
+    ``X ⊙ keep`` (the outlier channels ``idx`` zeroed, ``{base}_keep_Mul``), ``Gather(X, idx)`` and its product
+    with ``w_outlier = W[idx]`` in float (``{base}_outlier_MatMul``, kept float by design), each output typed and
+    shaped as made when ``X``'s shape is known (the fusions after need no shape inference)."""
+    keep = np.ones(k, np.float32)
+    keep[idx] = 0
+    mask = ir.node("Mul", [x, add_initializer(graph, f"{base}_keep", float_array(keep, ft))], name=f"{base}_keep_Mul")
+    gather = gather_channels(graph, x, idx, f"{base}_outlier_Gather", f"{base}_outlier_idx")
+    side = ir.node("MatMul", [gather.outputs[0], add_initializer(graph, f"{base}_w_outlier", float_array(w_outlier, ft))],
+                   name=f"{base}_outlier_MatMul")
+    mark_kept_float(side, OUTLIER_SIDE)  # the coverage contract: float by design, not unsupported
+    if x.shape is not None and len(x.shape):
+        mask.outputs[0].shape, mask.outputs[0].type = x.shape, x.type
+        side.outputs[0].shape, side.outputs[0].type = y.shape, y.type
+    return mask, gather, side
 
 
 @dataclass(frozen=True)
