@@ -66,6 +66,7 @@ class QuantizeEmbeddingsConfig:
     # gptq, tied table: one tensor (the lookup reads the GPTQ codes too) or two, the lookup keeping data-free codes
     share: bool = True
     samples: int = 16  # gptq: at most this many calibration windows (SmolLM2: 8k tokens are plenty for H[576, 576])
+    full_range: bool = False  # sym: all 2^b codes through a signed scale (qcompiler.quant.numerics)
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
@@ -74,7 +75,8 @@ class QuantizeEmbeddingsConfig:
     def spec(self) -> QuantSpec:
         method = "rtn" if self.method == "gptq" else self.method  # the grid; gptq picks the codes
         return replace(QuantizeWeightsConfig(bits=self.bits, group_size=self.group_size, sym=self.sym,
-                                             method=method, clip=self.clip).spec(), method=self.method)
+                                             method=method, clip=self.clip, full_range=self.full_range).spec(),
+                       method=self.method)
 
 
 def embedding_gathers(model: ir.Model) -> dict[str, list[ir.Node]]:

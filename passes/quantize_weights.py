@@ -57,8 +57,12 @@ class QuantizeWeightsConfig:
     # a linear whose K is no multiple of group_size gets the largest power of two >= 32 below it that divides K
     # (MatMulNBits pads K to whole blocks: SmolLM2's K = 576 at g128 stores and reads 640 rows; g64 none)
     fit_k: bool = False
+    # sym: all 2^b codes, each group's largest-magnitude value at -2^(b-1) through a signed scale (numerics)
+    full_range: bool = False
 
     def __post_init__(self) -> None:
+        if self.full_range and not self.sym:
+            raise ValueError("full_range needs sym=true")
         if self.nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite must be error or skip, got {self.nonfinite}")
         if self.bits not in (2, 3, 4, 8):
@@ -77,6 +81,7 @@ class QuantizeWeightsConfig:
             group_size=self.group_size or 128,
             method=self.method,
             clip=self.clip,
+            full_range=self.full_range,
         )
 
 

@@ -68,7 +68,9 @@ class QuantSpec:
     """How one tensor is quantized.
 
     ``bits``/``symmetric`` give the integer grid: symmetric ``[-2^(b-1)+1, 2^(b-1)-1]``
-    around zero (int), asymmetric ``[0, 2^b - 1]`` with a zero point (uint).
+    around zero (int), asymmetric ``[0, 2^b - 1]`` with a zero point (uint).  ``full_range``
+    (symmetric only) uses all ``2^b`` codes: each group's largest-magnitude value is code
+    ``-2^(b-1)`` exactly, through a signed scale (``qcompiler.quant.numerics``).
     ``group_size`` is used with ``Granularity.GROUP``; ``method`` names the algorithm
     that picks the scales (``rtn``, ``awq``, ``gptq``, ``hqq``, ``minmax``,
     ``percentile``, ``mse``, ``entropy``, ``dynamic``).
@@ -83,8 +85,11 @@ class QuantSpec:
     # the float type the scales are stored in (fp32 | fp16 | bf16: the graph's): weight quantizers round
     # each scale to it before choosing the integer codes (qcompiler.quant.numerics.store_scales)
     scale_dtype: str = "fp32"
+    full_range: bool = False  # symmetric: s = v/-2^(b-1), v the group's largest-magnitude value (signed)
 
     def __post_init__(self) -> None:
+        if self.full_range and (not self.symmetric or self.bits == 7):
+            raise ValueError("full_range needs a symmetric grid of 2, 3, 4 or 8 bits")
         if self.scale_dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"scale_dtype must be fp32, fp16 or bf16, got {self.scale_dtype}")
         if self.bits not in (2, 3, 4, 7, 8):  # 7: int8-stored weights in [-63, 63] (qcompiler.quant.intgemm)
@@ -102,7 +107,8 @@ class QuantSpec:
 
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.granularity == Granularity.GROUP else str(self.granularity)
-        return f"{self.method} int{self.bits} {'sym' if self.symmetric else 'asym'} {g}"
+        grid = ("sym-full" if self.full_range else "sym") if self.symmetric else "asym"
+        return f"{self.method} int{self.bits} {grid} {g}"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -112,6 +118,7 @@ class QuantSpec:
             "group_size": self.group_size if self.granularity == Granularity.GROUP else None,
             "method": self.method,
             "clip": self.clip,
+            **({"full_range": True} if self.full_range else {}),
         }
 
 

@@ -95,7 +95,7 @@ def quantize_hqq(
         if spec.symmetric:
             den = np.einsum("gkn,gkn->gn", q * mask, q)
             s_new = np.einsum("gkn,gkn->gn", q * mask, t) / np.maximum(den, 1e-12)
-            sf = np.where((den > 0) & (s_new > 0), s_new, sf).astype(np.float32)
+            sf = np.where((den > 0) & (s_new * sf > 0), s_new, sf).astype(np.float32)  # keeps the sign
             cand_s, cand_z = sf, zf
         else:
             zf = np.clip((np.sum((q - t / sf[:, None, :]) * mask, axis=1) / cnt), lo, hi).astype(np.float32)

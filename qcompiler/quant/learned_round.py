@@ -73,6 +73,9 @@ class LearnedRounding:
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scale and zero point per group ``[G, N]`` (zero point None when symmetric)."""
         mx, mn = self.wmax * self.alpha, self.wmin * self.beta
+        if self.spec.symmetric and self.spec.full_range:  # signed scale: the larger extreme at -2^(b-1)
+            scale = torch.where(mn.abs() >= mx.abs(), mn, mx) / float(self.lo)
+            return self._stored(torch.where(scale == 0, torch.ones_like(scale), scale)), None
         if self.spec.symmetric:
             scale = torch.maximum(mx.abs(), mn.abs()) / float(self.spec.qmax)
             return self._stored(torch.where(scale == 0, torch.ones_like(scale), scale)), None
@@ -91,7 +94,7 @@ class LearnedRounding:
             return scale
         stored = scale.to(half[0]).to(torch.float32)
         tiny = float(ml_dtypes.finfo(half[1]).smallest_subnormal)
-        return torch.where((stored == 0) & (scale > 0), torch.full_like(stored, tiny), stored)
+        return torch.where((stored == 0) & (scale != 0), torch.sign(scale) * tiny, stored)
 
     def _q(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         scale, zp = self._grid()

@@ -7,7 +7,15 @@ per group of ``g`` consecutive rows (``g = K`` for per-channel):
   (``min ← min(min, 0)``, ``max ← max(max, 0)``), ``s = (max − min)/(2^b−1)``, ``z = round(−min/s)``,
   ``q = clamp(round(W/s) + z)``, ``Ŵ = s·(q − z)``;
 * symmetric (int, ``[−2^(b−1), 2^(b−1)−1]``): ``s = max|W|/(2^(b−1)−1)``,
-  ``q = clamp(round(W/s))``, ``Ŵ = s·q``.
+  ``q = clamp(round(W/s))``, ``Ŵ = s·q``;
+* symmetric full range (``spec.full_range``; llama.cpp's Q4_0, ONNX Runtime's own symmetric
+  blocks): with ``v`` the group's value of largest magnitude, ``s = v/−2^(b−1)`` (a *signed*
+  scale), so ``v`` is code ``−2^(b−1)`` exactly and the step is ``|v|/2^(b−1)`` instead of
+  ``|v|/(2^(b−1)−1)`` (int4: 8/7 finer); values of the other sign beyond ``(2^(b−1)−1)·|s|``
+  clamp.  Versus the asymmetric grid, whose zero point is rounded, neither extreme of which is
+  on the grid: the extreme is kept exactly.  On SmolLM2's tied lm_head (int4 g32, RTN,
+  float decoder) perplexity 59.16 → 56.72 on git's release notes, 15.73 → 14.87 on Python
+  source (docs/fusion.md).
 
 The scale is computed in float32 and then rounded to the float type it is stored in
 (``spec.scale_dtype``, the graph's: :func:`store_scales`) *before* the codes are chosen, so
@@ -92,7 +100,7 @@ def group_ranges(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
 
 def store_scales(scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """``scale`` (float32) rounded to ``spec.scale_dtype`` as the graph will store it, kept as float32
-    values; a positive scale that would round to 0 becomes the type's smallest positive value."""
+    values; a nonzero scale that would round to 0 becomes the type's smallest subnormal, of its sign."""
     if spec.scale_dtype == "fp32":
         return np.asarray(scale, np.float32)
     import ml_dtypes
@@ -100,7 +108,8 @@ def store_scales(scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
     t = np.float16 if spec.scale_dtype == "fp16" else ml_dtypes.bfloat16
     stored = np.asarray(scale, np.float32).astype(t).astype(np.float32)
     tiny = np.float32(ml_dtypes.finfo(t).smallest_subnormal)
-    return np.where((stored == 0) & (np.asarray(scale) > 0), tiny, stored).astype(np.float32)
+    # a scale the type flushes to 0 keeps its sign (full-range symmetric scales are signed)
+    return np.where((stored == 0) & (np.asarray(scale) != 0), np.copysign(tiny, scale), stored).astype(np.float32)
 
 
 def scales_from_range(
@@ -111,6 +120,11 @@ def scales_from_range(
     if not (np.isfinite(wmin).all() and np.isfinite(wmax).all()):
         raise ValueError("non-finite weight range (NaN/Inf in the weight)")
     if spec.symmetric:
+        if spec.full_range:  # the extreme of larger magnitude, sign kept, onto code -2^(b-1)
+            v = np.where(np.abs(wmin) >= np.abs(wmax), wmin, wmax)
+            scale = (v / float(-(2 ** (spec.bits - 1)))).astype(np.float32)
+            scale = np.where(scale == 0, np.float32(1.0), scale)  # an all-zero group; NaN stays NaN
+            return store_scales(scale, spec), None
         amax = np.maximum(np.abs(wmin), np.abs(wmax))
         scale = amax / float(spec.qmax)
         scale = np.where(scale == 0, 1.0, scale).astype(np.float32)  # an all-zero group; NaN stays NaN

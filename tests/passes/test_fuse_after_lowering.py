@@ -22,12 +22,17 @@ CFG = SyntheticConfig(layers=2, hidden=576, heads=9, kv_heads=3, intermediate=25
 LOWERED = {
     "w4a16-rtn": "canonicalize,quantize-weights{bits=4,group_size=32},lower-matmulnbits",
     "w8a8-dynamic": "canonicalize,insert-qdq{act=per-token},lower-w8a8-cpu",
+    # onnxruntime-genai's grid (w4a16-genai's), its signed scales, lowered at level 0
+    "w4a16-full-range": "canonicalize,quantize-weights{bits=4,group_size=32,sym=true,full_range=true},"
+                        "quantize-embeddings{bits=4,group_size=32,sym=true,full_range=true},lower-matmulnbits,"
+                        "lower-embeddings",
 }
-KERNEL = {"w4a16-rtn": "com.microsoft.MatMulNBits", "w8a8-dynamic": "com.microsoft.MatMulIntegerToFloat"}
+KERNEL = {"w4a16-rtn": "com.microsoft.MatMulNBits", "w8a8-dynamic": "com.microsoft.MatMulIntegerToFloat",
+          "w4a16-full-range": "com.microsoft.MatMulNBits"}
 #: logits tolerance (relative to the largest): weight-only graphs compute the same function up to float
 #: rounding; dynamic int8 activations round the fused norm's output, whose last-bit differences can move
 #: an activation by one int8 step (~1/127 of its row's range)
-TOL = {"w4a16-rtn": 2e-4, "w8a8-dynamic": 2e-2}
+TOL = {"w4a16-rtn": 2e-4, "w8a8-dynamic": 2e-2, "w4a16-full-range": 2e-4}
 
 
 @pytest.mark.parametrize("recipe", sorted(LOWERED))

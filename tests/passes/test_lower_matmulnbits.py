@@ -14,10 +14,13 @@ from qcompiler.pipeline import make_config, run_passes
 from tests.helpers import WINDOW, rel_err, run_logits
 
 
-@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 16, True), (4, 0, False), (8, 64, False), (8, 0, True)])
-def test_same_logits_as_dq_form(synthetic_dir, tmp_path: Path, bits: int, group: int, sym: bool) -> None:
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 16, True), (4, 0, False), (8, 64, False), (8, 0, True),
+                                            (4, 32, "full")])
+def test_same_logits_as_dq_form(synthetic_dir, tmp_path: Path, bits: int, group: int, sym: bool | str) -> None:
+    """``sym="full"``: the full-range grid's signed scales (MatMulNBits and DequantizeLinear take them as they are)."""
     folder, _ = synthetic_dir
-    qcfg = make_config(QuantizeWeights, {"bits": bits, "group_size": group, "sym": sym})
+    qcfg = make_config(QuantizeWeights, {"bits": bits, "group_size": group, "sym": bool(sym),
+                                         "full_range": sym == "full"})
     model, _ = run_passes(load_model(folder / "model.onnx"), [Canonicalize(), QuantizeWeights(qcfg)])
     dq_logits = run_logits(model, WINDOW, tmp_path / "dq", optimize=False)
     model, _ = run_passes(model, [LowerMatMulNBits()])

@@ -63,10 +63,11 @@ def test_tied_embedding_becomes_one_row_blocked_tensor(tied_dir: Path) -> None:
     assert "shares" in ctx.report["embeddings"]["lm_head"]
 
 
-@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 32, True), (4, 0, False), (8, 64, False)])
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 32, True), (4, 0, False), (8, 64, False),
+                                            (4, 32, "full")])
 def test_lowered_form_shares_one_tensor_and_matches(tied_dir: Path, tmp_path: Path, bits: int, group: int,
-                                                    sym: bool) -> None:
-    model, _ = _quantize(tied_dir, bits=bits, group_size=group, sym=sym)
+                                                    sym: bool | str) -> None:
+    model, _ = _quantize(tied_dir, bits=bits, group_size=group, sym=bool(sym), full_range=sym == "full")
     portable = run_logits(model, WINDOW, tmp_path / "dq", optimize=False)
     gathers = op_types(model)["Gather"]
     model, _ = run_passes(model, [LowerEmbeddings()])

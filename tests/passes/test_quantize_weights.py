@@ -58,20 +58,22 @@ def test_every_decoder_linear_quantized_exactly(synthetic_dir, group: int, sym: 
     assert model.opset_imports[""] == 21
 
 
-@pytest.mark.parametrize("bits,group", [(8, 32), (4, 16), (4, 0)])
-def test_graph_equals_fake_quant_reference(synthetic_dir, tmp_path: Path, bits: int, group: int) -> None:
-    """The quantized graph computes exactly the float graph with W replaced by numpy's Ŵ."""
+@pytest.mark.parametrize("bits,group,full", [(8, 32, False), (4, 16, False), (4, 0, False), (4, 32, True)])
+def test_graph_equals_fake_quant_reference(synthetic_dir, tmp_path: Path, bits: int, group: int, full: bool) -> None:
+    """The quantized graph computes exactly the float graph with W replaced by numpy's Ŵ (``full``: the
+    full-range symmetric grid, signed scales)."""
     folder, _ = synthetic_dir
     fake = load_model(folder / "model.onnx")
     Canonicalize()(fake)
-    spec = QuantizeWeights.Config(bits=bits, group_size=group).spec()
+    opts = {"sym": True, "full_range": True} if full else {}
+    spec = QuantizeWeights.Config(bits=bits, group_size=group, **opts).spec()
     for node in fake.graph:
         info = linear_info(node)
         if info is not None and info.role != Role.LM_HEAD:
             w = node.inputs[1].const_value
             node.inputs[1].const_value = ir.tensor(quantize_rtn(w.numpy(), spec).dequantize(), name=w.name)
     ref = run_logits(fake, WINDOW, tmp_path / "fake", optimize=False)
-    q = run_logits(_quantized(folder, bits=bits, group_size=group), WINDOW, tmp_path / "q", optimize=False)
+    q = run_logits(_quantized(folder, bits=bits, group_size=group, **opts), WINDOW, tmp_path / "q", optimize=False)
     assert rel_err(ref, q) < 1e-5
 
 
