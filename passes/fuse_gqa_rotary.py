@@ -7,11 +7,9 @@ After ``fuse-attention``, ``fuse-rotary`` and ``fuse-pack-linears`` a decoder la
     GQA(RotaryEmbedding(q, pos, cos, sin), RotaryEmbedding(k, pos, cos, sin), v, past_k, past_v, …)
 
 ONNX Runtime's GroupQueryAttention takes the packed ``P`` as its query (key and value absent)
-and applies the same rotary itself with ``do_rotary=1``, from the same ``cos``/``sin`` caches
-and ``position_ids`` (input 9)::
+and applies the same rotary itself with ``do_rotary=1``, from the same ``cos``/``sin`` caches::
 
-    GQA(P, ∅, ∅, past_k, past_v, seqlens_k, total_len, cos, sin, pos, …; do_rotary=1,
-        rotary_interleaved=interleaved)
+    GQA(P, ∅, ∅, past_k, past_v, seqlens_k, total_len, cos, sin; do_rotary=1, rotary_interleaved=interleaved)
 
 Same arithmetic — ``rot(x)_i = x_i·cos θ_{p,i} − x_{i±D/2}·sin θ_{p,i}`` on each head of q and k,
 then attention — minus 3 nodes per layer (the Split, 2 RotaryEmbedding) and their intermediate
@@ -21,22 +19,34 @@ three outputs read by nothing else (but Shape), both rotaries on the same positi
 rotary, cos/sin or position inputs of its own and without a quantized cache; anything else
 (q/k norms between the Split and the rotary, separate q/k/v linears) is left as it is.
 
+**Positions.**  The kernel rotates the token in cache slot ``j`` by ``θ(j)``: a prompt from 0, a decode
+step by its slot (``seqlens_k``; our graphs pass ``total − 1`` for every row, the mask does the
+padding).  The unfolded graph rotates by ``position_ids``.  The two agree up to a constant per row
+whenever a row's positions run with its cache slots — no padding (``position_ids = j``, or
+``j + offset``) and left padding (``j − pads``, the ``cumsum(mask) − 1`` that transformers and optimum
+feed) — and RoPE's scores depend only on the difference of the positions::
+
+    ⟨R(θ(m + c))q, R(θ(n + c))k⟩ = ⟨R(θ(m))q, R(θ(n))k⟩     (θ(p) = p·ω, R a rotation)
+
+so the attention is the same (float rounding of the angles aside: 5e-7 relative on a left-padded
+batch).  It is not for positions that do not run with the slots: a right-padded batch decoding
+after its padding (its new tokens are ``pads`` slots further than their positions) or arbitrary
+``position_ids``; those the graph reads but this form does not (``tests/passes/test_fuse_gqa_rotary.py``
+shows both).  GQA is therefore fed no ``position_ids`` (input 9): with it, ONNX Runtime takes
+``position_ids[b, 0]`` as the base of a prompt (1 on a left-padded row: the padding's fill) and
+the slot at decode, which agrees with neither.
+
 The caches: ``fuse-rotary`` feeds RotaryEmbedding the graph's own per-token tables
 (``cos_cache[b·S + t] = cos θ(position_ids[b, t])``, positions ``arange(B·S)``), while
-GroupQueryAttention indexes its caches by position, ``cos_cache[p]`` for ``p <
+GroupQueryAttention indexes its caches by slot, ``cos_cache[p]`` for ``p <
 total_sequence_length``.  When those tables are a function of the ``position_ids`` graph
 input alone (constants aside), the pass re-feeds their subgraph with the positions
 ``arange(T)[None]``, ``T`` = GQA's ``total_sequence_length``: row ``p`` is then ``cos θ(p)`` —
-the same table whatever the RoPE variant, computed for ``T`` positions per run — and GQA reads
-the real ``position_ids`` (input 9).  Graphs whose tables depend on anything else are left alone.
+the same table whatever the RoPE variant with angles linear in the position, computed for ``T``
+positions per run.  Graphs whose tables depend on anything else are left alone.
 
 Not in the cpu target's default pipeline (opt-in: ``--passes "…,fuse-gqa-rotary"`` after the
-lowering): ONNX Runtime's kernel takes ``position_ids[b, 0]`` as a base and assumes the
-positions of a prompt are contiguous from it (an offset or restarted position_ids gives other
-numbers, or "position_ids base value … exceeds cos/sin cache range"), where the unfolded graph
-rotates each token by its own position; and on SmolLM2 the 95 nodes fewer made no decode
-difference measurable on the shared 2-core machine (+9 %, −8 %, −3 % in three runs,
-docs/fusion.md).
+lowering), for the right-padded batches above; decode +5–7 % on SmolLM2 (2 threads, docs/fusion.md).
 """
 
 from __future__ import annotations
@@ -76,15 +86,15 @@ def _ancestors(values: list[ir.Value]) -> tuple[list[ir.Node], set[ir.Value]]:
     return list(nodes.values()), inputs
 
 
-def _positional_caches(graph: ir.Graph, cos: ir.Value, sin: ir.Value, total: ir.Value) -> ir.Value | None:
-    """Re-feed the tables' subgraph with ``arange(total)[None]`` in place of ``position_ids``; returns the
-    ``position_ids`` graph input (for GQA), or None when the tables read any other input."""
+def _positional_caches(graph: ir.Graph, cos: ir.Value, sin: ir.Value, total: ir.Value) -> bool:
+    """Re-feed the tables' subgraph with ``arange(total)[None]`` in place of ``position_ids``; False (and nothing
+    changed) when the tables read any other input."""
     nodes, inputs = _ancestors([cos, sin])
     if len(inputs) != 1:
-        return None
+        return False
     (pos,) = inputs
     if pos not in graph.inputs or pos.dtype != ir.DataType.INT64:
-        return None
+        return False
     first = min(graph.num_nodes(), *(i for i, n in enumerate(graph) if any(x is pos for x in n.inputs)))
     anchor = list(graph)[first]
     zero, one = (add_initializer(graph, f"gqa_rotary_{n}", np.array(v, np.int64)) for n, v in (("zero", 0),
@@ -101,7 +111,7 @@ def _positional_caches(graph: ir.Graph, cos: ir.Value, sin: ir.Value, total: ir.
         for i, x in enumerate(node.inputs):
             if x is pos:
                 node.replace_input_with(i, arange)
-    return pos
+    return True
 
 
 def _input(node: ir.Node, i: int) -> ir.Value | None:
@@ -149,7 +159,7 @@ class FuseGQARotary(QCPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = 0
-        caches: dict[tuple[int, int], ir.Value | None] = {}  # (cos, sin) → position_ids (None: not positional)
+        caches: dict[tuple[int, int], bool] = {}  # (cos, sin) → re-fed by slot (False: not positional)
         for gqa in list(model.graph):
             if gqa.op_type != "GroupQueryAttention" or gqa.domain != MS_DOMAIN:
                 continue
@@ -173,18 +183,14 @@ class FuseGQARotary(QCPass):
             cos, sin, total = q.inputs[2], q.inputs[3], _input(gqa, TOTAL)
             key = (id(cos), id(sin))
             if key not in caches:
-                caches[key] = None if total is None else _positional_caches(model.graph, cos, sin, total)
-            pos = caches[key]
-            if pos is None:
+                caches[key] = total is not None and _positional_caches(model.graph, cos, sin, total)
+            if not caches[key]:
                 continue
-            if len(gqa.inputs) <= POSITIONS:
-                gqa.resize_inputs(POSITIONS + 1)
             for o in split.outputs:  # Shape of the leading dims (batch, sequence) of q: the same as P's
                 for use in list(o.uses()):
                     if use.node.op_type == "Shape" and 0 < use.node.attributes.get_int("end", 0) <= 2:
                         use.node.replace_input_with(use.idx, split.inputs[0])
-            for slot, value in ((QUERY, split.inputs[0]), (KEY, None), (VALUE, None), (COS, cos), (SIN, sin),
-                                (POSITIONS, pos)):
+            for slot, value in ((QUERY, split.inputs[0]), (KEY, None), (VALUE, None), (COS, cos), (SIN, sin)):
                 gqa.replace_input_with(slot, value)
             attrs["do_rotary"] = ir.AttrInt64("do_rotary", 1)
             attrs["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", q.attributes.get_int("interleaved", 0))
