@@ -30,7 +30,7 @@ from qcompiler.recipes import (
 #: ``cpu_isa`` is read by every target: the W8A8 lowerings (cpu, npu; fold-zero-point, whose GEMMs a
 #: cuda session runs on its CPU provider) and the integer-GEMM invariant checked after every pipeline.
 TARGET_OPTIONS: dict[str, frozenset[str]] = {
-    "cpu": frozenset({"fuse", "cpu_isa", "kv_cache"}),
+    "cpu": frozenset({"fuse", "cpu_isa", "kv_cache", "rotary_in_attention"}),
     "cuda": frozenset({"fuse", "cpu_isa", "kv_cache"}),
     "npu": frozenset({"static_shapes", "cpu_isa"}),
 }

@@ -56,6 +56,10 @@ class QuantizeOptions:
     kv_cache: str = "float"
     kv_granularity: str = "channel"  # channel | tensor (keys; values per channel unless tensor)
     kv_clip: str = "minmax"  # minmax | mse
+    # cpu (issue 24): GroupQueryAttention applies the rotary itself from the packed q|k|v (fuse-gqa-rotary,
+    # onnxruntime-genai's form): faster decode, exact for unpadded and left-padded batches, not for right-padded
+    # ones decoding after their padding (passes/fuse_gqa_rotary.py)
+    rotary_in_attention: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -68,6 +72,9 @@ class QuantizeOptions:
             raise OptionError(f"--kv-granularity: '{self.kv_granularity}' is not one of channel, tensor")
         if self.kv_clip not in ("minmax", "mse"):
             raise OptionError(f"--kv-clip: '{self.kv_clip}' is not one of minmax, mse")
+        if self.rotary_in_attention and not self.fuse:
+            raise OptionError("--rotary-in-attention folds the fused attention's rotary: it needs the fusions "
+                              "(drop --no-fuse)")
 
     @property
     def needs_calibration(self) -> bool:

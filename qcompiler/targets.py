@@ -62,6 +62,9 @@ register_lowering("cpu", 30, lambda o: FUSION_PASSES if o.fuse else "")
 register_lowering("cuda", 30, lambda o: CUDA_FUSION_PASSES if o.fuse else "")
 for _target in ("cpu", "cuda"):
     register_lowering(_target, 60, lambda o: "fuse-bias" if o.fuse else "")
+# --rotary-in-attention (cpu): GroupQueryAttention reads the packed q|k|v and rotates it itself, last (it matches
+# the lowered, fused graph); opt-in, for the right-padded batches it does not keep exact (passes/fuse_gqa_rotary.py)
+register_lowering("cpu", 70, lambda o: "fuse-gqa-rotary" if o.fuse and o.rotary_in_attention else "")
 
 # issue 9 (weight-only, --quantize-embeddings): row-blocked embedding DequantizeLinear →
 # GatherBlockQuantized + MatMulNBits sharing one packed tensor.

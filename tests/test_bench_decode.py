@@ -35,9 +35,10 @@ def test_interleaved_steps_give_each_row_its_own_decode(tmp_path) -> None:
     alone = [Row("a", a), Row("b", b)]
     for r in alone:
         measure(r, prompt, 6, threads=1)
-    together = [Row("a", a), Row("b", b)]
-    for _ in range(2):
-        measure_interleaved(together, prompt, 6, threads=1)
-    for r, ref in zip(together, alone):
-        assert r.tokens == ref.tokens and len(r.tokens) == 7
-        assert len(r.decode_runs) == len(r.prefill_runs) == 2 and min(r.decode_runs) > 0
+    for block, pause in ((1, 0.0), (4, 0.002)):  # step by step; in turns of 4 steps (6 = 4 + 2) with a pause
+        together = [Row("a", a), Row("b", b)]
+        for _ in range(2):
+            measure_interleaved(together, prompt, 6, threads=1, block=block, pause_s=pause)
+        for r, ref in zip(together, alone):
+            assert r.tokens == ref.tokens and len(r.tokens) == 7
+            assert len(r.decode_runs) == len(r.prefill_runs) == 2 and min(r.decode_runs) > 0

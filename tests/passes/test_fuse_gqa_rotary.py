@@ -120,3 +120,29 @@ def test_smollm2_w4_folded_same_tokens(dtype: str, smollm2_kv: Path, smollm2_kv_
     tol = 1e-4 if dtype == "fp32" else 2e-3
     assert_same_decoder(runner(tmp_path / "unfolded", tmp_path, threads=2), runner(folded, tmp_path, threads=2),
                         ids, steps=16, tol=tol)
+
+
+def test_cli_option_folds_after_the_cpu_lowering(tmp_path: Path) -> None:
+    """``--rotary-in-attention`` (QuantizeOptions.rotary_in_attention): the cpu target's pipeline ends with
+    fuse-gqa-rotary, every attention folded, the same greedy tokens; refused without the fusions or off cpu."""
+    from qcompiler.models.synthetic import build_model_dir
+
+    from qcompiler.errors import OptionError
+    from qcompiler.option_use import check_options
+    from qcompiler.quantize import quantize
+    from qcompiler.recipes import QuantizeOptions
+    from qcompiler.targets import lowering_pipeline
+
+    assert lowering_pipeline("cpu", QuantizeOptions(rotary_in_attention=True)).endswith(",fuse-gqa-rotary")
+    assert "fuse-gqa-rotary" not in lowering_pipeline("cpu", QuantizeOptions())
+    folder = build_model_dir(tmp_path / "m", CFG)[0]
+    plain = quantize(folder, tmp_path / "plain", recipe="w4a16-rtn", options=QuantizeOptions())
+    folded = quantize(folder, tmp_path / "folded", recipe="w4a16-rtn", options=QuantizeOptions(rotary_in_attention=True))
+    assert "fuse-gqa-rotary" not in plain["report"]["fusion"]
+    assert folded["report"]["fusion"]["fuse-gqa-rotary"] == CFG.layers
+    assert_same_decoder(runner(tmp_path / "plain", tmp_path / "x"), runner(tmp_path / "folded", tmp_path / "y"),
+                        WINDOW, steps=16)
+    with pytest.raises(OptionError, match="needs the fusions"):
+        QuantizeOptions(rotary_in_attention=True, fuse=False)
+    with pytest.raises(OptionError, match="--rotary-in-attention is not used"):
+        check_options("w4a16-rtn", QuantizeOptions(target="npu", rotary_in_attention=True), {"rotary_in_attention"})
