@@ -37,8 +37,20 @@ def test_interleaved_steps_give_each_row_its_own_decode(tmp_path) -> None:
         measure(r, prompt, 6, threads=1)
     for block, pause in ((1, 0.0), (4, 0.002)):  # step by step; in turns of 4 steps (6 = 4 + 2) with a pause
         together = [Row("a", a), Row("b", b)]
-        for _ in range(2):
-            measure_interleaved(together, prompt, 6, threads=1, block=block, pause_s=pause)
+        for rep in range(2):  # new sessions each repeat, the first created rotating (main() does so)
+            measure_interleaved(together, prompt, 6, threads=1, block=block, pause_s=pause, first_created=rep % 2)
         for r, ref in zip(together, alone):
             assert r.tokens == ref.tokens and len(r.tokens) == 7
             assert len(r.decode_runs) == len(r.prefill_runs) == 2 and min(r.decode_runs) > 0
+        assert [r.created for r in together] == [[0, 1], [1, 0]]
+
+
+def test_paired_geomean_cancels_an_order_bias() -> None:
+    """A row 10 % faster when its session is made second, the order alternating: the geometric mean of the paired
+    ratios is the bias-free 1.0 (the median of such bimodal ratios need not be)."""
+    from tools.bench_decode import paired_geomean
+
+    base = [1.0, 1.1] * 4
+    row = [1.1, 1.0] * 4
+    assert paired_geomean(base, row) == pytest.approx(1.0)
+    assert paired_geomean([2.0, 2.0], [1.0, 1.0]) == pytest.approx(2.0)

