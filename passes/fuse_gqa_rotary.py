@@ -47,8 +47,8 @@ positions per run.  Graphs whose tables depend on anything else are left alone.
 
 Not in the cpu target's default pipeline, for the right-padded batches above: opt-in with
 ``qc quantize … --rotary-in-attention`` (the cpu lowering then ends with it) or ``--passes "…,fuse-gqa-rotary"``
-after the lowering.  SmolLM2 ``w4a16-fast`` decode on 2 threads: +2–3 % without spinning thread pools,
-+9–14 % with ONNX Runtime's default spinning ones (docs/fusion.md).
+after the lowering.  SmolLM2 ``w4a16-fast`` decode: +1–2 % on 1 and 2 threads, with or without spinning
+thread pools (docs/fusion.md: paired, interleaved, the session creation order rotated).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def find_decoder_layers(model: ir.Model) -> list[DecoderLayer]:
                            if linear_info(n).layer == info.layer and linear_info(n).expert is not None})  # type: ignore[union-attr]
             raise UnsupportedModelError(
                 f"layer-wise running (awq, gptq): decoder layer {info.layer} is a mixture of {experts} experts; "
-                "only dense MLPs are supported (use w4a16-rtn, w4a16-hqq or a w8a8 recipe)")
+                "only dense MLPs are supported (use w4a16-rtn, w4a16-fast-rtn, w4a16-hqq or a w8a8 recipe)")
         if info is not None and info.layer >= 0:
             by_layer.setdefault(info.layer, {})[info.role] = node
     if not by_layer:

@@ -202,21 +202,39 @@ register_recipe(
            "accuracy_level=4 (int8 activations): fastest decode, +7% perplexity on SmolLM2", _genai,
            options=frozenset(), bits=4)
 )
-def _fast(o: QuantizeOptions) -> str:
-    """The accurate-and-fast int4 for ONNX Runtime CPU (issue 24, docs/fusion.md): the decoder RTN int4
-    (``--group-size``, default 128), the tied embedding / lm_head table int4 g32 with the lm_head's codes
-    chosen by GPTQ on the final norm's output (``--calib``), the lookup keeping RTN codes; on cpu, MatMulNBits
-    at accuracy level 4 (int8 activations in the kernel)."""
-    text = (f"canonicalize,quantize-weights{{bits=4,group_size={o.group_size},sym={o.sym},method=rtn,"
-            f"clip={o.clip}}},quantize-embeddings{{bits=4,group_size=32,sym={o.sym},method=gptq,share=False}}")
-    if o.target == "cpu":  # lowered here at level 4 (like w4a16-genai); the target's fusions follow
-        text += ",lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}"
-    return text
+def _fast(body: str) -> Callable[[QuantizeOptions], str]:
+    """The accurate-and-fast int4 for ONNX Runtime CPU (issue 24, docs/fusion.md): the decoder int4 at
+    ``--group-size`` (default 128) by ``body`` — ``awq-gptq`` (AWQ scales and clipping, then GPTQ rounding on
+    ``--calib``) or ``rtn`` —, the tied embedding / lm_head table int4 g32 with the lm_head's codes chosen by
+    GPTQ on the final norm's output (``--calib``), the lookup keeping RTN codes; on cpu, MatMulNBits at
+    accuracy level 4 (int8 activations in the kernel).  Both bodies give the same graph (the same kernels,
+    block sizes and node count): the decode speed is the same, the perplexity is not."""
+
+    def build(o: QuantizeOptions) -> str:
+        if body == "awq-gptq":
+            decoder = f"awq{{bits=4,group_size={o.group_size},sym={o.sym},gptq=true}}"
+        else:
+            decoder = f"quantize-weights{{bits=4,group_size={o.group_size},sym={o.sym},method=rtn,clip={o.clip}}}"
+        text = (f"canonicalize,{decoder},"
+                f"quantize-embeddings{{bits=4,group_size=32,sym={o.sym},method=gptq,share=False}}")
+        if o.target == "cpu":  # lowered here at level 4 (like w4a16-genai); the target's fusions follow
+            text += ",lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}"
+        return text
+
+    return build
 
 
+# SmolLM2-135M, calibrated on the GPL-3 (docs/fusion.md): perplexity on git's release notes / Python source /
+# Vim docs 47.42 / 13.48 / 27.96 with the AWQ+GPTQ body, 56.14 / 15.05 / 29.18 with RTN's, onnxruntime-genai's
+# int4 58.20 / 13.52 / 30.46; compile 205 s against 10 s (AWQ's search and GPTQ run layer by layer)
 register_recipe(
-    Recipe("w4a16-fast", "int4 for fast CPU decode at RTN's accuracy: RTN int4 decoder, int4 lm_head whose codes "
-           "GPTQ picks on --calib (the embedding lookup RTN int4), accuracy_level=4 on cpu", _fast,
+    Recipe("w4a16-fast", "int4 for fast CPU decode: AWQ+GPTQ int4 decoder, int4 lm_head whose codes GPTQ picks "
+           "(the embedding lookup RTN int4), accuracy_level=4 on cpu; all on --calib", _fast("awq-gptq"),
+           needs_calibration=True, options=frozenset({"group_size", "sym"}), bits=4)
+)
+register_recipe(
+    Recipe("w4a16-fast-rtn", "w4a16-fast's graph and speed with an RTN int4 decoder: seconds to build, any family "
+           "(no layer-wise pass), higher perplexity; the lm_head's codes still by GPTQ on --calib", _fast("rtn"),
            needs_calibration=True, options=frozenset({"group_size", "sym", "clip"}), bits=4)
 )
 register_recipe(

@@ -1,4 +1,5 @@
-"""w4a16-fast: RTN int4 decoder, int4 lm_head by GPTQ on the calibration text, level-4 MatMulNBits on cpu."""
+"""w4a16-fast: AWQ+GPTQ int4 decoder (w4a16-fast-rtn: RTN), int4 lm_head by GPTQ on the calibration text, level-4
+MatMulNBits on cpu."""
 
 from __future__ import annotations
 
@@ -21,14 +22,32 @@ def tied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("fast") / "m", cfg)[0]
 
 
-def test_pipeline_text() -> None:
-    r = get_recipe("w4a16-fast")
+@pytest.mark.parametrize("name,decoder", [("w4a16-fast", "awq{bits=4,group_size=64,sym=False,gptq=true}"),
+                                          ("w4a16-fast-rtn", "quantize-weights{bits=4,group_size=64")])
+def test_pipeline_text(name: str, decoder: str) -> None:
+    r = get_recipe(name)
     assert r.needs_calibration and r.bits == 4
     cpu = r.build(QuantizeOptions(group_size=64))
-    assert "quantize-weights{bits=4,group_size=64" in cpu and "fit_k" not in cpu
+    assert cpu.startswith(f"canonicalize,{decoder}") and "fit_k" not in cpu
     assert "quantize-embeddings{bits=4,group_size=32,sym=False,method=gptq,share=False}" in cpu
     assert cpu.endswith("lower-matmulnbits{accuracy_level=4},lower-embeddings{accuracy_level=4}")
     assert "lower-" not in r.build(QuantizeOptions(target="npu"))  # npu: the portable form
+
+
+def test_both_bodies_one_graph_awq_gptq_closer(tied_dir: Path, synthetic_text: Path, tmp_path: Path) -> None:
+    """The two decoders give the same graph (kernels, block sizes, levels: the same decode work); AWQ+GPTQ's
+    logits are nearer the float model's than RTN's (ORT)."""
+    opts = QuantizeOptions(group_size=32, calib=str(synthetic_text), calib_samples=4, seq_len=64)
+    graphs = {}
+    for name in ("w4a16-fast", "w4a16-fast-rtn"):
+        quantize(tied_dir, tmp_path / name, recipe=name, options=opts)
+        proto = onnx.load(str(tmp_path / name / "model.onnx"), load_external_data=False)
+        graphs[name] = [(n.op_type, sorted((a.name, a.i) for a in n.attribute if a.type == onnx.AttributeProto.INT))
+                        for n in proto.graph.node]
+    assert graphs["w4a16-fast"] == graphs["w4a16-fast-rtn"]
+    ref = run_logits(tied_dir, WINDOW)
+    err = {n: float(np.mean((run_logits(tmp_path / n, WINDOW) - ref) ** 2)) for n in graphs}
+    assert err["w4a16-fast"] < err["w4a16-fast-rtn"], err
 
 
 def test_quantizes_and_runs_at_level4(tied_dir: Path, synthetic_text: Path, tmp_path: Path) -> None:
