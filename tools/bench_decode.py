@@ -43,7 +43,11 @@ second-long slow phases of a virtual machine fall on every row alike: the steadi
 ±5 % where the other modes give ±30 %).  Use ``--interleave`` with ``--no-spin``: spinning thread pools of
 the other rows' sessions would take the cores from the row running (every row slows 2×).  To measure ONNX
 Runtime's default, spinning pools, interleave in blocks with a pause at each switch (``--interleave
---interleave-block 8 --switch-pause-ms 10``): the pool of the row that ran last stops spinning first.
+--interleave-block 8 --switch-pause-ms 10``): the pool of the row that ran last stops spinning first.  The rows'
+sessions are made anew each repeat in an order rotated over the repeats, and the ratios are summarized by their
+geometric mean: a session created later in a process decodes faster (docs/fusion.md), which biased the fixed
+order of the other modes towards the later rows (a row named twice, e.g. ``--rows genai-int4,genai-int4``, runs
+the same model again: an A/A check).
 """
 
 from __future__ import annotations
@@ -389,9 +393,10 @@ def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads
     default): with spinning pools, turns of one step each would run every row against the others' spinning
     threads, so measure them in blocks (``--interleave-block 8 --switch-pause-ms 10``).
     ``first_created``: every row gets a new session this repeat, created starting from that row and on in turn
-    (else sessions are kept over the repeats, as ``--warm``).  Where sessions are made matters: the same model
-    loaded twice in one process decodes ~10 % faster in the session created second (measured on this VM, either
-    run order, docs/fusion.md), so a fixed order favours the later rows; main() rotates it over the repeats."""
+    (else sessions are kept over the repeats, as ``--warm``).  Where sessions are made matters: with sessions kept
+    over the repeats, the same model loaded twice in one process decoded ~10 % faster in the session created
+    second (this VM, either run order, docs/fusion.md), so a fixed order favours the later rows; main() makes
+    them anew each repeat and rotates the order (the same model twice then gives 1.005)."""
     if first_created is not None:
         n = len(rows)
         for k in [(first_created + j) % n for j in range(n)]:
