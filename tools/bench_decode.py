@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nprefill {len(prompt)} tokens + {args.decode} greedy decode steps, ONNX Runtime CPU, "
           f"{args.threads} threads{'' if args.no_spin else ' (spinning)'}, best of {args.repeats}"
-          f"{' in one warmed session per row' if args.warm or args.interleave else ', a new session each'}"
+          f"{', new sessions each repeat, created in a rotated order' if args.interleave else ' in one warmed session per row' if args.warm else ', a new session each'}"
           f"{f', decode steps of the rows interleaved ({args.interleave_block} per turn)' if args.interleave else ''}"
           f"{f', {args.switch_pause_ms:g} ms pause per turn' if args.interleave and args.switch_pause_ms else ''}; "
           f"load average {load0:.1f} → {load1:.1f}\n")
