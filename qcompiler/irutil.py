@@ -68,13 +68,6 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
                 f"missing external-data file '{location}' (needed by initializer '{tensor.name}') "
                 f"next to the model in {base_dir}"
             )
-        links = path.stat().st_nlink if location not in extents else 1  # (one look per file)
-        if links > 1:  # onnx_ir refuses it at the first read
-            raise InputError(
-                f"external-data file '{location}' in {base_dir} has {links} hard links; "
-                "onnx_ir refuses to read external data through a hard link (a guard against linked-in files): "
-                "give the model folder its own copy (cp, not cp -l or ln)"
-            )
         offset = _external_int(tensor.name, info, "offset", 0)
         length = _external_int(tensor.name, info, "length", None)
         needed = _tensor_nbytes(tensor)
@@ -85,8 +78,15 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
             )
         end = offset + (length if length is not None else (needed or 0))  # type: ignore[operator]
         extents.setdefault(location, []).append((tensor.name, offset, end))  # type: ignore[arg-type]
-    for location, spans in extents.items():
-        _check_extents(location, (base / location).stat().st_size, spans)
+    for location, spans in extents.items():  # one stat per file: its links and its size
+        st = (base / location).stat()
+        if st.st_nlink > 1:  # onnx_ir refuses it at the first read
+            raise InputError(
+                f"external-data file '{location}' in {base_dir} has {st.st_nlink} hard links; "
+                "onnx_ir refuses to read external data through a hard link (a guard against linked-in files): "
+                "give the model folder its own copy (cp, not cp -l or ln)"
+            )
+        _check_extents(location, st.st_size, spans)
 
 
 def _check_extents(location: str, size: int, spans: list[tuple[str, int, int]]) -> None:

@@ -73,11 +73,11 @@ class LearnedRounding:
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scale and zero point per group ``[G, N]`` (zero point None when symmetric)."""
         mx, mn = self.wmax * self.alpha, self.wmin * self.beta
-        if self.spec.symmetric and self.spec.full_range:  # signed scale: the larger extreme at -2^(b-1)
-            scale = torch.where(mn.abs() >= mx.abs(), mn, mx) / float(self.lo)
-            return self._stored(torch.where(scale == 0, torch.ones_like(scale), scale)), None
         if self.spec.symmetric:
-            scale = torch.maximum(mx.abs(), mn.abs()) / float(self.spec.qmax)
+            if self.spec.full_range:  # signed scale: the larger extreme at -2^(b-1)
+                scale = torch.where(mn.abs() >= mx.abs(), mn, mx) / float(self.lo)
+            else:
+                scale = torch.maximum(mx.abs(), mn.abs()) / float(self.spec.qmax)
             return self._stored(torch.where(scale == 0, torch.ones_like(scale), scale)), None
         scale = (mx - mn) / float(self.spec.qmax - self.spec.qmin)
         scale = self._stored(torch.where(scale == 0, torch.ones_like(scale), scale))

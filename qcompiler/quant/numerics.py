@@ -121,12 +121,9 @@ def scales_from_range(
         raise ValueError("non-finite weight range (NaN/Inf in the weight)")
     if spec.symmetric:
         if spec.full_range:  # the extreme of larger magnitude, sign kept, onto code -2^(b-1)
-            v = np.where(np.abs(wmin) >= np.abs(wmax), wmin, wmax)
-            scale = (v / float(-(2 ** (spec.bits - 1)))).astype(np.float32)
-            scale = np.where(scale == 0, np.float32(1.0), scale)  # an all-zero group; NaN stays NaN
-            return store_scales(scale, spec), None
-        amax = np.maximum(np.abs(wmin), np.abs(wmax))
-        scale = amax / float(spec.qmax)
+            scale = np.where(np.abs(wmin) >= np.abs(wmax), wmin, wmax) / float(-(2 ** (spec.bits - 1)))
+        else:
+            scale = np.maximum(np.abs(wmin), np.abs(wmax)) / float(spec.qmax)
         scale = np.where(scale == 0, 1.0, scale).astype(np.float32)  # an all-zero group; NaN stays NaN
         return store_scales(scale, spec), None
     # The grid must hold 0 (z is an integer in [qmin, qmax]): a group whose values all
