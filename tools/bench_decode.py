@@ -38,7 +38,7 @@ and perplexity on git's release notes of fused vs unfused models (fusion must no
 Built models are cached under ``--work``.
 
 Modes: a new session per repeat (default: a one-shot run), ``--warm`` (one session per row over the
-repeats: a server) and ``--interleave`` (warm sessions, and the rows' decode steps taken in turn, so the
+repeats: a server) and ``--interleave`` (the rows' decode steps taken in turn, so the
 second-long slow phases of a virtual machine fall on every row alike: the steadiest ratio, ranges of
 ±5 % where the other modes give ±30 %).  Use ``--interleave`` with ``--no-spin``: spinning thread pools of
 the other rows' sessions would take the cores from the row running (every row slows 2×).  To measure ONNX
@@ -384,7 +384,7 @@ def measure(row: Row, prompt: np.ndarray, steps: int, threads: int, spin: bool =
 
 
 def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads: int, spin: bool = True,
-                        block: int = 1, pause_s: float = 0.0, first_created: int | None = None) -> None:
+                        block: int = 1, pause_s: float = 0.0, first_created: int = 0) -> None:
     """One repeat of every row, in turns (``--interleave``): each row's prefill, then decode steps ``i`` to
     ``i + block − 1`` of every row before any row's next ``block``, in an order that alternates from turn to
     turn.  The machine's slow and fast phases (seconds long on this VM) then fall on all rows alike, inside one
@@ -392,16 +392,15 @@ def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads
     ``pause_s`` before every turn lets the thread pool of the row that ran last stop spinning (ONNX Runtime's
     default): with spinning pools, turns of one step each would run every row against the others' spinning
     threads, so measure them in blocks (``--interleave-block 8 --switch-pause-ms 10``).
-    ``first_created``: every row gets a new session this repeat, created starting from that row and on in turn
-    (else sessions are kept over the repeats, as ``--warm``).  Where sessions are made matters: with sessions kept
+    ``first_created``: every row gets a new session this repeat, created starting from that row and on in
+    turn.  Where sessions are made matters: with sessions kept
     over the repeats, the same model loaded twice in one process decoded ~10 % faster in the session created
     second (this VM, either run order, docs/fusion.md), so a fixed order favours the later rows; main() makes
     them anew each repeat and rotates the order (the same model twice then gives 1.005)."""
-    if first_created is not None:
-        n = len(rows)
-        for k in [(first_created + j) % n for j in range(n)]:
-            rows[k].loop = _session_loop(rows[k].path, threads, spin)  # type: ignore[arg-type]
-            rows[k].created.append((k - first_created) % n)
+    n = len(rows)
+    for k in [(first_created + j) % n for j in range(n)]:
+        rows[k].loop = _session_loop(rows[k].path, threads, spin)  # type: ignore[arg-type]
+        rows[k].created.append((k - first_created) % n)
     outs = []
     for row in rows:
         time.sleep(pause_s)
@@ -421,21 +420,25 @@ def measure_interleaved(rows: list[Row], prompt: np.ndarray, steps: int, threads
         _decoded(row, wall[k], cpu[k], tokens[k])
 
 
+def _paired_ratios(base_s: list[float], row_s: list[float]) -> np.ndarray:
+    """``base_s[i] / row_s[i]`` for every repeat (both rows must have run each)."""
+    if len(base_s) != len(row_s) or not base_s:
+        raise ValueError(f"paired speedup needs as many repeats of both rows ({len(base_s)} vs {len(row_s)})")
+    return np.asarray(base_s, np.float64) / np.asarray(row_s, np.float64)
+
+
 def paired_geomean(base_s: list[float], row_s: list[float]) -> float:
     """Geometric mean of the per-repeat ratios ``base_s[i] / row_s[i]``: with the session creation order rotated
     over the repeats (``--interleave``) the ratios fall in one cluster per order, and their geometric mean is
     the ratio with the order's bias cancelled (a factor ``b`` in half the repeats, ``1/b`` in the others)."""
-    paired_speedup(base_s, row_s)  # the same checks
-    return float(np.exp(np.mean(np.log(np.asarray(base_s, np.float64) / np.asarray(row_s, np.float64)))))
+    return float(np.exp(np.mean(np.log(_paired_ratios(base_s, row_s)))))
 
 
 def paired_speedup(base_s: list[float], row_s: list[float]) -> tuple[float, float, float]:
     """Speed of a row against the baseline row, repeat by repeat: (median, min, max) of ``base_s[i] / row_s[i]``.
     Rows run round-robin, so repeat ``i`` of both saw nearly the same machine; the per-repeat ratio cancels the
     slow and fast phases of a shared or virtual machine that best-of times of each row pick independently."""
-    if len(base_s) != len(row_s) or not base_s:
-        raise ValueError(f"paired speedup needs as many repeats of both rows ({len(base_s)} vs {len(row_s)})")
-    ratios = np.asarray(base_s, np.float64) / np.asarray(row_s, np.float64)
+    ratios = _paired_ratios(base_s, row_s)
     return float(np.median(ratios)), float(ratios.min()), float(ratios.max())
 
 
@@ -481,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="one session per row over all repeats (a server's warmed memory arena), instead of a new "
                     "session per repeat")
     ap.add_argument("--interleave", action="store_true",
-                    help="warm sessions, and the rows' decode steps taken in turn (step i of every row before step "
-                    "i+1 of any): the machine's slow phases fall on every row alike")
+                    help="the rows' decode steps taken in turn (step i of every row before step i+1 of any), new "
+                    "sessions each repeat in a rotated creation order: the machine's slow phases fall on every row alike")
     ap.add_argument("--interleave-block", type=int, default=1,
                     help="--interleave: decode steps per turn (with spinning pools: 8 and --switch-pause-ms)")
     ap.add_argument("--switch-pause-ms", type=float, default=0.0,
@@ -509,10 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
         if name not in ALL_ROWS and not HEAD_ROW.fullmatch(name):
             raise SystemExit(f"unknown row {name}; choices: {', '.join(ALL_ROWS)}")
-        twin = next((r for r in rows if r.name == name), None)
-        if twin is not None:  # a row named twice: the same model again (an A/A check of the protocol)
-            rows.append(Row(f"{name}#{sum(r.name.split('#')[0] == name for r in rows) + 1}", twin.path,
-                            twin.note + " (again)", nodes=twin.nodes))
+        twins = [r for r in rows if r.name.split("#")[0] == name]
+        if twins:  # a row named again: the same model again (an A/A check of the protocol), NAME#2, NAME#3, …
+            rows.append(Row(f"{name}#{len(twins) + 1}", twins[0].path, twins[0].note + " (again)", nodes=twins[0].nodes))
             continue
         try:
             path, note = build(name, args, export_dir)
